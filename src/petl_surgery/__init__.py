@@ -1,0 +1,32 @@
+"""petl_surgery: parameter-efficient transfer learning for timm and PyTorch vision models, by surgery.
+
+    import timm, petl_surgery as ps
+    model = timm.create_model("vit_small_patch16_224", num_classes=10)
+    ps.apply(model, "bapat")                    # in place; only the delta and the head train
+    print(ps.summary(model))
+    ps.save(model, "delta.safetensors")         # the delta alone, with the surgery described
+    ps.load(fresh_model, "delta.safetensors")   # re-applies the surgery and loads the delta
+"""
+
+__version__ = "0.1.0"
+
+from .api import apply, blocks, remove, summary
+from .checkpoints import load, save
+from .errors import SurgeryError
+from .methods import METHODS
+from .sites import Block
+from .summary import Summary
+
+__all__ = [
+    "METHODS",
+    "Block",
+    "Summary",
+    "SurgeryError",
+    "__version__",
+    "apply",
+    "blocks",
+    "load",
+    "remove",
+    "save",
+    "summary",
+]

@@ -1,0 +1,147 @@
+"""The public functions: apply, remove, blocks, summary. Each checks everything before it changes the model."""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Union
+
+from torch import nn
+
+from .errors import SurgeryError
+from .freezing import (
+    compile_patterns,
+    head_parameter_names,
+    remember_original_flags,
+    restore_original_flags,
+    set_trainable,
+    unfrozen_names,
+)
+from .inventory import delta_names, inserted_modules, next_order
+from .methods import Insertion, get_method
+from .methods.base import options_dict
+from .selection import LayerSelection, select_layers
+from .sites import Block, discover
+from .summary import Summary, summarize
+
+
+def _check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def blocks(model: nn.Module) -> List[Block]:
+    """The transformer blocks of ``model`` in depth order, with one global index across stages.
+
+    Each :class:`Block` names its ``path`` and its ``attention`` and ``mlp`` sites (with their module
+    paths). A model with no recognised block gives an empty list.
+    """
+    return discover(_check_model(model)).blocks
+
+
+def plan(
+    model: nn.Module,
+    method: str,
+    layers: LayerSelection = None,
+    skip_unsupported: bool = False,
+    **options: Any,
+) -> List[Insertion]:
+    """The insertions ``apply`` would make, built without changing the model."""
+    method_type = get_method(method)
+    parsed = method_type.parse_options(options)
+    found = discover(_check_model(model))
+    if found.unsupported and not skip_unsupported:
+        listed = "; ".join(f"{u.path!r} ({u.class_name}): {u.reason}" for u in found.unsupported[:5])
+        raise SurgeryError(
+            f"{type(model).__name__} has attention modules petl_surgery cannot operate on: {listed}. "
+            "Pass skip_unsupported=True to operate on the supported blocks only"
+        )
+    if not found.blocks:
+        raise SurgeryError(
+            f"found no transformer block that petl_surgery can operate on in {type(model).__name__}"
+        )
+    recorded = options_dict(parsed)
+    insertions: List[Insertion] = []
+    for index in select_layers(layers, len(found.blocks)):
+        for insertion in method_type.plan_block(found.blocks[index], parsed, method, recorded):
+            if hasattr(insertion.host, insertion.name):
+                raise SurgeryError(
+                    f"method {method!r} is already applied to block {index} ({insertion.host_path!r}); "
+                    f"remove it first or choose other layers"
+                )
+            insertions.append(insertion)
+    return insertions
+
+
+def commit(model: nn.Module, insertions: Sequence[Insertion]) -> None:
+    """Carry out planned insertions (all checks are done by then)."""
+    remember_original_flags(model)
+    order = next_order(model)
+    for insertion in insertions:
+        insertion.module.order = order
+        insertion.commit()
+
+
+def apply(
+    model: nn.Module,
+    method: str,
+    *,
+    layers: LayerSelection = None,
+    train_head: bool = True,
+    unfreeze: Union[str, Sequence[str]] = (),
+    skip_unsupported: bool = False,
+    **options: Any,
+) -> nn.Module:
+    """Insert ``method`` into ``model`` in place, freeze the rest, and return the same model.
+
+    Args:
+        model: a timm (or torch) model; its class, parameters and state_dict keys stay as they are.
+        method: "patt", "adapter" or "bapat".
+        layers: which blocks: None (all), an int, an iterable of ints or a slice, over the global block
+            index of :func:`blocks` (negative indices count from the end).
+        train_head: keep the classifier head (timm's ``get_classifier()``) trainable (default True).
+        unfreeze: regular expressions (``re.search`` on parameter names) of further base parameters to
+            train, e.g. ``r"norm"`` or ``r"\\.bias$"``.
+        skip_unsupported: operate on the supported blocks of a model that also has attention modules
+            petl_surgery does not understand, instead of refusing it (default False).
+        **options: the method's options; see its options class for names and defaults.
+
+    After apply, exactly the inserted modules of every method applied so far, the head (if
+    ``train_head``) and the ``unfreeze`` matches have ``requires_grad=True``; each call sets this anew.
+    """
+    insertions = plan(model, method, layers, skip_unsupported, **options)
+    excluded = delta_names(model)
+    trainable = unfrozen_names(model, compile_patterns(unfreeze), excluded)
+    if train_head:
+        trainable |= head_parameter_names(model)
+    commit(model, insertions)
+    set_trainable(model, trainable)
+    return model
+
+
+def remove(model: nn.Module, method: Optional[str] = None) -> nn.Module:
+    """Remove ``method`` (or, with None, every method) from ``model`` in place and return it.
+
+    The removed modules and their hooks are gone; once no method is left, the model's modules,
+    outputs, state_dict keys and requires_grad flags are exactly those it had before the first apply.
+    """
+    present = inserted_modules(_check_model(model))
+    if not present:
+        raise SurgeryError(f"{type(model).__name__} carries no petl_surgery method to remove")
+    if method is not None:
+        get_method(method)
+        applied = sorted({module.method for _, module in present})
+        present = [(path, module) for path, module in present if module.method == method]
+        if not present:
+            raise SurgeryError(f"method {method!r} is not applied to this model; applied: {', '.join(applied)}")
+    for path, module in present:
+        module.detach_hooks(model)
+        host_path, _, name = path.rpartition(".")
+        delattr(model.get_submodule(host_path), name)
+    if not inserted_modules(model):
+        restore_original_flags(model)
+    return model
+
+
+def summary(model: nn.Module) -> Summary:
+    """A table of trainable parameters per method and per block, with totals and share of the model."""
+    return summarize(_check_model(model))

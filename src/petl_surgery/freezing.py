@@ -1,0 +1,70 @@
+"""Which parameters train: the inserted modules, the classifier head, and base parameters the user names."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, List, Sequence, Set
+
+from torch import nn
+
+from .errors import SurgeryError
+from .inventory import ORIGINAL_FLAGS_ATTR, delta_names
+
+
+def head_parameter_names(model: nn.Module) -> Set[str]:
+    """Parameters of the classifier head(s): timm's ``get_classifier()``, both heads of a distilled model."""
+    getter = getattr(model, "get_classifier", None)
+    if getter is None:
+        return set()
+    heads = getter()
+    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
+    head_ids = {id(p) for head in heads if isinstance(head, nn.Module) for p in head.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in head_ids}
+
+
+def compile_patterns(patterns: Iterable[str]) -> List[re.Pattern[str]]:
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    compiled = []
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise SurgeryError(f"unfreeze patterns must be strings (regular expressions); got {pattern!r}")
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as error:
+            raise SurgeryError(f"unfreeze pattern {pattern!r} is not a valid regular expression: {error}") from None
+    return compiled
+
+
+def unfrozen_names(model: nn.Module, patterns: Sequence[re.Pattern[str]], exclude: Set[str]) -> Set[str]:
+    """Base parameter names matched (``re.search``) by the patterns; a pattern that matches none raises."""
+    names = [name for name, _ in model.named_parameters() if name not in exclude]
+    chosen: Set[str] = set()
+    for pattern in patterns:
+        matched = {name for name in names if pattern.search(name)}
+        if not matched:
+            raise SurgeryError(f"unfreeze pattern {pattern.pattern!r} matches no base parameter of the model")
+        chosen |= matched
+    return chosen
+
+
+def remember_original_flags(model: nn.Module) -> None:
+    if not hasattr(model, ORIGINAL_FLAGS_ATTR):
+        setattr(model, ORIGINAL_FLAGS_ATTR, {name: p.requires_grad for name, p in model.named_parameters()})
+
+
+def restore_original_flags(model: nn.Module) -> None:
+    flags = getattr(model, ORIGINAL_FLAGS_ATTR, None)
+    if flags is None:
+        return
+    for name, parameter in model.named_parameters():
+        if name in flags:
+            parameter.requires_grad_(flags[name])
+    delattr(model, ORIGINAL_FLAGS_ATTR)
+
+
+def set_trainable(model: nn.Module, base_trainable: Set[str]) -> None:
+    """Make the inserted modules and ``base_trainable`` trainable, and freeze everything else."""
+    delta = delta_names(model)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in delta or name in base_trainable)

@@ -1,0 +1,35 @@
+"""The PETL methods, by name."""
+
+from typing import Dict, Type
+
+from ..errors import SurgeryError
+from .adapter import Adapter, AdapterOptions, BottleneckAdapter
+from .bapat import Bapat, BapatOptions
+from .base import Insertion, Method, PetlModule
+from .patt import ParallelAttentionBranch, Patt, PattOptions
+
+METHODS: Dict[str, Type[Method]] = {method.name: method for method in (Patt, Adapter, Bapat)}
+
+
+def get_method(name: object) -> Type[Method]:
+    """The method called ``name``; raises SurgeryError listing the known ones otherwise."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise SurgeryError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = [
+    "METHODS",
+    "Adapter",
+    "AdapterOptions",
+    "Bapat",
+    "BapatOptions",
+    "BottleneckAdapter",
+    "Insertion",
+    "Method",
+    "ParallelAttentionBranch",
+    "Patt",
+    "PattOptions",
+    "PetlModule",
+    "get_method",
+]

@@ -1,0 +1,163 @@
+"""What every method shares: the inserted-module base class, option parsing, and hook plumbing."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Sequence, Tuple, Type
+
+from torch import nn
+
+from ..errors import SurgeryError
+from ..sites import Block
+
+CHILD_PREFIX = "petl_"
+
+
+class PetlModule(nn.Module):
+    """Base class of every module petl_surgery inserts into a model.
+
+    Each instance carries the user-facing method name that inserted it (``"bapat"`` for both halves of
+    BAPAT), that method's resolved options, and its block index: ``summary``, ``save`` and ``remove``
+    read the module tree and nothing else.
+    """
+
+    component: ClassVar[str] = ""
+
+    def __init__(self, method: str, options: Mapping[str, Any], block: int) -> None:
+        super().__init__()
+        self.method = method
+        self.options = dict(options)
+        self.block = block
+        self.order = 0  # which apply call inserted it, counted per model; set when committed
+
+    def owns(self, hook: Callable[..., Any]) -> bool:
+        func = getattr(hook, "func", hook)  # functools.partial of a bound method
+        return getattr(func, "__self__", None) is self
+
+    def detach_hooks(self, root: nn.Module) -> None:
+        """Remove every hook this module registered anywhere under ``root``."""
+        for module in root.modules():
+            for hooks, extras in (
+                (module._forward_hooks, (module._forward_hooks_with_kwargs, module._forward_hooks_always_called)),
+                (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+            ):
+                for hook_id in [hook_id for hook_id, hook in hooks.items() if self.owns(hook)]:
+                    del hooks[hook_id]
+                    for extra in extras:
+                        extra.pop(hook_id, None)
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A hook to register on ``target`` when an insertion is committed."""
+
+    target: nn.Module
+    kind: str  # "forward" or "forward_pre"
+    fn: Callable[..., Any]
+
+
+@dataclass
+class Insertion:
+    """One planned change: ``module`` becomes child ``name`` of ``host`` and its hooks are registered.
+
+    Planning builds insertions without touching the model, so every check runs before any change.
+    """
+
+    block: int
+    host_path: str
+    host: nn.Module
+    name: str
+    module: PetlModule
+    hooks: List[Hook]
+
+    @property
+    def path(self) -> str:
+        return f"{self.host_path}.{self.name}" if self.host_path else self.name
+
+    def commit(self) -> None:
+        self.host.add_module(self.name, self.module)
+        for hook in self.hooks:
+            if hook.kind == "forward":
+                hook.target.register_forward_hook(hook.fn)
+            else:
+                hook.target.register_forward_pre_hook(hook.fn)
+
+
+class Method:
+    """A PETL method: a name, an options dataclass, and the insertions it plans for one block."""
+
+    name: ClassVar[str]
+    Options: ClassVar[Type[Any]]
+
+    @classmethod
+    def parse_options(cls, given: Mapping[str, Any]) -> Any:
+        return parse_options(cls.name, cls.Options, given)
+
+    @classmethod
+    def plan_block(cls, block: Block, options: Any, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
+        """The insertions for ``block``, built without touching the model; raises SurgeryError if the
+        block lacks what the method needs.
+
+        ``method`` and ``recorded`` are the user-facing method name and its resolved options, recorded on
+        the inserted modules (a composite method passes its own to the methods it is made of).
+        """
+        raise NotImplementedError(f"{cls.__name__} must implement plan_block")
+
+
+def parse_options(method: str, options_type: Type[Any], given: Mapping[str, Any]) -> Any:
+    """Build ``options_type`` from user keywords, refusing unknown names with the list of valid ones."""
+    valid = [f.name for f in dataclasses.fields(options_type)]
+    unknown = [name for name in given if name not in valid]
+    if unknown:
+        raise SurgeryError(
+            f"unknown option {unknown[0]!r} for method {method!r}; valid options: {', '.join(valid)}"
+        )
+    return options_type(**given)
+
+
+def options_dict(options: Any) -> Dict[str, Any]:
+    return dataclasses.asdict(options)
+
+
+def check_choice(method: str, option: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise SurgeryError(
+            f"option {option!r} of method {method!r} must be one of {', '.join(map(repr, choices))}; got {value!r}"
+        )
+
+
+def check_positive_int(method: str, option: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise SurgeryError(f"option {option!r} of method {method!r} must be a positive int; got {value!r}")
+
+
+def check_number(method: str, option: str, value: Any, *, low: float = float("-inf"), high: float = float("inf")) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise SurgeryError(
+            f"option {option!r} of method {method!r} must be a number in [{low}, {high}]; got {value!r}"
+        )
+
+
+def factory_kwargs(reference: nn.Module) -> Dict[str, Any]:
+    """Device and dtype of ``reference``'s first parameter, for building branch layers beside it."""
+    parameter = next(reference.parameters())
+    return {"device": parameter.device, "dtype": parameter.dtype}
+
+
+def writes_for(
+    projections: Sequence[Tuple[str, int, int]],
+) -> Dict[str, Tuple[Tuple[int, int, int], ...]]:
+    """Group ``(producer, start, width)`` targets by producer into contiguous ``(branch_start,
+    output_start, width)`` runs, in branch order, so that adjacent slices take a single add."""
+    runs: Dict[str, List[List[int]]] = {}
+    offset = 0
+    for producer, start, width in projections:
+        producer_runs = runs.setdefault(producer, [])
+        last = producer_runs[-1] if producer_runs else None
+        if last is not None and last[0] + last[2] == offset and last[1] + last[2] == start:
+            last[2] += width
+        else:
+            producer_runs.append([offset, start, width])
+        offset += width
+    return {producer: tuple(tuple(run) for run in producer_runs) for producer, producer_runs in runs.items()}  # type: ignore[misc]

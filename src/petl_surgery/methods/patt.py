@@ -1,0 +1,137 @@
+"""PATT, parallel attention (V-PETL, arXiv 2210.00788).
+
+A small tanh bottleneck runs beside the attention's q/k/v projection on the same input and is added to
+two (or three) of q, k and v::
+
+    h       = tanh(x A + a)          A: d x m
+    [D1|D2] = h B + b                B: m x 2d      (m x 3d in mode "qkv")
+    mode kv:  k' = k + s * D1,  v' = v + s * D2
+
+Everything after that (head split, scaling, relative-position bias, window masks, softmax, output
+projection) is the model's own attention, untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, List, Mapping, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import SurgeryError
+from ..sites import AttentionSite, Block
+from .base import (
+    CHILD_PREFIX,
+    Hook,
+    Insertion,
+    Method,
+    PetlModule,
+    check_choice,
+    check_number,
+    check_positive_int,
+    factory_kwargs,
+    writes_for,
+)
+
+MODES = {"kv": ("k", "v"), "qv": ("q", "v"), "qk": ("q", "k"), "qkv": ("q", "k", "v")}
+INITS = ("zero", "reference")
+
+
+@dataclass(frozen=True)
+class PattOptions:
+    """Options of ``"patt"``. Defaults are those of V-PETL's published Video Swin run.
+
+    Attributes:
+        mode: which of q, k, v get the branch: "kv" (default, the reference's "patt_kv"), "qv", "qk",
+            "qkv".
+        mid_dim: bottleneck width m (128, the reference's ``att_mid_dim``).
+        scale: s, the factor on the branch output (0.8, the reference's ``att_prefix_scale``).
+        init: "zero" (default): up projection zero, so the model's output is unchanged right after
+            apply; "reference": PyTorch's default Linear init for both layers, as in the V-PETL code.
+    """
+
+    mode: str = "kv"
+    mid_dim: int = 128
+    scale: float = 0.8
+    init: str = "zero"
+
+    def __post_init__(self) -> None:
+        check_choice("patt", "mode", self.mode, tuple(MODES))
+        check_positive_int("patt", "mid_dim", self.mid_dim)
+        check_number("patt", "scale", self.scale)
+        check_choice("patt", "init", self.init, INITS)
+
+
+class ParallelAttentionBranch(PetlModule):
+    """The PATT branch of one attention layer; it adds ``scale * up(tanh(down(x)))`` into the outputs
+    of the attention's q/k/v producers, through forward hooks on those producers."""
+
+    component = "patt"
+
+    def __init__(
+        self,
+        site: AttentionSite,
+        options: PattOptions,
+        method: str,
+        block: int,
+        recorded: Mapping[str, Any],
+    ) -> None:
+        super().__init__(method, recorded, block)
+        roles = MODES[options.mode]
+        targets = [site.projections[role] for role in roles]
+        producer = site.module.get_submodule(targets[0].module)
+        kwargs = factory_kwargs(producer)
+        self.scale = float(options.scale)
+        self.channel_dim = site.channel_dim
+        self.down = nn.Linear(site.in_features, options.mid_dim, bias=site.has_bias, **kwargs)
+        self.up = nn.Linear(options.mid_dim, sum(t.width for t in targets), bias=site.has_bias, **kwargs)
+        if options.init == "zero":
+            nn.init.zeros_(self.up.weight)
+            if self.up.bias is not None:
+                nn.init.zeros_(self.up.bias)
+        # producer path (relative to the attention) -> ((branch_start, output_start, width), ...)
+        self.writes = writes_for([(t.module, t.start, t.width) for t in targets])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The unscaled branch output ``up(tanh(down(x)))``, channels last."""
+        return self.up(torch.tanh(self.down(x)))
+
+    def add_to_projection(self, producer: str, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        if self.channel_dim != -1:
+            x = x.movedim(self.channel_dim, -1)
+        branch = self(x)
+        if self.channel_dim != -1:
+            branch = branch.movedim(-1, self.channel_dim)
+        for branch_start, output_start, width in self.writes[producer]:
+            # In place into a view of the producer's fresh output: no concatenation, one kernel per run.
+            output.narrow(self.channel_dim, output_start, width).add_(
+                branch.narrow(self.channel_dim, branch_start, width), alpha=self.scale
+            )
+        return output
+
+
+class Patt(Method):
+    name = "patt"
+    Options = PattOptions
+
+    @classmethod
+    def plan_block(
+        cls, block: Block, options: PattOptions, method: str, recorded: Mapping[str, Any]
+    ) -> List[Insertion]:
+        site = block.attention
+        if site is None:
+            raise SurgeryError(f"method {method!r} needs an attention in block {block.index} ({block.path!r}); it has none")
+        if not site.softmax_over_tokens:
+            raise SurgeryError(
+                f"method {method!r} cannot operate on block {block.index}: its attention {site.path!r} "
+                f"({type(site.module).__name__}) is not a softmax over tokens"
+            )
+        branch = ParallelAttentionBranch(site, options, method, block.index, recorded)
+        hooks = [
+            Hook(site.module.get_submodule(producer), "forward", functools.partial(branch.add_to_projection, producer))
+            for producer in branch.writes
+        ]
+        return [Insertion(block.index, site.path, site.module, CHILD_PREFIX + method, branch, hooks)]

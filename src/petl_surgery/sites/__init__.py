@@ -1,0 +1,23 @@
+"""Site discovery: where in a model each method may operate."""
+
+from .descriptors import ROLES, AttentionSite, Block, MlpSite, Projection
+from .discovery import Discovery, UnsupportedSite, discover
+from .registry import BlockLayout, register_attention, register_block, register_mlp
+from .timm_layouts import register_timm_layouts
+
+register_timm_layouts()
+
+__all__ = [
+    "ROLES",
+    "AttentionSite",
+    "Block",
+    "BlockLayout",
+    "Discovery",
+    "MlpSite",
+    "Projection",
+    "UnsupportedSite",
+    "discover",
+    "register_attention",
+    "register_block",
+    "register_mlp",
+]

@@ -1,0 +1,140 @@
+"""Walk a model once and name its transformer blocks, attentions and MLPs in depth order."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from torch import nn
+
+from ..errors import SurgeryError
+from .descriptors import AttentionSite, Block, MlpSite
+from .registry import ATTENTION_LAYOUTS, BLOCK_LAYOUTS, MLP_LAYOUTS, BlockLayout
+
+_ATTENTION_LIKE_NAME = re.compile(r"(Attention|Attn)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class UnsupportedSite:
+    """A module that looks like attention but that no registered layout describes."""
+
+    path: str
+    class_name: str
+    reason: str
+
+
+@dataclass
+class Discovery:
+    """The blocks of a model in depth order, and the attention-like modules that were not understood."""
+
+    blocks: List[Block] = field(default_factory=list)
+    unsupported: List[UnsupportedSite] = field(default_factory=list)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _is_inserted(module: nn.Module) -> bool:
+    from ..methods.base import PetlModule
+
+    return isinstance(module, PetlModule)
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or bool(
+        _ATTENTION_LIKE_NAME.search(type(module).__name__)
+    ) or hasattr(module, "num_heads")
+
+
+def _describe_mlp(path: str, module: nn.Module, layout: Optional[BlockLayout], block: nn.Module) -> MlpSite:
+    in_features, out_features = MLP_LAYOUTS[type(module)](module)
+    residual_input = residual_output = None
+    if layout is not None and layout.residual_input and layout.residual_output:
+        residual_input = block.get_submodule(layout.residual_input)
+        residual_output = block.get_submodule(layout.residual_output)
+    return MlpSite(
+        path=path,
+        module=module,
+        in_features=in_features,
+        out_features=out_features,
+        residual_input=residual_input,
+        residual_output=residual_output,
+    )
+
+
+def discover(model: nn.Module) -> Discovery:
+    """Find the transformer blocks of ``model``.
+
+    A block is a module of a registered block class, or any module with a direct child of a registered
+    attention class (its MLP is then the one direct child of a registered MLP class, if there is one).
+    Blocks are numbered in the order ``model.named_modules()`` visits them, which is depth order for
+    the sequential and staged models of timm (Swin-T: blocks 0..11 across its four stages).
+    """
+    found = Discovery()
+    modules: Dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=True))
+    claimed: set[int] = set()
+    skipped_prefixes: list[str] = []
+
+    for path, module in modules.items():
+        if any(path == p or path.startswith(p + ".") for p in skipped_prefixes):
+            continue
+        if _is_inserted(module):
+            skipped_prefixes.append(path)
+            continue
+        layout = BLOCK_LAYOUTS.get(type(module))
+        children = dict(module.named_children())
+        if layout is not None:
+            attention_name: Optional[str] = layout.attention
+            mlp_name: Optional[str] = layout.mlp
+        else:
+            attention_names = [n for n, c in children.items() if type(c) in ATTENTION_LAYOUTS]
+            if not attention_names:
+                continue
+            attention_name = attention_names[0]
+            mlp_names = [n for n, c in children.items() if type(c) in MLP_LAYOUTS]
+            mlp_name = mlp_names[0] if len(mlp_names) == 1 else None
+
+        attention_module = children.get(attention_name) if attention_name else None
+        mlp_module = children.get(mlp_name) if mlp_name else None
+        attention: Optional[AttentionSite] = None
+        if attention_module is not None and type(attention_module) in ATTENTION_LAYOUTS:
+            attention_path = _join(path, attention_name)
+            try:
+                attention = ATTENTION_LAYOUTS[type(attention_module)](attention_path, attention_module)
+            except SurgeryError as error:
+                found.unsupported.append(UnsupportedSite(attention_path, type(attention_module).__name__, str(error)))
+            claimed.add(id(attention_module))
+        mlp: Optional[MlpSite] = None
+        if mlp_module is not None and type(mlp_module) in MLP_LAYOUTS:
+            try:
+                mlp = _describe_mlp(_join(path, mlp_name), mlp_module, layout, module)
+            except SurgeryError as error:
+                found.unsupported.append(UnsupportedSite(_join(path, mlp_name), type(mlp_module).__name__, str(error)))
+        if attention is None and mlp is None:
+            continue
+        found.blocks.append(Block(len(found.blocks), path, module, attention, mlp))
+
+    for path, module in modules.items():
+        if id(module) in claimed or not path or not _looks_like_attention(module):
+            continue
+        if any(path.startswith(p + ".") or path == p for p in skipped_prefixes):
+            continue
+        inside_known = any(
+            path.startswith(site.path + ".")
+            for block in found.blocks
+            for site in (block.attention,)
+            if site is not None
+        )
+        inside_unsupported = any(path.startswith(u.path + ".") or path == u.path for u in found.unsupported)
+        if inside_known or inside_unsupported:
+            continue
+        found.unsupported.append(
+            UnsupportedSite(
+                path,
+                type(module).__name__,
+                "its class is not in the attention registry, so the layout of its projections is unknown",
+            )
+        )
+    return found

@@ -1,0 +1,108 @@
+"""What is trainable, where, and how many parameters: ``summary(model)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+from torch import nn
+
+from .freezing import head_parameter_names
+from .inventory import delta_names, inserted_modules
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """One inserted module: its method, block, module path and parameter count."""
+
+    method: str
+    block: int
+    path: str
+    parameters: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Trainable parameters of a model after surgery; ``str()`` gives a readable table.
+
+    Attributes:
+        rows: one row per inserted module, in block order.
+        per_method: inserted parameters per method.
+        per_block: inserted parameters per block index.
+        head: trainable parameters of the classifier head(s).
+        other_trainable: trainable base parameters outside the head (made trainable by ``unfreeze``),
+            by name.
+        trainable: all trainable parameters.
+        total: all parameters of the model, inserted ones included.
+    """
+
+    rows: List[SummaryRow]
+    per_method: Dict[str, int]
+    per_block: Dict[int, int]
+    head: int
+    other_trainable: Dict[str, int] = field(default_factory=dict)
+    trainable: int = 0
+    total: int = 0
+
+    @property
+    def inserted(self) -> int:
+        return sum(self.per_method.values())
+
+    @property
+    def share(self) -> float:
+        """Trainable parameters as a fraction of all parameters."""
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        lines = []
+        path_width = max([len("module")] + [len(row.path) for row in self.rows])
+        header = f"{'method':<10} {'block':>5}  {'module':<{path_width}} {'parameters':>12}"
+        lines += [header, "-" * len(header)]
+        for row in self.rows:
+            lines.append(f"{row.method:<10} {row.block:>5}  {row.path:<{path_width}} {row.parameters:>12,}")
+        lines.append("-" * len(header))
+        for method, count in self.per_method.items():
+            lines.append(f"{'total ' + method:<{len(header) - 13}} {count:>12,}")
+        lines.append(f"{'classifier head (trainable)':<{len(header) - 13}} {self.head:>12,}")
+        if self.other_trainable:
+            lines.append(
+                f"{'other trainable base (' + str(len(self.other_trainable)) + ' tensors)':<{len(header) - 13}} "
+                f"{sum(self.other_trainable.values()):>12,}"
+            )
+        lines.append(
+            f"trainable {self.trainable:,} of {self.total:,} parameters ({100 * self.share:.3f}% of the model)"
+        )
+        return "\n".join(lines)
+
+
+def summarize(model: nn.Module) -> Summary:
+    rows = sorted(
+        (
+            SummaryRow(module.method, module.block, path, sum(p.numel() for p in module.parameters()))
+            for path, module in inserted_modules(model)
+        ),
+        key=lambda row: (row.block, row.path),
+    )
+    per_method: Dict[str, int] = {}
+    per_block: Dict[int, int] = {}
+    for row in rows:
+        per_method[row.method] = per_method.get(row.method, 0) + row.parameters
+        per_block[row.block] = per_block.get(row.block, 0) + row.parameters
+    delta = delta_names(model)
+    heads = head_parameter_names(model)
+    parameters = dict(model.named_parameters())
+    head = sum(p.numel() for name, p in parameters.items() if name in heads and p.requires_grad)
+    other = {
+        name: p.numel()
+        for name, p in parameters.items()
+        if p.requires_grad and name not in heads and name not in delta
+    }
+    return Summary(
+        rows=rows,
+        per_method=per_method,
+        per_block=per_block,
+        head=head,
+        other_trainable=other,
+        trainable=sum(p.numel() for p in parameters.values() if p.requires_grad),
+        total=sum(p.numel() for p in parameters.values()),
+    )
