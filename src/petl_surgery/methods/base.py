@@ -76,6 +76,7 @@ class Insertion:
         return f"{self.host_path}.{self.name}" if self.host_path else self.name
 
     def commit(self) -> None:
+        self.module.train(self.host.training)  # a model in eval mode stays in eval mode
         self.host.add_module(self.name, self.module)
         for hook in self.hooks:
             if hook.kind == "forward":

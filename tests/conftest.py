@@ -1,0 +1,108 @@
+"""Tiny real timm models (configurations from ../shared/docs/timm-families.md) and shared checks."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+VIT_FAMILY: Dict[str, Callable[..., nn.Module]] = {
+    "vit": lambda **kw: timm.create_model(
+        "vit_small_patch16_224", img_size=64, embed_dim=64, depth=4, num_heads=2, **kw
+    ),
+    "deit_distilled": lambda **kw: timm.create_model(
+        "deit_tiny_distilled_patch16_224", img_size=64, embed_dim=64, depth=2, num_heads=2, **kw
+    ),
+    "deit3": lambda **kw: timm.create_model(
+        "deit3_small_patch16_224", img_size=64, embed_dim=64, depth=2, num_heads=2, **kw
+    ),
+    "clip": lambda **kw: timm.create_model(
+        "vit_base_patch16_clip_224", img_size=64, embed_dim=64, depth=2, num_heads=2, **kw
+    ),
+    "dinov2_registers": lambda **kw: timm.create_model(
+        "vit_small_patch14_reg4_dinov2", img_size=56, embed_dim=64, depth=2, num_heads=2, **kw
+    ),
+}
+
+INPUT_SIZE = {"dinov2_registers": 56}
+
+
+def make_vit(**kwargs) -> nn.Module:
+    """ViT-S/16 shrunk to width 64, depth 4, two heads, 64 px input, 5 classes."""
+    torch.manual_seed(0)
+    kwargs.setdefault("num_classes", 5)
+    return VIT_FAMILY["vit"](**kwargs).eval()
+
+
+def make_swin(**kwargs) -> nn.Module:
+    """Swin-T shrunk: 64 px, window 4, width 32, depths (2, 2, 2, 2): stages 0 and 1 shift windows."""
+    torch.manual_seed(0)
+    kwargs.setdefault("num_classes", 5)
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=64,
+        window_size=4,
+        embed_dim=32,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        **kwargs,
+    ).eval()
+
+
+def make_family(name: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    kwargs.setdefault("num_classes", 5)
+    if name == "swin":
+        return make_swin(**kwargs)
+    return VIT_FAMILY[name](**kwargs).eval()
+
+
+def images(name: str = "vit", batch: int = 2, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    size = INPUT_SIZE.get(name, 64)
+    return torch.randn(batch, 3, size, size, generator=generator).to(dtype)
+
+
+def randomize(module: nn.Module, std: float = 0.2) -> None:
+    """Give every parameter of ``module`` random values (zero-initialised branches would hide bugs)."""
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64) * std)
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything surgery could change: module tree, tensors, requires_grad flags and hooks."""
+    return {
+        "modules": [(name, type(module)) for name, module in model.named_modules()],
+        "state": {name: tensor.clone() for name, tensor in model.state_dict().items()},
+        "flags": {name: p.requires_grad for name, p in model.named_parameters()},
+        "hooks": [
+            (name, len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()
+        ],
+        "attributes": sorted(vars(model)),
+    }
+
+
+def assert_same_snapshot(before: dict, after: dict) -> None:
+    assert before["modules"] == after["modules"]
+    assert before["state"].keys() == after["state"].keys()
+    for name, tensor in before["state"].items():
+        assert torch.equal(tensor, after["state"][name]), name
+    assert before["flags"] == after["flags"]
+    assert before["hooks"] == after["hooks"]
+    assert before["attributes"] == after["attributes"]
+
+
+@pytest.fixture
+def vit() -> nn.Module:
+    return make_vit()
+
+
+@pytest.fixture
+def swin() -> nn.Module:
+    return make_swin()
+
