@@ -16,11 +16,12 @@ from .freezing import (
     unfrozen_names,
 )
 from .inventory import delta_names, inserted_modules, next_order
-from .methods import Insertion, get_method
-from .methods.base import options_dict
+from .methods import Insertion, PetlModule, get_method
+from .methods.base import UnsupportedBlockError, options_dict, restore_attributes
 from .selection import LayerSelection, select_layers
 from .sites import Block, discover
 from .summary import Summary, summarize
+from .verification import forget_removed, start_run_check
 
 
 def _check_model(model: object) -> nn.Module:
@@ -61,24 +62,38 @@ def plan(
         )
     recorded = options_dict(parsed)
     insertions: List[Insertion] = []
+    skipped: List[str] = []
     for index in select_layers(layers, len(found.blocks)):
-        for insertion in method_type.plan_block(found.blocks[index], parsed, method, recorded):
+        try:
+            planned = method_type.plan_block(found.blocks[index], parsed, method, recorded)
+        except UnsupportedBlockError as error:
+            if not skip_unsupported:
+                raise SurgeryError(f"{error}. Pass skip_unsupported=True to skip such blocks") from None
+            skipped.append(str(error))
+            continue
+        for insertion in planned:
             if hasattr(insertion.host, insertion.name):
                 raise SurgeryError(
                     f"method {method!r} is already applied to block {index} ({insertion.host_path!r}); "
                     f"remove it first or choose other layers"
                 )
             insertions.append(insertion)
+    if not insertions:
+        raise SurgeryError(f"method {method!r} can operate on none of the chosen blocks: {skipped[0]}")
     return insertions
 
 
 def commit(model: nn.Module, insertions: Sequence[Insertion]) -> None:
-    """Carry out planned insertions (all checks are done by then)."""
+    """Carry out planned insertions (all checks are done by then), and watch the next forward for
+    branches that never run."""
     remember_original_flags(model)
     order = next_order(model)
     for insertion in insertions:
         insertion.module.order = order
         insertion.commit()
+    start_run_check(
+        model, [(hook.target, hook.kind, insertion.path) for insertion in insertions for hook in insertion.hooks]
+    )
 
 
 def apply(
@@ -101,12 +116,16 @@ def apply(
         train_head: keep the classifier head (timm's ``get_classifier()``) trainable (default True).
         unfreeze: regular expressions (``re.search`` on parameter names) of further base parameters to
             train, e.g. ``r"norm"`` or ``r"\\.bias$"``.
-        skip_unsupported: operate on the supported blocks of a model that also has attention modules
-            petl_surgery does not understand, instead of refusing it (default False).
+        skip_unsupported: skip the chosen blocks the method cannot operate on (attention that is not a
+            softmax over tokens, a missing projection) and the attention modules petl_surgery does not
+            understand, instead of refusing the model (default False). ``summary`` lists what was
+            skipped.
         **options: the method's options; see its options class for names and defaults.
 
     After apply, exactly the inserted modules of every method applied so far, the head (if
     ``train_head``) and the ``unfreeze`` matches have ``requires_grad=True``; each call sets this anew.
+    The first forward afterwards checks that every inserted branch ran, and raises
+    :class:`BranchNeverRanError` naming those that did not.
     """
     insertions = plan(model, method, layers, skip_unsupported, **options)
     excluded = delta_names(model)
@@ -136,7 +155,11 @@ def remove(model: nn.Module, method: Optional[str] = None) -> nn.Module:
     for path, module in present:
         module.detach_hooks(model)
         host_path, _, name = path.rpartition(".")
-        delattr(model.get_submodule(host_path), name)
+        host = model.get_submodule(host_path)
+        delattr(host, name)
+        if not any(isinstance(child, PetlModule) for child in host.children()):
+            restore_attributes(host)
+    forget_removed(model, [path for path, _ in present])
     if not inserted_modules(model):
         restore_original_flags(model)
     return model

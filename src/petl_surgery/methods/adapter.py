@@ -25,6 +25,7 @@ from .base import (
     Insertion,
     Method,
     PetlModule,
+    UnsupportedBlockError,
     check_choice,
     check_number,
     check_positive_int,
@@ -85,6 +86,7 @@ class BottleneckAdapter(PetlModule):
     def __init__(self, site: MlpSite, options: AdapterOptions, method: str, block: int, recorded: Mapping[str, Any]) -> None:
         super().__init__(method, recorded, block)
         kwargs = factory_kwargs(site.module)
+        self.channel_dim = site.channel_dim
         width_in = site.out_features if options.position == "sequential" else site.in_features
         self.layernorm_in = nn.LayerNorm(width_in, **kwargs) if options.layernorm == "in" else None
         self.down = nn.Linear(width_in, options.bottleneck, **kwargs)
@@ -111,14 +113,20 @@ class BottleneckAdapter(PetlModule):
             z = self.layernorm_out(z)
         return z
 
+    def contribution(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(x)`` along the site's channel dimension (channels first for 1x1-conv MLPs on NCHW)."""
+        if self.channel_dim == -1:
+            return self(x)
+        return self(x.movedim(self.channel_dim, -1)).movedim(-1, self.channel_dim)
+
     def add_parallel(self, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        return output + self(args[0])
+        return output + self.contribution(args[0])
 
     def add_sequential(self, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        return output + self(output)
+        return output + self.contribution(output)
 
     def read_residual(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
-        self._residual = self(args[0])
+        self._residual = self.contribution(args[0])
 
     def add_residual(self, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         z, self._residual = self._residual, None
@@ -138,7 +146,9 @@ class Adapter(Method):
     def plan_block(cls, block: Block, options: AdapterOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
         site = block.mlp
         if site is None:
-            raise SurgeryError(f"method {method!r} needs an MLP in block {block.index} ({block.path!r}); it has none")
+            raise UnsupportedBlockError(
+                f"method {method!r} needs an MLP in block {block.index} ({block.path!r}); it has none"
+            )
         adapter = BottleneckAdapter(site, options, method, block.index, recorded)
         if options.position == "sequential":
             hooks = [Hook(site.module, "forward", adapter.add_sequential)]

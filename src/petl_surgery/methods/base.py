@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Sequence, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 from torch import nn
 
 from ..errors import SurgeryError
-from ..sites import Block
+from ..hooks import remove_hooks_of
+from ..sites import Block, Projection
 
 CHILD_PREFIX = "petl_"
 
@@ -31,21 +32,29 @@ class PetlModule(nn.Module):
         self.block = block
         self.order = 0  # which apply call inserted it, counted per model; set when committed
 
-    def owns(self, hook: Callable[..., Any]) -> bool:
-        func = getattr(hook, "func", hook)  # functools.partial of a bound method
-        return getattr(func, "__self__", None) is self
-
     def detach_hooks(self, root: nn.Module) -> None:
         """Remove every hook this module registered anywhere under ``root``."""
-        for module in root.modules():
-            for hooks, extras in (
-                (module._forward_hooks, (module._forward_hooks_with_kwargs, module._forward_hooks_always_called)),
-                (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
-            ):
-                for hook_id in [hook_id for hook_id, hook in hooks.items() if self.owns(hook)]:
-                    del hooks[hook_id]
-                    for extra in extras:
-                        extra.pop(hook_id, None)
+        remove_hooks_of(root, self)
+
+
+class UnsupportedBlockError(SurgeryError):
+    """A block lacks what a method needs (``apply(..., skip_unsupported=True)`` skips such blocks)."""
+
+
+# Attributes set on base modules by surgery, with their original values: module -> {name: original}.
+PATCHED_ATTR = "_petl_surgery_patched"
+
+
+def patch_attributes(module: nn.Module, values: Mapping[str, Any]) -> None:
+    originals = module.__dict__.setdefault(PATCHED_ATTR, {})
+    for name, value in values.items():
+        originals.setdefault(name, getattr(module, name))
+        setattr(module, name, value)
+
+
+def restore_attributes(module: nn.Module) -> None:
+    for name, value in module.__dict__.pop(PATCHED_ATTR, {}).items():
+        setattr(module, name, value)
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class Insertion:
     name: str
     module: PetlModule
     hooks: List[Hook]
+    patches: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # set on ``host``
 
     @property
     def path(self) -> str:
@@ -77,6 +87,7 @@ class Insertion:
 
     def commit(self) -> None:
         self.module.train(self.host.training)  # a model in eval mode stays in eval mode
+        patch_attributes(self.host, self.patches)
         self.host.add_module(self.name, self.module)
         for hook in self.hooks:
             if hook.kind == "forward":
@@ -146,19 +157,34 @@ def factory_kwargs(reference: nn.Module) -> Dict[str, Any]:
     return {"device": parameter.device, "dtype": parameter.dtype}
 
 
-def writes_for(
-    projections: Sequence[Tuple[str, int, int]],
-) -> Dict[str, Tuple[Tuple[int, int, int], ...]]:
-    """Group ``(producer, start, width)`` targets by producer into contiguous ``(branch_start,
-    output_start, width)`` runs, in branch order, so that adjacent slices take a single add."""
-    runs: Dict[str, List[List[int]]] = {}
+@dataclass(frozen=True)
+class Write:
+    """Branch channels ``[branch_start, branch_start + width)`` go to the producer's output channels
+    ``[output_start, output_start + width)``, or to its scattered channels ``index``."""
+
+    branch_start: int
+    output_start: int
+    width: int
+    index: Optional[Tuple[int, ...]] = None
+
+
+def writes_for(targets: Sequence[Projection]) -> Dict[str, Tuple[Write, ...]]:
+    """Lay the targets end to end along the branch's output and group them by producer, merging
+    neighbouring contiguous slices so that, e.g., k and v of a ``[q | k | v]`` output take one add."""
+    writes: Dict[str, List[Write]] = {}
     offset = 0
-    for producer, start, width in projections:
-        producer_runs = runs.setdefault(producer, [])
-        last = producer_runs[-1] if producer_runs else None
-        if last is not None and last[0] + last[2] == offset and last[1] + last[2] == start:
-            last[2] += width
+    for target in targets:
+        producer_writes = writes.setdefault(target.module, [])
+        last = producer_writes[-1] if producer_writes else None
+        if (
+            target.index is None
+            and last is not None
+            and last.index is None
+            and last.branch_start + last.width == offset
+            and last.output_start + last.width == target.start
+        ):
+            producer_writes[-1] = Write(last.branch_start, last.output_start, last.width + target.width)
         else:
-            producer_runs.append([offset, start, width])
-        offset += width
-    return {producer: tuple(tuple(run) for run in producer_runs) for producer, producer_runs in runs.items()}  # type: ignore[misc]
+            producer_writes.append(Write(offset, target.start, target.width, target.index))
+        offset += target.width
+    return {producer: tuple(items) for producer, items in writes.items()}

@@ -20,7 +20,6 @@ from typing import Any, List, Mapping, Tuple
 import torch
 from torch import nn
 
-from ..errors import SurgeryError
 from ..sites import AttentionSite, Block
 from .base import (
     CHILD_PREFIX,
@@ -28,6 +27,7 @@ from .base import (
     Insertion,
     Method,
     PetlModule,
+    UnsupportedBlockError,
     check_choice,
     check_number,
     check_positive_int,
@@ -66,7 +66,8 @@ class PattOptions:
 
 class ParallelAttentionBranch(PetlModule):
     """The PATT branch of one attention layer; it adds ``scale * up(tanh(down(x)))`` into the outputs
-    of the attention's q/k/v producers, through forward hooks on those producers."""
+    of the attention's q/k/v producers, through forward hooks on those producers (each producer's own
+    input is the branch's input there)."""
 
     component = "patt"
 
@@ -79,10 +80,8 @@ class ParallelAttentionBranch(PetlModule):
         recorded: Mapping[str, Any],
     ) -> None:
         super().__init__(method, recorded, block)
-        roles = MODES[options.mode]
-        targets = [site.projections[role] for role in roles]
-        producer = site.module.get_submodule(targets[0].module)
-        kwargs = factory_kwargs(producer)
+        targets = [site.projections[role] for role in MODES[options.mode]]
+        kwargs = factory_kwargs(site.module.get_submodule(targets[0].module))
         self.scale = float(options.scale)
         self.channel_dim = site.channel_dim
         self.down = nn.Linear(site.in_features, options.mid_dim, bias=site.has_bias, **kwargs)
@@ -91,26 +90,33 @@ class ParallelAttentionBranch(PetlModule):
             nn.init.zeros_(self.up.weight)
             if self.up.bias is not None:
                 nn.init.zeros_(self.up.bias)
-        # producer path (relative to the attention) -> ((branch_start, output_start, width), ...)
-        self.writes = writes_for([(t.module, t.start, t.width) for t in targets])
+        # producer path (relative to the attention) -> its writes; scattered channels as index buffers
+        self.writes = writes_for(targets)
+        for producer, writes in self.writes.items():
+            for number, write in enumerate(writes):
+                if write.index is not None:
+                    index = torch.tensor(write.index, dtype=torch.long, device=kwargs["device"])
+                    self.register_buffer(_index_name(producer, number), index, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The unscaled branch output ``up(tanh(down(x)))``, channels last."""
         return self.up(torch.tanh(self.down(x)))
 
     def add_to_projection(self, producer: str, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        if self.channel_dim != -1:
-            x = x.movedim(self.channel_dim, -1)
-        branch = self(x)
-        if self.channel_dim != -1:
-            branch = branch.movedim(-1, self.channel_dim)
-        for branch_start, output_start, width in self.writes[producer]:
-            # In place into a view of the producer's fresh output: no concatenation, one kernel per run.
-            output.narrow(self.channel_dim, output_start, width).add_(
-                branch.narrow(self.channel_dim, branch_start, width), alpha=self.scale
-            )
+        dim = self.channel_dim
+        branch = self(args[0]) if dim == -1 else self(args[0].movedim(dim, -1)).movedim(-1, dim)
+        for number, write in enumerate(self.writes[producer]):
+            part = branch.narrow(dim, write.branch_start, write.width)
+            if write.index is None:
+                # In place into a view of the producer's fresh output: no concatenation, one kernel.
+                output.narrow(dim, write.output_start, write.width).add_(part, alpha=self.scale)
+            else:
+                output.index_add_(dim, getattr(self, _index_name(producer, number)), part, alpha=self.scale)
         return output
+
+
+def _index_name(producer: str, number: int) -> str:
+    return f"index_{producer.replace('.', '_')}_{number}"
 
 
 class Patt(Method):
@@ -122,16 +128,24 @@ class Patt(Method):
         cls, block: Block, options: PattOptions, method: str, recorded: Mapping[str, Any]
     ) -> List[Insertion]:
         site = block.attention
+        where = f"block {block.index} ({block.path!r})"
         if site is None:
-            raise SurgeryError(f"method {method!r} needs an attention in block {block.index} ({block.path!r}); it has none")
-        if not site.softmax_over_tokens:
-            raise SurgeryError(
-                f"method {method!r} cannot operate on block {block.index}: its attention {site.path!r} "
-                f"({type(site.module).__name__}) is not a softmax over tokens"
+            raise UnsupportedBlockError(f"method {method!r} needs an attention in {where}; it has none")
+        if site.unsupported is not None:
+            raise UnsupportedBlockError(
+                f"method {method!r} cannot operate on {where}: its attention {site.path!r} "
+                f"({type(site.module).__name__}) {site.unsupported}"
+            )
+        missing = [role for role in MODES[options.mode] if role not in site.projections]
+        if missing:
+            raise UnsupportedBlockError(
+                f"mode {options.mode!r} of method {method!r} needs {', '.join(missing)} from {where}, but its "
+                f"attention {site.path!r} ({type(site.module).__name__}) only projects "
+                f"{', '.join(site.projections)}; choose a mode among those"
             )
         branch = ParallelAttentionBranch(site, options, method, block.index, recorded)
         hooks = [
             Hook(site.module.get_submodule(producer), "forward", functools.partial(branch.add_to_projection, producer))
             for producer in branch.writes
         ]
-        return [Insertion(block.index, site.path, site.module, CHILD_PREFIX + method, branch, hooks)]
+        return [Insertion(block.index, site.path, site.module, CHILD_PREFIX + method, branch, hooks, site.patches)]

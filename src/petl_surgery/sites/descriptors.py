@@ -5,8 +5,8 @@ Methods are written against these descriptions only, never against a model famil
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Tuple
 
 from torch import nn
 
@@ -15,19 +15,22 @@ ROLES = ("q", "k", "v")
 
 @dataclass(frozen=True)
 class Projection:
-    """Where one of q, k, v is produced: output channels ``[start, start + width)`` of a submodule.
+    """Where one of q, k, v is produced: output channels ``[start, start + width)`` of a submodule, or
+    the scattered channels ``index`` (per-head layouts such as ``(heads, 3, head_dim)``).
 
     ``module`` is the path of the producing module relative to the attention module (``"qkv"``); the
-    channels are counted along the producer's channel dimension.
+    channels are counted along the producer's channel dimension. The producer's input is what a branch
+    beside it reads, so a k/v producer on spatially reduced tokens gives its branch the reduced tokens.
     """
 
     module: str
     start: int
     width: int
+    index: Optional[Tuple[int, ...]] = None
 
-    @property
-    def stop(self) -> int:
-        return self.start + self.width
+    @classmethod
+    def scattered(cls, module: str, index: Tuple[int, ...]) -> "Projection":
+        return cls(module, 0, len(index), tuple(index))
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,13 @@ class AttentionSite:
         in_features: width of the tokens that the q/k/v projections read.
         projections: where q, k and v are produced (``ROLES`` as keys).
         has_bias: whether the base q/k/v projections carry a bias.
-        channel_dim: the channel dimension of the producers' input and output (-1: channels last).
-        softmax_over_tokens: whether the attention is a softmax over tokens, which key/value methods
-            such as PATT assume.
+        channel_dim: the channel dimension of the producers' input and output (-1: channels last; 1 for
+            1x1 convolutions on NCHW).
+        unsupported: why q/k/v methods such as PATT cannot operate here (attention that is not a
+            softmax over tokens, say), or None when they can.
+        patches: attribute values to set on the attention module while surgery is present (timm's
+            ``qkv_bias_separate = True`` makes a module call the ``qkv`` projection it otherwise
+            bypasses); the originals come back when the surgery is removed.
     """
 
     path: str
@@ -51,7 +58,8 @@ class AttentionSite:
     projections: Mapping[str, Projection]
     has_bias: bool
     channel_dim: int = -1
-    softmax_over_tokens: bool = True
+    unsupported: Optional[str] = None
+    patches: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,150 @@
+"""Checks every family must pass, for the parametrised sweeps over model families.
+
+For a method on a model, the outcome is either "works", shown by: output unchanged at zero init;
+changed with random branch weights; a gradient in every inserted tensor; an exact checkpoint round trip.
+Or "refused": a SurgeryError with a message. Never "silently unchanged", never another exception.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+import petl_surgery as ps
+from petl_surgery.methods import PetlModule
+
+
+def randomize_inserted(model: nn.Module, std: float = 0.05) -> None:
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, PetlModule):
+                for parameter in module.parameters():
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64) * std)
+
+
+def first_output(output) -> torch.Tensor:
+    """The tensor to compare: the output itself, or the first tensor of a tuple/list/dict output."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        output = list(output.values())
+    return first_output(output[0])
+
+
+def check_method(
+    build: Callable[[], nn.Module],
+    make_input: Callable[[], torch.Tensor],
+    method: str,
+    tmp_path,
+    **options,
+) -> str:
+    """Run the whole contract for ``method`` on the model ``build()`` makes; returns "works" or the
+    refusal's message. ``build`` must return the same base weights each call (seed inside it)."""
+    model = build().eval()
+    x = make_input()
+    with torch.no_grad():
+        before = first_output(model(x)).clone()
+    try:
+        ps.apply(model, method, **options)
+    except ps.SurgeryError as refusal:
+        assert str(refusal), "a refusal must say why"
+        return f"refused: {refusal}"
+    with torch.no_grad():
+        at_init = first_output(model(x))  # also the first forward: every branch must run
+    assert torch.equal(at_init, before), f"{method} at zero init changed the output"
+
+    randomize_inserted(model)
+    with torch.no_grad():
+        changed = first_output(model(x))
+    assert not torch.allclose(changed, before), f"{method} with random weights left the output unchanged"
+
+    model.train()
+    first_output(model(x)).float().square().mean().backward()
+    model.eval()
+    for name, parameter in model.named_parameters():
+        if ".petl_" in name:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"no gradient reached {name}"
+        elif not parameter.requires_grad:
+            assert parameter.grad is None, f"frozen {name} got a gradient"
+
+    path = tmp_path / f"{method}.safetensors"
+    ps.save(model, path)
+    fresh = ps.load(build().eval(), path)
+    with torch.no_grad():
+        assert torch.equal(first_output(fresh(x)), changed), "checkpoint round trip is not exact"
+    return "works"
+
+
+def attention_inputs(model: nn.Module, x: torch.Tensor) -> Dict[str, tuple]:
+    """The (args, kwargs) of the first call of every block's attention during one forward."""
+    calls: Dict[str, tuple] = {}
+    handles = []
+    for block in ps.blocks(model):
+        site = block.attention
+        if site is None:
+            continue
+
+        def hook(module, args, kwargs, path=site.path):
+            calls.setdefault(path, (args, kwargs))
+
+        handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return calls
+
+
+def shifted_output(site, args, kwargs, role: Optional[str], constant: float = 0.7) -> torch.Tensor:
+    """The attention's output with ``constant`` added to the channels the layout says hold ``role``."""
+    handles = []
+    if role is not None:
+        projection = site.projections[role]
+        producer = site.module.get_submodule(projection.module)
+
+        def add(module, inputs, output):
+            output = output.clone()
+            if projection.index is None:
+                output.narrow(site.channel_dim, projection.start, projection.width).add_(constant)
+            else:
+                index = torch.tensor(projection.index, device=output.device)
+                output.index_add_(
+                    site.channel_dim, index, torch.full_like(output.index_select(site.channel_dim, index), constant)
+                )
+            return output
+
+        handles.append(producer.register_forward_hook(add))
+    try:
+        with torch.no_grad():
+            return first_output(site.module(*args, **kwargs))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def check_layout(model: nn.Module, x: torch.Tensor) -> int:
+    """The layout self-check of timm-families.md, in float64, on every attention whose layout says it
+    is a softmax over tokens: a constant added to the k slice leaves the output unchanged; one added to
+    the v slice moves every token's output by the same vector. Returns the number of sites checked."""
+    model = copy.deepcopy(model).double().eval()
+    calls = attention_inputs(model, x.double())
+    checked = 0
+    for block in ps.blocks(model):
+        site = block.attention
+        if site is None or site.unsupported is not None or site.path not in calls:
+            continue
+        args, kwargs = calls[site.path]
+        base = shifted_output(site, args, kwargs, None)
+        if "k" in site.projections:
+            torch.testing.assert_close(shifted_output(site, args, kwargs, "k"), base, rtol=1e-9, atol=1e-9)
+        if "v" in site.projections:
+            moved = (shifted_output(site, args, kwargs, "v") - base).movedim(site.channel_dim, -1)
+            moved = moved.reshape(-1, moved.shape[-1])
+            assert moved.abs().max() > 1e-6, f"{site.path}: a shift of v did not move the output"
+            torch.testing.assert_close(moved, moved[:1].expand_as(moved), rtol=1e-7, atol=1e-7)
+        checked += 1
+    return checked

@@ -1,0 +1,22 @@
+"""The layout self-check and the family contract on the families of the core (ViT family and Swin)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import VIT_FAMILY, images, make_family
+from family_checks import check_layout, check_method
+
+FAMILIES = list(VIT_FAMILY) + ["swin"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layout_self_check(family):
+    model = make_family(family)
+    assert check_layout(model, images(family)) == len(__import__("petl_surgery").blocks(model))
+
+
+@pytest.mark.parametrize("method", ["patt", "adapter"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_contract(family, method, tmp_path):
+    outcome = check_method(lambda: make_family(family), lambda: images(family), method, tmp_path)
+    assert outcome == "works"
