@@ -102,6 +102,7 @@ def apply(
     *,
     layers: LayerSelection = None,
     train_head: bool = True,
+    head: Optional[Union[str, Sequence[str]]] = None,
     unfreeze: Union[str, Sequence[str]] = (),
     skip_unsupported: bool = False,
     **options: Any,
@@ -113,7 +114,9 @@ def apply(
         method: "patt", "adapter" or "bapat".
         layers: which blocks: None (all), an int, an iterable of ints or a slice, over the global block
             index of :func:`blocks` (negative indices count from the end).
-        train_head: keep the classifier head (timm's ``get_classifier()``) trainable (default True).
+        train_head: keep the classifier head trainable (default True).
+        head: module path(s) of the classifier head; by default timm's ``get_classifier()``, or for
+            other models the first of ``heads.head``, ``head``, ``heads``, ``fc``, ``classifier``.
         unfreeze: regular expressions (``re.search`` on parameter names) of further base parameters to
             train, e.g. ``r"norm"`` or ``r"\\.bias$"``.
         skip_unsupported: skip the chosen blocks the method cannot operate on (attention that is not a
@@ -130,8 +133,9 @@ def apply(
     insertions = plan(model, method, layers, skip_unsupported, **options)
     excluded = delta_names(model)
     trainable = unfrozen_names(model, compile_patterns(unfreeze), excluded)
+    heads = head_parameter_names(model, head)
     if train_head:
-        trainable |= head_parameter_names(model)
+        trainable |= heads
     commit(model, insertions)
     set_trainable(model, trainable)
     return model

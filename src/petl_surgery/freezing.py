@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable, List, Sequence, Set
+from typing import Iterable, List, Optional, Sequence, Set, Union
 
 from torch import nn
 
@@ -11,14 +11,40 @@ from .errors import SurgeryError
 from .inventory import ORIGINAL_FLAGS_ATTR, delta_names
 
 
-def head_parameter_names(model: nn.Module) -> Set[str]:
-    """Parameters of the classifier head(s): timm's ``get_classifier()``, both heads of a distilled model."""
+# Where models that are not timm's keep their classifier (torchvision: ViT ``heads.head``, Swin ``head``,
+# ResNet ``fc``, others ``classifier``), tried in this order.
+CONVENTIONAL_HEADS = ("heads.head", "head", "heads", "fc", "classifier")
+
+
+def find_heads(model: nn.Module, head: Optional[Union[str, Sequence[str]]] = None) -> List[nn.Module]:
+    """The classifier head module(s): the ones named by ``head`` (module paths), else timm's
+    ``get_classifier()`` (both heads of a distilled model), else the first conventional name present."""
+    if head is not None:
+        names = [head] if isinstance(head, str) else list(head)
+        modules = []
+        for name in names:
+            try:
+                modules.append(model.get_submodule(name))
+            except AttributeError:
+                raise SurgeryError(f"head {name!r} is not a module of {type(model).__name__}") from None
+        return modules
     getter = getattr(model, "get_classifier", None)
-    if getter is None:
-        return set()
-    heads = getter()
-    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
-    head_ids = {id(p) for head in heads if isinstance(head, nn.Module) for p in head.parameters()}
+    if callable(getter):
+        heads = getter()
+        return [h for h in (heads if isinstance(heads, (tuple, list)) else (heads,)) if isinstance(h, nn.Module)]
+    for name in CONVENTIONAL_HEADS:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if any(True for _ in module.parameters()):
+            return [module]
+    return []
+
+
+def head_parameter_names(model: nn.Module, head: Optional[Union[str, Sequence[str]]] = None) -> Set[str]:
+    """Names of the parameters of the classifier head(s) that :func:`find_heads` finds."""
+    head_ids = {id(p) for module in find_heads(model, head) for p in module.parameters()}
     return {name for name, p in model.named_parameters() if id(p) in head_ids}
 
 

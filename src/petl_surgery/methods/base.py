@@ -45,16 +45,23 @@ class UnsupportedBlockError(SurgeryError):
 PATCHED_ATTR = "_petl_surgery_patched"
 
 
+_ABSENT = "<absent from the instance>"
+
+
 def patch_attributes(module: nn.Module, values: Mapping[str, Any]) -> None:
+    """Set attributes on a base module (an instance ``forward`` too), remembering what was there."""
     originals = module.__dict__.setdefault(PATCHED_ATTR, {})
     for name, value in values.items():
-        originals.setdefault(name, getattr(module, name))
+        originals.setdefault(name, module.__dict__.get(name, _ABSENT))
         setattr(module, name, value)
 
 
 def restore_attributes(module: nn.Module) -> None:
     for name, value in module.__dict__.pop(PATCHED_ATTR, {}).items():
-        setattr(module, name, value)
+        if value is _ABSENT:
+            delattr(module, name)
+        else:
+            setattr(module, name, value)
 
 
 @dataclass(frozen=True)

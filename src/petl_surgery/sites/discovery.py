@@ -48,8 +48,17 @@ def _looks_like_attention(module: nn.Module) -> bool:
     ) or hasattr(module, "num_heads")
 
 
+def _submodule(module: nn.Module, path: Optional[str]) -> Optional[nn.Module]:
+    if not path:
+        return None
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def _describe_mlp(path: str, module: nn.Module, layout: Optional[BlockLayout], block: nn.Module) -> MlpSite:
-    in_features, out_features = MLP_LAYOUTS[type(module)](module)
+    in_features, out_features, channel_dim = MLP_LAYOUTS[type(module)](module)
     residual_input = residual_output = None
     if layout is not None and layout.residual_input and layout.residual_output:
         residual_input = block.get_submodule(layout.residual_input)
@@ -59,6 +68,7 @@ def _describe_mlp(path: str, module: nn.Module, layout: Optional[BlockLayout], b
         module=module,
         in_features=in_features,
         out_features=out_features,
+        channel_dim=channel_dim,
         residual_input=residual_input,
         residual_output=residual_output,
     )
@@ -67,8 +77,8 @@ def _describe_mlp(path: str, module: nn.Module, layout: Optional[BlockLayout], b
 def discover(model: nn.Module) -> Discovery:
     """Find the transformer blocks of ``model``.
 
-    A block is a module of a registered block class, or any module with a direct child of a registered
-    attention class (its MLP is then the one direct child of a registered MLP class, if there is one).
+    A block is a module of a registered block class (whose layout may name nested paths such as
+    ``"attn_block.attn"``), or any module with a direct child of a registered attention class (its MLP is then the one direct child of a registered MLP class, if there is one).
     Blocks are numbered in the order ``model.named_modules()`` visits them, which is depth order for
     the sequential and staged models of timm (Swin-T: blocks 0..11 across its four stages).
     """
@@ -96,8 +106,8 @@ def discover(model: nn.Module) -> Discovery:
             mlp_names = [n for n, c in children.items() if type(c) in MLP_LAYOUTS]
             mlp_name = mlp_names[0] if len(mlp_names) == 1 else None
 
-        attention_module = children.get(attention_name) if attention_name else None
-        mlp_module = children.get(mlp_name) if mlp_name else None
+        attention_module = _submodule(module, attention_name)
+        mlp_module = _submodule(module, mlp_name)
         attention: Optional[AttentionSite] = None
         if attention_module is not None and type(attention_module) in ATTENTION_LAYOUTS:
             attention_path = _join(path, attention_name)

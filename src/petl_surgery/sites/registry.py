@@ -14,13 +14,14 @@ from torch import nn
 from .descriptors import AttentionSite
 
 AttentionDescriber = Callable[[str, nn.Module], AttentionSite]
-MlpDescriber = Callable[[nn.Module], Tuple[int, int]]
+MlpDescriber = Callable[[nn.Module], Tuple[int, int, int]]  # in_features, out_features, channel_dim
 
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """Names of a block's children: its attention, its MLP, and the two ends of the MLP's residual
-    branch (the norm in front of the MLP and the last module before the residual add)."""
+    """Paths, relative to the block, of its attention, its MLP, and the two ends of the MLP's residual
+    branch (the module whose input is the residual stream before the MLP, and the last module before the
+    residual add). Paths may be nested (``"attn_block.attn"``)."""
 
     attention: str
     mlp: str
@@ -39,7 +40,8 @@ def register_attention(cls: Type[nn.Module], describer: AttentionDescriber) -> N
 
 
 def register_mlp(cls: Type[nn.Module], describer: MlpDescriber) -> None:
-    """Teach site discovery the (in_features, out_features) of an MLP class."""
+    """Teach site discovery the (in_features, out_features, channel_dim) of an MLP class (channel_dim
+    -1 for channels last, 1 for 1x1 convolutions on NCHW)."""
     MLP_LAYOUTS[cls] = describer
 
 

@@ -31,14 +31,14 @@ def fused_qkv_in_thirds(path: str, attention: nn.Module, qkv_name: str = "qkv") 
     )
 
 
-def _linear_mlp_features(mlp: nn.Module) -> tuple[int, int]:
+def _linear_mlp_features(mlp: nn.Module) -> tuple[int, int, int]:
     first = mlp.fc1_x if hasattr(mlp, "fc1_x") else mlp.fc1
     if not isinstance(first, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
         raise SurgeryError(
             f"MLP {type(mlp).__name__} uses {type(first).__name__} projections; only channels-last "
             "Linear MLPs are supported"
         )
-    return first.in_features, mlp.fc2.out_features
+    return first.in_features, mlp.fc2.out_features, -1
 
 
 def register_timm_layouts() -> None:
