@@ -148,3 +148,47 @@ def check_layout(model: nn.Module, x: torch.Tensor) -> int:
             torch.testing.assert_close(moved, moved[:1].expand_as(moved), rtol=1e-7, atol=1e-7)
         checked += 1
     return checked
+
+
+def check_patt_parity(build: Callable[[], nn.Module], make_input: Callable[[], torch.Tensor], mode: str = "kv") -> int:
+    """PATT on ``build()`` equals an untouched copy of the model whose q/k/v producers get the V-PETL
+    equations added by plain hooks, ``h = tanh(x A + a)``, ``[D1|D2] = h B + b``, at the channels the
+    layout names (which :func:`check_layout` verifies independently). float64; returns sites compared."""
+    model = build().double().eval()
+    base = copy.deepcopy(model)
+    ps.apply(model, "patt", mode=mode, scale=0.6)
+    randomize_inserted(model, std=0.1)
+    handles = []
+    compared = 0
+    for block, base_block in zip(ps.blocks(model), ps.blocks(base)):
+        site, base_site = block.attention, base_block.attention
+        branch = getattr(site.module, "petl_patt", None) if site is not None else None
+        if branch is None:
+            continue
+        roles = {"kv": "kv", "qv": "qv", "qk": "qk", "qkv": "qkv"}[mode]
+        offset = 0
+        for role in roles:
+            projection = base_site.projections[role]
+            A, B = branch.down.weight, branch.up.weight[offset : offset + projection.width]
+            a = branch.down.bias
+            b = branch.up.bias[offset : offset + projection.width] if branch.up.bias is not None else None
+            offset += projection.width
+
+            def add(module, inputs, output, projection=projection, A=A, a=a, B=B, b=b):
+                x = inputs[0].movedim(base_site.channel_dim, -1)
+                h = torch.tanh(x @ A.T + (a if a is not None else 0))
+                delta = (h @ B.T + (b if b is not None else 0)).movedim(-1, base_site.channel_dim)
+                output = output.clone()
+                if projection.index is None:
+                    output.narrow(base_site.channel_dim, projection.start, projection.width).add_(0.6 * delta)
+                else:
+                    index = torch.tensor(projection.index, device=output.device)
+                    output.index_add_(base_site.channel_dim, index, 0.6 * delta)
+                return output
+
+            handles.append(base_site.module.get_submodule(projection.module).register_forward_hook(add))
+        compared += 1
+    x = make_input().double()
+    with torch.no_grad():
+        torch.testing.assert_close(first_output(model(x)), first_output(base(x)), rtol=1e-9, atol=1e-9)
+    return compared

@@ -20,3 +20,11 @@ def test_layout_self_check(family):
 def test_family_contract(family, method, tmp_path):
     outcome = check_method(lambda: make_family(family), lambda: images(family), method, tmp_path)
     assert outcome == "works"
+
+
+@pytest.mark.parametrize("mode", ["kv", "qkv"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patt_parity_through_the_layout(family, mode):
+    from family_checks import check_patt_parity
+
+    assert check_patt_parity(lambda: make_family(family), lambda: images(family), mode) > 0

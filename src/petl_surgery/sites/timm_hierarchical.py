@@ -1,0 +1,5 @@
+"""Layouts of timm_hierarchical (filled in by issue 3)."""
+
+
+def register() -> None:
+    """Add this module's classes to the registry."""
