@@ -16,9 +16,11 @@ from .errors import SurgeryError
 from .methods import METHODS
 from .sites import Block
 from .summary import Summary
+from .verification import BranchNeverRanError
 
 __all__ = [
     "METHODS",
+    "BranchNeverRanError",
     "Block",
     "Summary",
     "SurgeryError",

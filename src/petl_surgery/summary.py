@@ -9,6 +9,7 @@ from torch import nn
 
 from .freezing import head_parameter_names
 from .inventory import delta_names, inserted_modules
+from .sites import discover
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class Summary:
             by name.
         trainable: all trainable parameters.
         total: all parameters of the model, inserted ones included.
+        unsupported: what site discovery could not operate on, one line each (attention modules it
+            does not understand, attention that q/k/v methods must refuse), with the reason.
     """
 
     rows: List[SummaryRow]
@@ -43,6 +46,7 @@ class Summary:
     other_trainable: Dict[str, int] = field(default_factory=dict)
     trainable: int = 0
     total: int = 0
+    unsupported: List[str] = field(default_factory=list)
 
     @property
     def inserted(self) -> int:
@@ -72,6 +76,9 @@ class Summary:
         lines.append(
             f"trainable {self.trainable:,} of {self.total:,} parameters ({100 * self.share:.3f}% of the model)"
         )
+        if self.unsupported:
+            lines.append(f"not operated on ({len(self.unsupported)}):")
+            lines += [f"  {line}" for line in self.unsupported]
         return "\n".join(lines)
 
 
@@ -88,6 +95,13 @@ def summarize(model: nn.Module) -> Summary:
     for row in rows:
         per_method[row.method] = per_method.get(row.method, 0) + row.parameters
         per_block[row.block] = per_block.get(row.block, 0) + row.parameters
+    found = discover(model)
+    unsupported = [f"{site.path} ({site.class_name}): {site.reason}" for site in found.unsupported]
+    unsupported += [
+        f"{block.attention.path} ({type(block.attention.module).__name__}): {block.attention.unsupported}"
+        for block in found.blocks
+        if block.attention is not None and block.attention.unsupported is not None
+    ]
     delta = delta_names(model)
     heads = head_parameter_names(model)
     parameters = dict(model.named_parameters())
@@ -105,4 +119,5 @@ def summarize(model: nn.Module) -> Summary:
         other_trainable=other,
         trainable=sum(p.numel() for p in parameters.values() if p.requires_grad),
         total=sum(p.numel() for p in parameters.values()),
+        unsupported=unsupported,
     )
