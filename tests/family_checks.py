@@ -7,14 +7,16 @@ Or "refused": a SurgeryError with a message. Never "silently unchanged", never a
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
 
 import petl_surgery as ps
 from petl_surgery.methods import PetlModule
+from petl_surgery.methods.base import PATCHED_ATTR, patch_attributes, restore_attributes
 
 
 def randomize_inserted(model: nn.Module, std: float = 0.05) -> None:
@@ -62,9 +64,9 @@ def check_method(
         changed = first_output(model(x))
     assert not torch.allclose(changed, before), f"{method} with random weights left the output unchanged"
 
-    model.train()
+    # Gradients in eval mode: drop-path and dropout would make them random (a whole residual branch can
+    # be dropped for the batch), and BatchNorm in train mode cancels shifts shared by the batch.
     first_output(model(x)).float().square().mean().backward()
-    model.eval()
     for name, parameter in model.named_parameters():
         if ".petl_" in name:
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"no gradient reached {name}"
@@ -99,12 +101,31 @@ def attention_inputs(model: nn.Module, x: torch.Tensor) -> Dict[str, tuple]:
     return calls
 
 
-def shifted_output(site, args, kwargs, role: Optional[str], constant: float = 0.7) -> torch.Tensor:
-    """The attention's output with ``constant`` added to the channels the layout says hold ``role``."""
+@contextlib.contextmanager
+def site_patched(site) -> Iterator[None]:
+    """The site's attribute patches in place (a forward that calls the hookable producer), as during surgery."""
+    if not site.patches or PATCHED_ATTR in vars(site.module):
+        yield
+        return
+    patch_attributes(site.module, site.patches)
+    try:
+        yield
+    finally:
+        restore_attributes(site.module)
+
+
+def shifted_output(
+    site, args, kwargs, role: Optional[str], constant: float = 0.7, readout: Optional[str] = None
+) -> torch.Tensor:
+    """The attention's output with ``constant`` added to the channels the layout says hold ``role``; with
+    ``readout``, the input of that submodule of the attention instead (its output projection, say)."""
     handles = []
+    seen = []
+    if readout is not None:
+        handles.append(site.module.get_submodule(readout).register_forward_pre_hook(lambda m, i: seen.append(i[0])))
     if role is not None:
         projection = site.projections[role]
-        producer = site.module.get_submodule(projection.module)
+        producer = site.producer(projection.module)
 
         def add(module, inputs, output):
             output = output.clone()
@@ -119,17 +140,24 @@ def shifted_output(site, args, kwargs, role: Optional[str], constant: float = 0.
 
         handles.append(producer.register_forward_hook(add))
     try:
-        with torch.no_grad():
-            return first_output(site.module(*args, **kwargs))
+        with torch.no_grad(), site_patched(site):
+            output = first_output(site.module(*args, **kwargs))
+        return seen[0] if readout is not None else output
     finally:
         for handle in handles:
             handle.remove()
 
 
-def check_layout(model: nn.Module, x: torch.Tensor) -> int:
+def check_layout(
+    model: nn.Module, x: torch.Tensor, roles: Tuple[str, ...] = ("k", "v"), readout: Optional[str] = None
+) -> int:
     """The layout self-check of timm-families.md, in float64, on every attention whose layout says it
     is a softmax over tokens: a constant added to the k slice leaves the output unchanged; one added to
-    the v slice moves every token's output by the same vector. Returns the number of sites checked."""
+    the v slice moves every token's output by the same vector. Returns the number of sites checked.
+
+    ``roles`` limits the check where one half cannot hold (cosine attention normalises k away from a
+    constant shift); ``readout`` reads at the input of that submodule (the output projection) where
+    what follows the attention product is not linear per token."""
     model = copy.deepcopy(model).double().eval()
     calls = attention_inputs(model, x.double())
     checked = 0
@@ -138,11 +166,12 @@ def check_layout(model: nn.Module, x: torch.Tensor) -> int:
         if site is None or site.unsupported is not None or site.path not in calls:
             continue
         args, kwargs = calls[site.path]
-        base = shifted_output(site, args, kwargs, None)
-        if "k" in site.projections:
-            torch.testing.assert_close(shifted_output(site, args, kwargs, "k"), base, rtol=1e-9, atol=1e-9)
-        if "v" in site.projections:
-            moved = (shifted_output(site, args, kwargs, "v") - base).movedim(site.channel_dim, -1)
+        base = shifted_output(site, args, kwargs, None, readout=readout)
+        if "k" in roles and "k" in site.projections:
+            shifted = shifted_output(site, args, kwargs, "k", readout=readout)
+            torch.testing.assert_close(shifted, base, rtol=1e-9, atol=1e-9)
+        if "v" in roles and "v" in site.projections:
+            moved = (shifted_output(site, args, kwargs, "v", readout=readout) - base).movedim(site.channel_dim, -1)
             moved = moved.reshape(-1, moved.shape[-1])
             assert moved.abs().max() > 1e-6, f"{site.path}: a shift of v did not move the output"
             torch.testing.assert_close(moved, moved[:1].expand_as(moved), rtol=1e-7, atol=1e-7)
@@ -166,6 +195,7 @@ def check_patt_parity(build: Callable[[], nn.Module], make_input: Callable[[], t
         if branch is None:
             continue
         roles = {"kv": "kv", "qv": "qv", "qk": "qk", "qkv": "qkv"}[mode]
+        patch_attributes(base_site.module, base_site.patches)  # the base calls its producers as surgery does
         offset = 0
         for role in roles:
             projection = base_site.projections[role]
@@ -186,7 +216,7 @@ def check_patt_parity(build: Callable[[], nn.Module], make_input: Callable[[], t
                     output.index_add_(base_site.channel_dim, index, 0.6 * delta)
                 return output
 
-            handles.append(base_site.module.get_submodule(projection.module).register_forward_hook(add))
+            handles.append(base_site.producer(projection.module).register_forward_hook(add))
         compared += 1
     x = make_input().double()
     with torch.no_grad():

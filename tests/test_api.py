@@ -135,10 +135,15 @@ def test_a_model_without_transformer_blocks_is_refused():
     assert_same_snapshot(before, snapshot(model))
 
 
+class UnknownAttention(timm.layers.Attention):
+    """A subclass may override forward and stop calling qkv: classes are matched exactly."""
+
+
 def test_a_model_with_unknown_attention_is_refused_by_name():
-    model = timm.create_model("beit_base_patch16_224", img_size=64, embed_dim=64, depth=2, num_heads=2)
+    model = make_vit()
+    model.blocks[0].attn.__class__ = UnknownAttention
     before = snapshot(model)
-    with pytest.raises(ps.SurgeryError, match=r"'blocks.0.attn' \(Attention\).*not in the attention registry"):
+    with pytest.raises(ps.SurgeryError, match=r"'blocks.0.attn' \(UnknownAttention\).*not in the attention registry"):
         ps.apply(model, "patt")
     assert_same_snapshot(before, snapshot(model))
 

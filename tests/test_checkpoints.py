@@ -265,3 +265,19 @@ def test_a_method_this_version_does_not_know_is_refused(saved_vit, tmp_path):
 def test_block_indices_the_model_lacks_are_refused(saved_vit, tmp_path):
     path = rewrite(saved_vit[1], tmp_path / "v.safetensors", metadata={"methods": [{"method": "patt", "options": {}, "blocks": [9]}]})
     refuses(make_vit(), path, "layer 9 is out of range")
+
+
+def test_a_module_shared_by_two_blocks_takes_one_branch_and_round_trips(tmp_path):
+    def shared():
+        model = make_vit()
+        model.blocks[1].mlp = model.blocks[0].mlp
+        return model
+
+    model = trained(shared(), "adapter")
+    assert [row.path for row in ps.summary(model).rows] == [
+        "blocks.0.mlp.petl_adapter", "blocks.2.mlp.petl_adapter", "blocks.3.mlp.petl_adapter"
+    ]
+    ps.save(model, tmp_path / "delta.safetensors")
+    assert not any(key.startswith("blocks.1.") for key in load_file(tmp_path / "delta.safetensors"))
+    fresh = ps.load(shared(), tmp_path / "delta.safetensors")
+    assert torch.equal(fresh(images()), model(images()))

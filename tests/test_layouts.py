@@ -8,7 +8,7 @@ from family_checks import check_layout, check_method
 
 FAMILY_NAMES = list(VIT_FAMILY) + ["swin"]
 # name -> (build, make_input), read by docs/make_coverage.py
-FAMILIES = {
+COVERAGE = {
     f"timm {name}": (lambda name=name: make_family(name), lambda name=name: images(name)) for name in FAMILY_NAMES
 }
 

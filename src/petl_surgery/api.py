@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Set, Tuple, Union
 
 from torch import nn
 
@@ -63,6 +63,7 @@ def plan(
     recorded = options_dict(parsed)
     insertions: List[Insertion] = []
     skipped: List[str] = []
+    planned_hosts: Set[Tuple[int, str]] = set()
     for index in select_layers(layers, len(found.blocks)):
         try:
             planned = method_type.plan_block(found.blocks[index], parsed, method, recorded)
@@ -72,6 +73,9 @@ def plan(
             skipped.append(str(error))
             continue
         for insertion in planned:
+            if (id(insertion.host), insertion.name) in planned_hosts:
+                continue  # a module shared by several blocks (CoaT's MLPs) takes its branch once
+            planned_hosts.add((id(insertion.host), insertion.name))
             if hasattr(insertion.host, insertion.name):
                 raise SurgeryError(
                     f"method {method!r} is already applied to block {index} ({insertion.host_path!r}); "

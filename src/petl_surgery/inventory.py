@@ -19,11 +19,11 @@ def inserted_modules(model: nn.Module) -> List[Tuple[str, PetlModule]]:
 
 
 def delta_names(model: nn.Module) -> Set[str]:
-    """state_dict keys that belong to inserted modules."""
-    names: Set[str] = set()
-    for path, module in inserted_modules(model):
-        names.update(f"{path}.{key}" for key in module.state_dict())
-    return names
+    """Names of the tensors of inserted modules, under every path that reaches them (a module shared
+    under two names, as CoaT's ``mlp2``/``mlp3``/``mlp4``, carries its inserted module under both)."""
+    inserted = {id(t) for _, module in inserted_modules(model) for t in (*module.parameters(), *module.buffers())}
+    names = {name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in inserted}
+    return names | {name for name, b in model.named_buffers(remove_duplicate=False) if id(b) in inserted}
 
 
 def surgery_record(model: nn.Module) -> List[Dict[str, Any]]:

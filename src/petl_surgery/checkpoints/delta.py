@@ -42,7 +42,7 @@ def save(model: nn.Module, path: PathLike) -> None:
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     tensors = {
         name: tensor.detach().to("cpu", copy=True).contiguous()
-        for name, tensor in model.state_dict().items()
+        for name, tensor in _unique_state(model).items()
         if name in delta or name in trainable
     }
     metadata = {
@@ -55,6 +55,17 @@ def save(model: nn.Module, path: PathLike) -> None:
         "tensors_sha256": tensors_digest(tensors),
     }
     write_atomic(path, tensors, encode(metadata))
+
+
+def _unique_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The state_dict with each tensor under its first name only (shared modules appear under several)."""
+    unique: Dict[str, torch.Tensor] = {}
+    seen = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            unique[name] = tensor
+    return unique
 
 
 def _architecture_mismatch(path: PathLike, model: nn.Module, metadata: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, list]) -> SurgeryError:
@@ -128,8 +139,7 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
                 f"the model already carries surgery {current}, which differs from {path}'s "
                 f"{metadata['methods']}; remove it first or load into a fresh model"
             )
-        state = model.state_dict()
-        expected = {name: list(state[name].shape) for name in delta_now}
+        expected = {name: list(t.shape) for name, t in _unique_state(model).items() if name in delta_now}
     else:
         planned = _plan_recorded(model, path, metadata["methods"])
         expected = {

@@ -152,8 +152,14 @@ class Adapter(Method):
         adapter = BottleneckAdapter(site, options, method, block.index, recorded)
         if options.position == "sequential":
             hooks = [Hook(site.module, "forward", adapter.add_sequential)]
-        elif options.input == "mlp":
+        elif options.input == "mlp" and site.input_module is None:
             hooks = [Hook(site.module, "forward", adapter.add_parallel)]
+        elif options.input == "mlp":
+            # an MLP its block runs inline: read the input where the MLP starts, add where it ends
+            hooks = [
+                Hook(site.input_module, "forward_pre", adapter.read_residual),
+                Hook(site.module, "forward", adapter.add_residual),
+            ]
         else:
             if site.residual_input is None or site.residual_output is None:
                 raise SurgeryError(
@@ -165,4 +171,7 @@ class Adapter(Method):
                 Hook(site.residual_input, "forward_pre", adapter.read_residual),
                 Hook(site.residual_output, "forward", adapter.add_residual),
             ]
+        if isinstance(site.module, nn.Sequential):
+            # a child of an nn.Sequential would run as one more layer of it: the block holds the adapter
+            return [Insertion(block.index, block.path, block.module, CHILD_PREFIX + method, adapter, hooks)]
         return [Insertion(block.index, site.path, site.module, CHILD_PREFIX + method, adapter, hooks)]

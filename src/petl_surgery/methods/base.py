@@ -45,7 +45,17 @@ class UnsupportedBlockError(SurgeryError):
 PATCHED_ATTR = "_petl_surgery_patched"
 
 
-_ABSENT = "<absent from the instance>"
+class _Absent:
+    """Marks an attribute the instance did not have before a patch; one object, kept across pickling."""
+
+    def __repr__(self) -> str:
+        return "<absent from the instance>"
+
+    def __reduce__(self) -> str:
+        return "_ABSENT"  # pickled and deep-copied as a reference to this module's single instance
+
+
+_ABSENT = _Absent()
 
 
 def patch_attributes(module: nn.Module, values: Mapping[str, Any]) -> None:

@@ -81,7 +81,9 @@ class ParallelAttentionBranch(PetlModule):
     ) -> None:
         super().__init__(method, recorded, block)
         targets = [site.projections[role] for role in MODES[options.mode]]
-        kwargs = factory_kwargs(site.module.get_submodule(targets[0].module))
+        producer = site.producer(targets[0].module)
+        # a parameter-free producer added by the site's patches takes its device and dtype from the attention
+        kwargs = factory_kwargs(producer if next(producer.parameters(), None) is not None else site.module)
         self.scale = float(options.scale)
         self.channel_dim = site.channel_dim
         self.down = nn.Linear(site.in_features, options.mid_dim, bias=site.has_bias, **kwargs)
@@ -145,7 +147,7 @@ class Patt(Method):
             )
         branch = ParallelAttentionBranch(site, options, method, block.index, recorded)
         hooks = [
-            Hook(site.module.get_submodule(producer), "forward", functools.partial(branch.add_to_projection, producer))
+            Hook(site.producer(producer), "forward", functools.partial(branch.add_to_projection, producer))
             for producer in branch.writes
         ]
         return [Insertion(block.index, site.path, site.module, CHILD_PREFIX + method, branch, hooks, site.patches)]

@@ -61,6 +61,15 @@ class AttentionSite:
     unsupported: Optional[str] = None
     patches: Mapping[str, Any] = field(default_factory=dict)
 
+    def producer(self, name: str) -> nn.Module:
+        """The module that produces a projection: a submodule of the attention, or a module that
+        ``patches`` adds while surgery is present (a hookable stand-in for projection math the attention
+        otherwise does inline, such as ``nn.MultiheadAttention``'s ``in_proj_weight``)."""
+        added = self.patches.get(name)
+        if isinstance(added, nn.Module):
+            return added
+        return self.module.get_submodule(name)
+
 
 @dataclass(frozen=True)
 class MlpSite:
@@ -75,6 +84,9 @@ class MlpSite:
             ``norm2`` in timm's pre-norm blocks), or None when the block layout is not known.
         residual_output: the last module on the MLP's residual branch (``drop_path2`` in timm), whose
             output is added to the residual stream; None when not known.
+        input_module: for an MLP that its block runs inline (``nn.TransformerEncoderLayer``: linear1,
+            activation, dropout, linear2), the module whose input is the MLP's input; ``module`` is then
+            the module whose output is the MLP's output. None when ``module`` is the whole MLP.
     """
 
     path: str
@@ -84,6 +96,7 @@ class MlpSite:
     channel_dim: int = -1
     residual_input: Optional[nn.Module] = None
     residual_output: Optional[nn.Module] = None
+    input_module: Optional[nn.Module] = None
 
 
 @dataclass(frozen=True)

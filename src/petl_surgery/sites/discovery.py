@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from .descriptors import AttentionSite, Block, MlpSite
-from .registry import ATTENTION_LAYOUTS, BLOCK_LAYOUTS, MLP_LAYOUTS, BlockLayout
+from .registry import ATTENTION_LAYOUTS, BLOCK_LAYOUTS, MLP_LAYOUTS, NOT_ATTENTION, BlockLayout
 
 _ATTENTION_LIKE_NAME = re.compile(r"(Attention|Attn)", re.IGNORECASE)
 
@@ -33,6 +33,8 @@ class Discovery:
 
 
 def _join(prefix: str, name: str) -> str:
+    if not name:
+        return prefix
     return f"{prefix}.{name}" if prefix else name
 
 
@@ -43,22 +45,52 @@ def _is_inserted(module: nn.Module) -> bool:
 
 
 def _looks_like_attention(module: nn.Module) -> bool:
+    if type(module) in NOT_ATTENTION:
+        return False
     return isinstance(module, nn.MultiheadAttention) or bool(
         _ATTENTION_LIKE_NAME.search(type(module).__name__)
     ) or hasattr(module, "num_heads")
 
 
 def _submodule(module: nn.Module, path: Optional[str]) -> Optional[nn.Module]:
-    if not path:
+    if path is None:
         return None
+    if path == "":
+        return module  # a block that is its own attention (timm's ParallelScalingBlock)
     try:
         return module.get_submodule(path)
     except AttributeError:
         return None
 
 
+def _block_layout(module: nn.Module) -> Optional[BlockLayout]:
+    entry = BLOCK_LAYOUTS.get(type(module))
+    return entry(module) if entry is not None and not isinstance(entry, BlockLayout) else entry
+
+
+def _is_own_attention(module: nn.Module) -> bool:
+    """A registered block that is its own attention (timm's ParallelScalingBlock, layout attention "") is
+    a block, not an attention of its parent."""
+    layout = _block_layout(module)
+    return layout is not None and layout.attention == ""
+
+
+def _inline_mlp_features(first: nn.Module, last: nn.Module) -> tuple[int, int, int]:
+    """(in_features, out_features, channel_dim) of an MLP its block runs inline from ``first`` to ``last``."""
+    if type(first) is not nn.Linear or type(last) is not nn.Linear:
+        raise SurgeryError(
+            f"an inline MLP must start and end with nn.Linear; found {type(first).__name__} and {type(last).__name__}"
+        )
+    return first.in_features, last.out_features, -1
+
+
 def _describe_mlp(path: str, module: nn.Module, layout: Optional[BlockLayout], block: nn.Module) -> MlpSite:
-    in_features, out_features, channel_dim = MLP_LAYOUTS[type(module)](module)
+    input_module = None
+    if layout is not None and layout.mlp_input:
+        input_module = block.get_submodule(layout.mlp_input)
+        in_features, out_features, channel_dim = _inline_mlp_features(input_module, module)
+    else:
+        in_features, out_features, channel_dim = MLP_LAYOUTS[type(module)](module)
     residual_input = residual_output = None
     if layout is not None and layout.residual_input and layout.residual_output:
         residual_input = block.get_submodule(layout.residual_input)
@@ -71,6 +103,7 @@ def _describe_mlp(path: str, module: nn.Module, layout: Optional[BlockLayout], b
         channel_dim=channel_dim,
         residual_input=residual_input,
         residual_output=residual_output,
+        input_module=input_module,
     )
 
 
@@ -93,13 +126,18 @@ def discover(model: nn.Module) -> Discovery:
         if _is_inserted(module):
             skipped_prefixes.append(path)
             continue
-        layout = BLOCK_LAYOUTS.get(type(module))
+        layout = _block_layout(module)
         children = dict(module.named_children())
         if layout is not None:
             attention_name: Optional[str] = layout.attention
             mlp_name: Optional[str] = layout.mlp
         else:
-            attention_names = [n for n, c in children.items() if type(c) in ATTENTION_LAYOUTS]
+            # an attention already claimed by an enclosing registered block belongs to that block
+            attention_names = [
+                n
+                for n, c in children.items()
+                if type(c) in ATTENTION_LAYOUTS and id(c) not in claimed and not _is_own_attention(c)
+            ]
             if not attention_names:
                 continue
             attention_name = attention_names[0]
@@ -117,13 +155,14 @@ def discover(model: nn.Module) -> Discovery:
                 found.unsupported.append(UnsupportedSite(attention_path, type(attention_module).__name__, str(error)))
             claimed.add(id(attention_module))
         mlp: Optional[MlpSite] = None
-        if mlp_module is not None and type(mlp_module) in MLP_LAYOUTS:
+        if mlp_module is not None and (type(mlp_module) in MLP_LAYOUTS or (layout is not None and layout.mlp_input)):
             try:
                 mlp = _describe_mlp(_join(path, mlp_name), mlp_module, layout, module)
             except SurgeryError as error:
                 found.unsupported.append(UnsupportedSite(_join(path, mlp_name), type(mlp_module).__name__, str(error)))
         if attention is None and mlp is None:
             continue
+        claimed.add(id(module))  # a block is understood, whatever its class name says
         found.blocks.append(Block(len(found.blocks), path, module, attention, mlp))
 
     for path, module in modules.items():

@@ -7,7 +7,7 @@ by inheritance: a subclass may override ``forward`` and stop calling the project
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Type
+from typing import Callable, Dict, Optional, Tuple, Type, Union
 
 from torch import nn
 
@@ -21,17 +21,27 @@ MlpDescriber = Callable[[nn.Module], Tuple[int, int, int]]  # in_features, out_f
 class BlockLayout:
     """Paths, relative to the block, of its attention, its MLP, and the two ends of the MLP's residual
     branch (the module whose input is the residual stream before the MLP, and the last module before the
-    residual add). Paths may be nested (``"attn_block.attn"``)."""
+    residual add). Paths may be nested (``"attn_block.attn"``).
+
+    ``mlp_input`` is for blocks that run their MLP inline, with no module of its own
+    (``nn.TransformerEncoderLayer``): the path of the Linear whose input is the MLP's input, while ``mlp``
+    names the Linear whose output is the MLP's output."""
 
     attention: str
     mlp: str
     residual_input: Optional[str] = None
     residual_output: Optional[str] = None
+    mlp_input: Optional[str] = None
 
 
 ATTENTION_LAYOUTS: Dict[Type[nn.Module], AttentionDescriber] = {}
 MLP_LAYOUTS: Dict[Type[nn.Module], MlpDescriber] = {}
-BLOCK_LAYOUTS: Dict[Type[nn.Module], BlockLayout] = {}
+# A layout, or a function of the block giving its layout (a class whose layout depends on the instance,
+# as nn.TransformerEncoderLayer's on norm_first).
+BLOCK_LAYOUTS: Dict[Type[nn.Module], Union[BlockLayout, Callable[[nn.Module], BlockLayout]]] = {}
+# Classes whose name looks like attention but that are not (a grouped convolution named "ConvAttention"):
+# discovery does not report them as attention it cannot operate on. Class -> what it is instead.
+NOT_ATTENTION: Dict[Type[nn.Module], str] = {}
 
 
 def register_attention(cls: Type[nn.Module], describer: AttentionDescriber) -> None:
@@ -45,6 +55,13 @@ def register_mlp(cls: Type[nn.Module], describer: MlpDescriber) -> None:
     MLP_LAYOUTS[cls] = describer
 
 
-def register_block(cls: Type[nn.Module], layout: BlockLayout) -> None:
-    """Teach site discovery where a block class keeps its attention, MLP and residual branch."""
+def register_block(cls: Type[nn.Module], layout: Union[BlockLayout, Callable[[nn.Module], BlockLayout]]) -> None:
+    """Teach site discovery where a block class keeps its attention, MLP and residual branch (``layout``
+    may be a function of the block instance)."""
     BLOCK_LAYOUTS[cls] = layout
+
+
+def register_not_attention(cls: Type[nn.Module], what: str) -> None:
+    """Tell site discovery that a class whose name looks like attention is not attention (``what`` says
+    what it is), so that models holding it are not refused for it."""
+    NOT_ATTENTION[cls] = what
