@@ -69,7 +69,7 @@ def plan(
             planned = method_type.plan_block(found.blocks[index], parsed, method, recorded)
         except UnsupportedBlockError as error:
             if not skip_unsupported:
-                raise SurgeryError(f"{error}. Pass skip_unsupported=True to skip such blocks") from None
+                raise SurgeryError(f"{error}; pass skip_unsupported=True to skip such blocks") from None
             skipped.append(str(error))
             continue
         for insertion in planned:

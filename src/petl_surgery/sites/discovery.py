@@ -183,7 +183,10 @@ def discover(model: nn.Module) -> Discovery:
             UnsupportedSite(
                 path,
                 type(module).__name__,
-                "its class is not in the attention registry, so the layout of its projections is unknown",
+                "its class is not in the attention registry, so the layout of its projections is unknown"
+                if type(module) not in ATTENTION_LAYOUTS
+                else "it is not the attention of any block layout petl_surgery knows (a second attention "
+                "inside a registered block, say)",
             )
         )
     return found
