@@ -27,7 +27,35 @@ VIT_FAMILY: Dict[str, Callable[..., nn.Module]] = {
     ),
 }
 
-INPUT_SIZE = {"dinov2_registers": 56}
+def _maxvit_nchw(**kw) -> nn.Module:
+    """MaxViT with attention kept in NCHW (``use_nchw_attn``: PartitionAttention2d, 1x1-conv qkv)."""
+    import dataclasses
+
+    from timm.models import maxxvit
+
+    cfg = maxxvit.model_cfgs["maxvit_nano_rw"]
+    transformer = dataclasses.replace(cfg.transformer_cfg, use_nchw_attn=True, dim_head=16)
+    cfg = dataclasses.replace(cfg, embed_dim=(32, 64, 128, 256), depths=(1, 1, 1, 1), transformer_cfg=transformer)
+    return maxxvit.MaxxVit(cfg, img_size=64, **kw)
+
+
+# Variants that exercise the rarer registered classes: post-norm blocks, the gated MLP, NCHW attention.
+VARIANTS: Dict[str, Callable[..., nn.Module]] = {
+    "vit_res_post": lambda **kw: timm.create_model(
+        "vit_small_patch16_224", img_size=64, embed_dim=64, depth=2, num_heads=2,
+        block_fn=timm.models.vision_transformer.ResPostBlock, **kw
+    ),
+    "vit_gated_mlp": lambda **kw: timm.create_model(
+        "vit_small_patch16_224", img_size=64, embed_dim=64, depth=2, num_heads=2, mlp_layer=timm.layers.GatedMlp, **kw
+    ),
+    "eva02_post_norm": lambda **kw: timm.create_model(
+        "eva02_tiny_patch14_224", img_size=56, embed_dim=64, depth=2, num_heads=2, use_post_norm=True,
+        use_rot_pos_emb=False, **kw
+    ),
+    "maxvit_nchw": _maxvit_nchw,
+}
+
+INPUT_SIZE = {"dinov2_registers": 56, "eva02_post_norm": 56}
 
 
 def make_vit(**kwargs) -> nn.Module:
@@ -57,7 +85,7 @@ def make_family(name: str, **kwargs) -> nn.Module:
     kwargs.setdefault("num_classes", 5)
     if name == "swin":
         return make_swin(**kwargs)
-    return VIT_FAMILY[name](**kwargs).eval()
+    return {**VIT_FAMILY, **VARIANTS}[name](**kwargs).eval()
 
 
 def images(name: str = "vit", batch: int = 2, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -86,6 +86,7 @@ FAMILIES: Dict[str, Tuple[Callable[[], nn.Module], int]] = {
     "gcvit": (lambda: timm.create_model("gcvit_xxtiny", img_size=64, window_size=(2, 2, 2, 2)), 64),
     "nextvit": (lambda: timm.create_model("nextvit_small"), 64),
     "davit": (lambda: timm.create_model("davit_tiny", **PYRAMID), 64),
+    "davit_channel_v2": (lambda: timm.create_model("davit_tiny", **PYRAMID, channel_attn_v2=True), 64),
     "coat_lite": (lambda: timm.create_model("coat_lite_tiny", img_size=64), 64),
     "coat": (lambda: timm.create_model("coat_tiny", img_size=64), 64),
     "edgenext": (lambda: timm.create_model("edgenext_xx_small"), 64),
@@ -124,6 +125,7 @@ EXPECTED: Dict[str, Tuple[str, str]] = {
     "gcvit": (WORKS, WORKS),
     "nextvit": (WORKS, WORKS),
     "davit": (r"\(ChannelAttention\) attends over channels", WORKS),
+    "davit_channel_v2": (r"\(ChannelAttentionV2\) attends over channels", WORKS),
     "coat_lite": (r"\(FactorAttnConvRelPosEnc\) is factorised attention", WORKS),
     # Parallel blocks hold three factorised attentions (and three MLPs) each: one block layout cannot name them.
     "coat": (r"'parallel_blocks\.0\.factoratt_crpe3' \(FactorAttnConvRelPosEnc\)",) * 2,

@@ -312,7 +312,7 @@ def _register_mlps() -> None:
 
     for cls in (
         pvt_v2.MlpWithDepthwiseConv, tiny_vit.NormMlp, ConvMlp, fastvit.ConvMlp, swiftformer.Mlp,
-        efficientformer.ConvMlpWithNorm, efficientformer_v2.ConvMlpWithNorm,
+        efficientformer_v2.ConvMlpWithNorm,
     ):
         register_mlp(cls, fc_mlp)
     register_mlp(levit.LevitMlp, levit_mlp)
