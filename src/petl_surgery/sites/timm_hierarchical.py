@@ -306,7 +306,7 @@ def _register_attention() -> None:
 def _register_mlps() -> None:
     from timm.layers import ConvMlp
     from timm.models import (
-        efficientformer, efficientformer_v2, efficientvit_mit, efficientvit_msra, fastvit, levit, pvt_v2,
+        efficientformer_v2, efficientvit_mit, efficientvit_msra, fastvit, levit, pvt_v2,
         swiftformer, tiny_vit, visformer,
     )
 
