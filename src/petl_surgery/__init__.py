@@ -10,7 +10,7 @@
 
 __version__ = "0.1.0"
 
-from .api import apply, blocks, remove, summary
+from .api import apply, blocks, merge, remove, summary
 from .checkpoints import load, save
 from .errors import SurgeryError
 from .methods import METHODS
@@ -28,6 +28,7 @@ __all__ = [
     "apply",
     "blocks",
     "load",
+    "merge",
     "remove",
     "save",
     "summary",

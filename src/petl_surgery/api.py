@@ -17,6 +17,7 @@ from .freezing import (
 )
 from .inventory import delta_names, inserted_modules, next_order
 from .methods import Insertion, PetlModule, get_method
+from .methods.lora import LowRankAdapter, mergeable_weight
 from .methods.base import UnsupportedBlockError, options_dict, restore_attributes
 from .selection import LayerSelection, select_layers
 from .sites import Block, discover
@@ -64,9 +65,11 @@ def plan(
     insertions: List[Insertion] = []
     skipped: List[str] = []
     planned_hosts: Set[Tuple[int, str]] = set()
-    for index in select_layers(layers, len(found.blocks)):
+    chosen = select_layers(layers, len(found.blocks))
+    planner = method_type.planner(model, found.blocks, chosen, parsed)
+    for index in chosen:
         try:
-            planned = method_type.plan_block(found.blocks[index], parsed, method, recorded)
+            planned = planner.plan_block(found.blocks[index], parsed, method, recorded)
         except UnsupportedBlockError as error:
             if not skip_unsupported:
                 raise SurgeryError(f"{error}; pass skip_unsupported=True to skip such blocks") from None
@@ -160,6 +163,13 @@ def remove(model: nn.Module, method: Optional[str] = None) -> nn.Module:
         present = [(path, module) for path, module in present if module.method == method]
         if not present:
             raise SurgeryError(f"method {method!r} is not applied to this model; applied: {', '.join(applied)}")
+    _take_out(model, present)
+    return model
+
+
+def _take_out(model: nn.Module, present: Sequence[Tuple[str, PetlModule]]) -> None:
+    """Remove inserted modules, their hooks and their hosts' patches; once none is left anywhere, give
+    back the original requires_grad flags."""
     for path, module in present:
         module.detach_hooks(model)
         host_path, _, name = path.rpartition(".")
@@ -170,6 +180,39 @@ def remove(model: nn.Module, method: Optional[str] = None) -> nn.Module:
     forget_removed(model, [path for path, _ in present])
     if not inserted_modules(model):
         restore_original_flags(model)
+
+
+def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
+    """Fold every mergeable method into the base weights and remove it, in place; return the model.
+
+    Mergeable: LoRA (``W += (alpha / r) B A`` on each target's rows of a plain Linear or 1x1 Conv2d).
+    Not mergeable: PATT and the adapters (their tanh/ReLU branches depend on the input nonlinearly),
+    prefix tuning and VPT (they add tokens). With any of those present, merge raises naming them unless
+    ``keep_unmergeable=True``, which leaves them in place. Once nothing else is left, the model's
+    state_dict has exactly the plain model's keys, and its outputs equal the unmerged model's up to
+    floating-point rounding.
+    """
+    present = inserted_modules(_check_model(model))
+    mergeable = [(path, module) for path, module in present if isinstance(module, LowRankAdapter)]
+    others = sorted({module.method for _, module in present if not isinstance(module, LowRankAdapter)})
+    if not mergeable:
+        raise SurgeryError(f"{type(model).__name__} carries no mergeable method (LoRA); applied: {', '.join(others) or 'none'}")
+    if others and not keep_unmergeable:
+        raise SurgeryError(
+            f"method(s) {', '.join(others)} cannot be merged into the base weights (their branches are not "
+            "linear in the input, or they add tokens); remove them first, or pass keep_unmergeable=True"
+        )
+    hosts = {path: model.get_submodule(path.rpartition(".")[0]) for path, _ in mergeable}
+    for path, module in mergeable:
+        for producer in module.producers():
+            if mergeable_weight(hosts[path].get_submodule(producer)) is None:
+                raise SurgeryError(
+                    f"{path} cannot be merged: its target {producer!r} is a "
+                    f"{type(hosts[path].get_submodule(producer)).__name__}, not a plain Linear or 1x1 Conv2d"
+                )
+    for path, module in mergeable:
+        module.merge_into(hosts[path])
+    _take_out(model, mergeable)
     return model
 
 

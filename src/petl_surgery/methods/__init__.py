@@ -6,9 +6,10 @@ from ..errors import SurgeryError
 from .adapter import Adapter, AdapterOptions, BottleneckAdapter
 from .bapat import Bapat, BapatOptions
 from .base import Insertion, Method, PetlModule
+from .lora import Lora, LoraOptions, LowRankAdapter
 from .patt import ParallelAttentionBranch, Patt, PattOptions
 
-METHODS: Dict[str, Type[Method]] = {method.name: method for method in (Patt, Adapter, Bapat)}
+METHODS: Dict[str, Type[Method]] = {method.name: method for method in (Patt, Adapter, Bapat, Lora)}
 
 
 def get_method(name: object) -> Type[Method]:
@@ -26,6 +27,9 @@ __all__ = [
     "BapatOptions",
     "BottleneckAdapter",
     "Insertion",
+    "Lora",
+    "LoraOptions",
+    "LowRankAdapter",
     "Method",
     "ParallelAttentionBranch",
     "Patt",

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
+import torch
 from torch import nn
 
 from ..errors import SurgeryError
@@ -124,6 +125,14 @@ class Method:
         return parse_options(cls.name, cls.Options, given)
 
     @classmethod
+    def planner(cls, model: nn.Module, blocks: Sequence[Block], chosen: Sequence[int], options: Any) -> Any:
+        """What plans the ``chosen`` blocks of ``model``: by default the method itself. A method that needs
+        the whole model (prompt tokens: where the prefix tokens end, which block is last) returns an object
+        with the same ``plan_block``, built from it, and raises SurgeryError for a model it cannot operate
+        on; it must not change the model."""
+        return cls
+
+    @classmethod
     def plan_block(cls, block: Block, options: Any, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
         """The insertions for ``block``, built without touching the model; raises SurgeryError if the
         block lacks what the method needs.
@@ -168,10 +177,14 @@ def check_number(method: str, option: str, value: Any, *, low: float = float("-i
         )
 
 
-def factory_kwargs(reference: nn.Module) -> Dict[str, Any]:
-    """Device and dtype of ``reference``'s first parameter, for building branch layers beside it."""
-    parameter = next(reference.parameters())
-    return {"device": parameter.device, "dtype": parameter.dtype}
+def factory_kwargs(*references: nn.Module) -> Dict[str, Any]:
+    """Device and dtype of the first parameter of the first of ``references`` that has one (a producer
+    added by a site's patches holds none: the attention behind it does), for building layers beside it."""
+    for reference in references:
+        parameter = next(reference.parameters(), None)
+        if parameter is not None:
+            return {"device": parameter.device, "dtype": parameter.dtype}
+    raise SurgeryError(f"{type(references[0]).__name__} has no parameters to take a device and dtype from")
 
 
 @dataclass(frozen=True)
@@ -183,6 +196,17 @@ class Write:
     output_start: int
     width: int
     index: Optional[Tuple[int, ...]] = None
+
+
+def add_into_channels(
+    output: torch.Tensor, dim: int, write: Write, part: torch.Tensor, alpha: float, index: Optional[torch.Tensor]
+) -> None:
+    """``output[channels of write] += alpha * part`` in place, along ``dim``: a view and one add for a
+    contiguous slice (no concatenation), ``index_add_`` for scattered channels (``index``)."""
+    if index is None:
+        output.narrow(dim, write.output_start, write.width).add_(part, alpha=alpha)
+    else:
+        output.index_add_(dim, index, part, alpha=alpha)
 
 
 def writes_for(targets: Sequence[Projection]) -> Dict[str, Tuple[Write, ...]]:

@@ -28,6 +28,7 @@ from .base import (
     Method,
     PetlModule,
     UnsupportedBlockError,
+    add_into_channels,
     check_choice,
     check_number,
     check_positive_int,
@@ -81,9 +82,7 @@ class ParallelAttentionBranch(PetlModule):
     ) -> None:
         super().__init__(method, recorded, block)
         targets = [site.projections[role] for role in MODES[options.mode]]
-        producer = site.producer(targets[0].module)
-        # a parameter-free producer added by the site's patches takes its device and dtype from the attention
-        kwargs = factory_kwargs(producer if next(producer.parameters(), None) is not None else site.module)
+        kwargs = factory_kwargs(site.producer(targets[0].module), site.module)
         self.scale = float(options.scale)
         self.channel_dim = site.channel_dim
         self.down = nn.Linear(site.in_features, options.mid_dim, bias=site.has_bias, **kwargs)
@@ -109,11 +108,8 @@ class ParallelAttentionBranch(PetlModule):
         branch = self(args[0]) if dim == -1 else self(args[0].movedim(dim, -1)).movedim(-1, dim)
         for number, write in enumerate(self.writes[producer]):
             part = branch.narrow(dim, write.branch_start, write.width)
-            if write.index is None:
-                # In place into a view of the producer's fresh output: no concatenation, one kernel.
-                output.narrow(dim, write.output_start, write.width).add_(part, alpha=self.scale)
-            else:
-                output.index_add_(dim, getattr(self, _index_name(producer, number)), part, alpha=self.scale)
+            index = getattr(self, _index_name(producer, number)) if write.index is not None else None
+            add_into_channels(output, dim, write, part, self.scale, index)
         return output
 
 

@@ -47,6 +47,8 @@ class AttentionSite:
             1x1 convolutions on NCHW).
         unsupported: why q/k/v methods such as PATT cannot operate here (attention that is not a
             softmax over tokens, say), or None when they can.
+        output: the attention's output projection (``proj`` in timm), when the attention calls it as a
+            module; None otherwise.
         patches: attribute values to set on the attention module while surgery is present (timm's
             ``qkv_bias_separate = True`` makes a module call the ``qkv`` projection it otherwise
             bypasses); the originals come back when the surgery is removed.
@@ -60,6 +62,7 @@ class AttentionSite:
     channel_dim: int = -1
     unsupported: Optional[str] = None
     patches: Mapping[str, Any] = field(default_factory=dict)
+    output: Optional[Projection] = None
 
     def producer(self, name: str) -> nn.Module:
         """The module that produces a projection: a submodule of the attention, or a module that
@@ -84,6 +87,8 @@ class MlpSite:
             ``norm2`` in timm's pre-norm blocks), or None when the block layout is not known.
         residual_output: the last module on the MLP's residual branch (``drop_path2`` in timm), whose
             output is added to the residual stream; None when not known.
+        projections: the MLP's input and output layers, ``"fc1"`` and ``"fc2"``, relative to the MLP
+            module, when it has them as modules (what LoRA targets there); empty otherwise.
         input_module: for an MLP that its block runs inline (``nn.TransformerEncoderLayer``: linear1,
             activation, dropout, linear2), the module whose input is the MLP's input; ``module`` is then
             the module whose output is the MLP's output. None when ``module`` is the whole MLP.
@@ -97,6 +102,7 @@ class MlpSite:
     residual_input: Optional[nn.Module] = None
     residual_output: Optional[nn.Module] = None
     input_module: Optional[nn.Module] = None
+    projections: Mapping[str, Projection] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -9,7 +10,7 @@ from typing import Dict, List, Optional
 from torch import nn
 
 from ..errors import SurgeryError
-from .descriptors import AttentionSite, Block, MlpSite
+from .descriptors import AttentionSite, Block, MlpSite, Projection
 from .registry import ATTENTION_LAYOUTS, BLOCK_LAYOUTS, MLP_LAYOUTS, NOT_ATTENTION, BlockLayout
 
 _ATTENTION_LIKE_NAME = re.compile(r"(Attention|Attn)", re.IGNORECASE)
@@ -84,6 +85,29 @@ def _inline_mlp_features(first: nn.Module, last: nn.Module) -> tuple[int, int, i
     return first.in_features, last.out_features, -1
 
 
+def _layer_width(module: Optional[nn.Module]) -> Optional[int]:
+    """Output width of a Linear or 1x1 Conv2d, the layers a low-rank update can be written for."""
+    if type(module) is nn.Linear:
+        return module.out_features
+    if type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.groups == 1:
+        return module.out_channels
+    return None
+
+
+def _with_output(site: AttentionSite) -> AttentionSite:
+    """Name ``proj`` as the output projection, unless the site replaces the attention's forward (then
+    the replacement decides what it calls) or names one already."""
+    width = _layer_width(getattr(site.module, "proj", None))
+    if site.output is not None or width is None or "forward" in site.patches:
+        return site
+    return dataclasses.replace(site, output=Projection("proj", 0, width))
+
+
+def _mlp_projections(module: nn.Module) -> Dict[str, Projection]:
+    widths = {name: _layer_width(getattr(module, name, None)) for name in ("fc1", "fc2")}
+    return {name: Projection(name, 0, width) for name, width in widths.items() if width is not None}
+
+
 def _describe_mlp(path: str, module: nn.Module, layout: Optional[BlockLayout], block: nn.Module) -> MlpSite:
     input_module = None
     if layout is not None and layout.mlp_input:
@@ -104,6 +128,7 @@ def _describe_mlp(path: str, module: nn.Module, layout: Optional[BlockLayout], b
         residual_input=residual_input,
         residual_output=residual_output,
         input_module=input_module,
+        projections=_mlp_projections(module) if input_module is None else {},
     )
 
 
@@ -150,7 +175,7 @@ def discover(model: nn.Module) -> Discovery:
         if attention_module is not None and type(attention_module) in ATTENTION_LAYOUTS:
             attention_path = _join(path, attention_name)
             try:
-                attention = ATTENTION_LAYOUTS[type(attention_module)](attention_path, attention_module)
+                attention = _with_output(ATTENTION_LAYOUTS[type(attention_module)](attention_path, attention_module))
             except SurgeryError as error:
                 found.unsupported.append(UnsupportedSite(attention_path, type(attention_module).__name__, str(error)))
             claimed.add(id(attention_module))

@@ -1,0 +1,204 @@
+"""LoRA: each target its own low-rank update, exact against the LoRA equation, and merging."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from conftest import assert_same_snapshot, images, make_family, make_swin, make_vit, snapshot
+
+import petl_surgery as ps
+from petl_surgery.methods.lora import LowRankAdapter
+
+D = 64
+
+
+def with_random_b(model, std=0.1):
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64) * std)
+    return model
+
+
+def updated_by_hand(base, model, targets, scaling):
+    """A copy of the base model whose weights get ``W[rows] += scaling * B A``, computed here from the
+    LoRA equation and the known timm layouts (qkv rows [q | k | v], proj, fc1, fc2)."""
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for index, block in enumerate(model.blocks):
+            for target in targets:
+                host = block.attn if target in ("q", "k", "v", "proj") else block.mlp
+                pair = getattr(host.petl_lora, target)
+                delta = scaling * pair.lora_B @ pair.lora_A
+                if target in ("q", "k", "v"):
+                    rows = slice("qkv".index(target) * D, ("qkv".index(target) + 1) * D)
+                    merged.blocks[index].attn.qkv.weight[rows] += delta
+                else:
+                    layer = {"proj": merged.blocks[index].attn.proj, "fc1": merged.blocks[index].mlp.fc1,
+                             "fc2": merged.blocks[index].mlp.fc2}[target]
+                    layer.weight += delta
+    return merged
+
+
+@pytest.mark.parametrize("targets", [("q", "v"), ("k",), ("q", "k", "v", "proj", "fc1", "fc2")])
+def test_lora_equals_the_low_rank_update_of_the_weights(targets):
+    base = make_vit().double()
+    model = with_random_b(ps.apply(copy.deepcopy(base), "lora", targets=targets, rank=4, alpha=6))
+    expected = updated_by_hand(base, model, targets, scaling=6 / 4)
+    x = images(dtype=torch.float64)
+    torch.testing.assert_close(model(x), expected(x), rtol=0, atol=1e-10)
+
+
+def test_each_target_gets_its_own_a_and_b_spanning_only_its_rows():
+    model = ps.apply(make_vit(), "lora", rank=8)
+    lora = model.blocks[0].attn.petl_lora
+    assert [name for name, _ in lora.named_children() if name != "dropout"] == ["q", "v"]
+    assert lora.q.lora_A.shape == (8, D) and lora.q.lora_B.shape == (D, 8)
+    assert lora.q.lora_A is not lora.v.lora_A
+
+
+def test_init_is_kaiming_uniform_a_and_zero_b_so_the_output_is_unchanged():
+    model = make_vit()
+    before = model(images())
+    ps.apply(model, "lora", targets=["q", "k", "v", "proj", "fc1", "fc2"])
+    assert torch.equal(model(images()), before)
+    pair = model.blocks[0].attn.petl_lora.q
+    assert torch.count_nonzero(pair.lora_B) == 0 and 0 < pair.lora_A.abs().max() <= 1 / D**0.5
+
+
+def test_parameter_count_is_r_times_in_plus_out_per_target():
+    r = 4
+    model = ps.apply(make_vit(), "lora", rank=r, targets=["q", "v", "fc1"])
+    per_block = 2 * r * (D + D) + r * (D + 4 * D)
+    assert ps.summary(model).per_method == {"lora": 4 * per_block}
+
+
+def test_alpha_defaults_to_rank_and_is_recorded_resolved():
+    lora = ps.apply(make_vit(), "lora", rank=4).blocks[0].attn.petl_lora
+    assert lora.scaling == 1.0
+    assert lora.options == {"rank": 4, "alpha": 4.0, "dropout": 0.0, "targets": ("q", "v")}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"targets": ["q", "x"]}, "'targets'"),
+        ({"targets": []}, "'targets'"),
+        ({"targets": ["q", "q"]}, "'targets'"),
+        ({"rank": 0}, "'rank'"),
+        ({"dropout": 2.0}, "'dropout'"),
+        ({"r": 4}, "unknown option 'r' for method 'lora'; valid options: rank, alpha, dropout, targets"),
+    ],
+)
+def test_bad_options_raise_and_change_nothing(options, message):
+    model = make_vit()
+    before = snapshot(model)
+    with pytest.raises(ps.SurgeryError, match=message):
+        ps.apply(model, "lora", **options)
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_a_target_the_block_does_not_offer_is_refused():
+    # torchvision's Swin computes its output projection with F.linear inside its own function.
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.swin_transformer.SwinTransformer(
+        patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=5
+    )
+    with pytest.raises(ps.SurgeryError, match="targets proj of method 'lora' are not available in block 0"):
+        ps.apply(model, "lora", targets=["q", "proj"])
+
+
+def test_gradients_reach_every_lora_tensor_and_no_frozen_one():
+    model = with_random_b(ps.apply(make_swin(), "lora", targets=["q", "k", "v", "proj", "fc1", "fc2"]))
+    model(images("swin")).square().sum().backward()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        else:
+            assert parameter.grad is None, name
+
+
+# ---------------------------------------------------------------- merge
+
+
+def test_merge_touches_only_the_targeted_rows_with_a_rank_r_update():
+    base = make_vit()
+    model = with_random_b(ps.apply(copy.deepcopy(base), "lora", rank=3))
+    ps.merge(model)
+    delta = model.blocks[1].attn.qkv.weight - base.blocks[1].attn.qkv.weight
+    q, k, v = delta.split(D)
+    assert torch.count_nonzero(k) == 0
+    assert torch.linalg.matrix_rank(q) <= 3 and torch.linalg.matrix_rank(v) <= 3 and torch.count_nonzero(q) > 0
+    assert torch.equal(model.blocks[1].attn.proj.weight, base.blocks[1].attn.proj.weight)
+
+
+@pytest.mark.parametrize("family", ["vit", "swin", "deit_distilled"])
+def test_merged_outputs_equal_unmerged_and_the_state_dict_loads_into_a_plain_model(family):
+    model = with_random_b(ps.apply(make_family(family), "lora", targets=["q", "v", "proj", "fc1", "fc2"]))
+    x = images(family)
+    unmerged = model(x)
+    ps.merge(model)
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+    plain = make_family(family)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(plain(x), model(x))
+    assert all(p.requires_grad for p in model.parameters())  # the flags from before surgery
+
+
+@pytest.mark.parametrize(
+    "name, build",
+    [
+        ("per-head qkv (MaxViT rw)", lambda: timm.create_model(
+            "maxvit_nano_rw_256", img_size=64, embed_dim=(32, 64, 128, 256), depths=(1, 1, 1, 1), transformer_dim_head=16)),
+        ("1x1 conv on NCHW (CoAtNet)", lambda: timm.create_model(
+            "coatnet_nano_rw_224", img_size=64, embed_dim=(32, 64, 128, 256), depths=(1, 1, 1, 1), transformer_dim_head=16)),
+    ],
+)
+def test_merge_handles_scattered_rows_and_conv_projections(name, build):
+    torch.manual_seed(0)
+    model = with_random_b(ps.apply(build().eval(), "lora", targets=["q", "k", "v"]))
+    x = images()
+    unmerged = model(x)
+    ps.merge(model)
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_refuses_unmergeable_methods_unless_told_to_keep_them():
+    model = with_random_b(ps.apply(make_vit(), "lora"))
+    ps.apply(model, "patt", layers=[0], init="reference")
+    before = snapshot(model)
+    with pytest.raises(ps.SurgeryError, match="patt cannot be merged"):
+        ps.merge(model)
+    assert_same_snapshot(before, snapshot(model))
+    x = images()
+    expected = model(x)
+    ps.merge(model, keep_unmergeable=True)
+    assert list(ps.summary(model).per_method) == ["patt"]
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_refuses_a_projection_followed_by_a_norm():
+    torch.manual_seed(0)
+    model = ps.apply(timm.create_model("levit_128s", img_size=64).eval(), "lora", targets=["v"])
+    before = snapshot(model)
+    with pytest.raises(ps.SurgeryError, match="cannot be merged: its target 'qkv' is a LinearNorm"):
+        ps.merge(model)
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_merge_without_lora_raises():
+    with pytest.raises(ps.SurgeryError, match="no mergeable method"):
+        ps.merge(ps.apply(make_vit(), "adapter"))
+
+
+def test_lora_modules_are_low_rank_adapters():
+    model = ps.apply(make_vit(), "lora", targets=["q", "fc2"])
+    assert isinstance(model.blocks[0].attn.petl_lora, LowRankAdapter)
+    assert isinstance(model.blocks[0].mlp.petl_lora, LowRankAdapter)
