@@ -11,7 +11,7 @@ from torch import nn
 
 VIT_FAMILY: Dict[str, Callable[..., nn.Module]] = {
     "vit": lambda **kw: timm.create_model(
-        "vit_small_patch16_224", img_size=64, embed_dim=64, depth=4, num_heads=2, **kw
+        "vit_small_patch16_224", **{"img_size": 64, "embed_dim": 64, "depth": 4, "num_heads": 2, **kw}
     ),
     "deit_distilled": lambda **kw: timm.create_model(
         "deit_tiny_distilled_patch16_224", img_size=64, embed_dim=64, depth=2, num_heads=2, **kw

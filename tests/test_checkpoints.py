@@ -140,8 +140,10 @@ def test_the_metadata_describes_the_surgery(saved_vit):
         "class": "timm.models.vision_transformer.VisionTransformer",
         "timm_name": "vit_small_patch16_224",
         "blocks": 4,
+        "block_paths": ["blocks.0", "blocks.1", "blocks.2", "blocks.3"],
     }
-    assert len(metadata["fingerprint"]) == 64
+    assert metadata["head"] == ["head.bias", "head.weight"]
+    assert len(metadata["fingerprint"]) == len(metadata["fingerprint_without_head"]) == 64
 
 
 # ---------------------------------------------------------------- saving refuses, atomically
@@ -186,8 +188,12 @@ def test_another_architecture_is_refused(saved_vit):
     refuses(make_swin(), saved_vit[1], "another base architecture .*SwinTransformer")
 
 
-def test_another_head_size_is_refused_naming_the_tensor(saved_vit):
-    refuses(make_vit(num_classes=7), saved_vit[1], r"head.weight: checkpoint \[5, 64\], model \[7, 64\]")
+def test_another_head_size_is_refused_saying_how_to_leave_it_out(saved_vit):
+    refuses(
+        make_vit(num_classes=7),
+        saved_vit[1],
+        r"the head in .* does not fit this model \(.*head.weight: checkpoint \[5, 64\], model \[7, 64\].*pass head=False",
+    )
 
 
 def test_missing_tensors_are_refused(saved_vit, tmp_path):
@@ -264,7 +270,7 @@ def test_a_method_this_version_does_not_know_is_refused(saved_vit, tmp_path):
 
 def test_block_indices_the_model_lacks_are_refused(saved_vit, tmp_path):
     path = rewrite(saved_vit[1], tmp_path / "v.safetensors", metadata={"methods": [{"method": "patt", "options": {}, "blocks": [9]}]})
-    refuses(make_vit(), path, "layer 9 is out of range")
+    refuses(make_vit(), path, "records surgery on block 9, but its model had 4 blocks")
 
 
 def test_a_module_shared_by_two_blocks_takes_one_branch_and_round_trips(tmp_path):

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set
 
 import torch
 from torch import nn
 
 from .. import __version__
 from ..errors import SurgeryError
-from ..freezing import set_trainable
+from ..freezing import head_parameter_names, set_trainable
 from ..inventory import delta_names, inserted_modules, surgery_record
 from ..methods import Insertion
+from ..methods.base import CHILD_PREFIX
 from ..sites import discover
 from .files import PathLike, read, write_atomic
 from .format import (
@@ -45,13 +46,17 @@ def save(model: nn.Module, path: PathLike) -> None:
         for name, tensor in _unique_state(model).items()
         if name in delta or name in trainable
     }
+    shapes = base_shapes(model, delta)
+    heads = head_parameter_names(model)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "methods": surgery_record(model),
-        "model": model_description(model, len(discover(model).blocks)),
-        "fingerprint": fingerprint(base_shapes(model, delta)),
+        "model": model_description(model, [block.path for block in discover(model).blocks]),
+        "head": sorted(heads),
+        "fingerprint": fingerprint(shapes),
+        "fingerprint_without_head": fingerprint({n: s for n, s in shapes.items() if n not in heads}),
         "tensors_sha256": tensors_digest(tensors),
     }
     write_atomic(path, tensors, encode(metadata))
@@ -68,25 +73,99 @@ def _unique_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     return unique
 
 
-def _architecture_mismatch(path: PathLike, model: nn.Module, metadata: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, list]) -> SurgeryError:
+def _architecture_mismatch(
+    path: PathLike, model: nn.Module, metadata: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, list]
+) -> SurgeryError:
     saved = metadata["model"]
-    here = model_description(model, len(discover(model).blocks))
+    here = model_description(model, [block.path for block in discover(model).blocks])
+    differing = [
+        name for name, tensor in tensors.items() if name in shapes and list(tensor.shape) != shapes[name]
+    ]
+    listed = ", ".join(f"{n}: checkpoint {list(tensors[n].shape)}, model {shapes[n]}" for n in differing[:5])
+    if differing and set(differing) <= set(metadata["head"]):
+        return SurgeryError(
+            f"the head in {path} does not fit this model ({listed}); pass head=False to load the rest and "
+            "keep the model's own head"
+        )
     message = f"{path} does not fit this model: it was saved from another base architecture"
     if (saved.get("class"), saved.get("timm_name")) != (here["class"], here["timm_name"]):
         message += (
             f" (checkpoint: {saved.get('class')}, timm name {saved.get('timm_name')!r}; "
             f"model: {here['class']}, timm name {here['timm_name']!r})"
         )
-    differing = [
-        f"{name}: checkpoint {list(tensor.shape)}, model {shapes[name]}"
-        for name, tensor in tensors.items()
-        if name in shapes and list(tensor.shape) != shapes[name]
-    ]
-    if differing:
-        message += "; tensors of other shapes: " + ", ".join(differing[:5])
+    if len(saved["block_paths"]) != len(here["block_paths"]):
+        message += (
+            f"; it was saved from a model with {len(saved['block_paths'])} blocks and this model has "
+            f"{len(here['block_paths'])}; pass block_map={{saved_block: model_block, ...}} (and head=False) to "
+            "move its modules to a model of another depth"
+        )
+    elif differing:
+        message += "; tensors of other shapes: " + listed
     else:
         message += "; the names or shapes of its parameters differ from the model's"
     return SurgeryError(message)
+
+
+def _select_calls(
+    path: PathLike, calls: List[Dict[str, Any]], methods: Optional[Sequence[str]], blocks: Optional[Sequence[int]]
+) -> List[Dict[str, Any]]:
+    """The recorded apply calls restricted to ``methods`` and to the saved block indices ``blocks``."""
+    recorded = [call["method"] for call in calls]
+    saved_blocks = sorted({b for call in calls for b in call["blocks"]})
+    for name in methods or ():
+        if name not in recorded:
+            raise SurgeryError(f"{path} holds no method {name!r}; it holds {', '.join(recorded)}")
+    for index in blocks or ():
+        if index not in saved_blocks:
+            raise SurgeryError(f"{path} has no surgery on block {index}; it has blocks {saved_blocks}")
+    chosen = []
+    for call in calls:
+        kept = [b for b in call["blocks"] if blocks is None or b in blocks]
+        if (methods is None or call["method"] in methods) and kept:
+            chosen.append({**call, "blocks": kept})
+    if not chosen:
+        raise SurgeryError(f"the methods and blocks chosen select nothing from {path}")
+    return chosen
+
+
+def _block_mapping(
+    path: PathLike, saved_paths: List[str], model_paths: List[str], block_map: Optional[Mapping[int, int]]
+) -> Dict[int, int]:
+    """Saved block index -> model block index: the identity on models of the same depth, else the
+    user's ``block_map``."""
+    if block_map is None:
+        if len(saved_paths) != len(model_paths):
+            raise SurgeryError(
+                f"{path} was saved from a model with {len(saved_paths)} blocks and this model has "
+                f"{len(model_paths)}; pass block_map={{saved_block: model_block, ...}} to choose where its "
+                "blocks go"
+            )
+        return {index: index for index in range(len(saved_paths))}
+    mapping = dict(block_map)
+    for saved, target in mapping.items():
+        if not 0 <= saved < len(saved_paths):
+            raise SurgeryError(f"block_map: saved block {saved} is out of range: {path} has {len(saved_paths)} blocks")
+        if not 0 <= target < len(model_paths):
+            raise SurgeryError(f"block_map: block {target} is out of range: the model has {len(model_paths)} blocks")
+    if len(set(mapping.values())) != len(mapping):
+        raise SurgeryError("block_map sends two saved blocks to the same block")
+    return mapping
+
+
+def _renamer(saved_paths: List[str], model_paths: List[str], mapping: Dict[int, int]) -> Callable[[str], Optional[str]]:
+    """Tensor name in the file -> name in the model (None: its block is not taken)."""
+    by_length = sorted(range(len(saved_paths)), key=lambda i: -len(saved_paths[i]))
+
+    def rename(name: str) -> Optional[str]:
+        for index in by_length:
+            prefix = saved_paths[index] + "."
+            if name.startswith(prefix):
+                if index not in mapping:
+                    return None
+                return model_paths[mapping[index]] + "." + name[len(prefix) :]
+        return name
+
+    return rename
 
 
 def _plan_recorded(model: nn.Module, path: PathLike, calls: List[Dict[str, Any]]) -> List[List[Insertion]]:
@@ -109,14 +188,40 @@ def _plan_recorded(model: nn.Module, path: PathLike, calls: List[Dict[str, Any]]
     return planned
 
 
-def load(model: nn.Module, path: PathLike) -> nn.Module:
+def _method_of(name: str) -> Optional[str]:
+    """The method whose inserted module holds the tensor ``name`` (``...petl_<method>...``), if any."""
+    for part in name.split("."):
+        if part.startswith(CHILD_PREFIX):
+            return part[len(CHILD_PREFIX) :]
+    return None
+
+
+def load(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    head: bool = True,
+    methods: Optional[Sequence[str]] = None,
+    blocks: Optional[Sequence[int]] = None,
+    block_map: Optional[Mapping[int, int]] = None,
+) -> nn.Module:
     """Load a delta checkpoint into ``model`` in place and return it.
 
     On a model without surgery, the recorded surgery is re-applied (same methods, options and blocks)
     and the tensors loaded; exactly the saved tensors are then trainable. On a model that already
-    carries the same surgery, the tensors are only loaded. Anything that does not fit (another
-    architecture, other shapes, missing or unexpected tensors, another surgery, a damaged file or an
-    unknown format version) raises SurgeryError before the model is changed.
+    carries the same surgery, the tensors are only loaded.
+
+    Starting a new task from pre-trained modules (PVP):
+        head: False leaves the checkpoint's classifier head out; the model keeps its own head (another
+            number of classes, say), trainable. A head that does not fit raises unless head=False.
+        methods: take only these of the recorded methods.
+        blocks: take only these (saved) block indices.
+        block_map: ``{saved block: model block}`` for a model of another depth (or to move modules):
+            only the blocks named are taken. Without it, a depth mismatch raises.
+
+    Anything that does not fit (another architecture, other shapes, missing or unexpected tensors,
+    another surgery, a damaged file or an unknown format version) raises SurgeryError before the model
+    is changed.
     """
     from ..api import commit
 
@@ -128,36 +233,71 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
         raise SurgeryError(f"{path} is corrupt: its tensors do not match the checksum recorded when it was saved")
     delta_now = delta_names(model)
     shapes = base_shapes(model, delta_now)
-    if fingerprint(shapes) != metadata["fingerprint"]:
-        raise _architecture_mismatch(path, model, metadata, tensors, shapes)
+    saved_head: Set[str] = set(metadata["head"])
+    model_head = head_parameter_names(model)
+    if block_map is None:
+        if head and fingerprint(shapes) != metadata["fingerprint"]:
+            raise _architecture_mismatch(path, model, metadata, tensors, shapes)
+        without_head = {n: s for n, s in shapes.items() if n not in model_head}
+        if not head and fingerprint(without_head) != metadata["fingerprint_without_head"]:
+            raise _architecture_mismatch(path, model, metadata, tensors, without_head)
+
+    calls = _select_calls(path, metadata["methods"], methods, blocks)
+    saved_paths = metadata["model"]["block_paths"]
+    beyond = sorted({b for call in metadata["methods"] for b in call["blocks"] if not 0 <= b < len(saved_paths)})
+    if beyond:
+        raise SurgeryError(f"{path} records surgery on block {beyond[0]}, but its model had {len(saved_paths)} blocks")
+    model_paths = [block.path for block in discover(model).blocks]
+    mapping = _block_mapping(path, saved_paths, model_paths, block_map)
+    if blocks is not None:
+        mapping = {saved: target for saved, target in mapping.items() if saved in blocks}
+    calls = [
+        {**call, "blocks": sorted(mapping[b] for b in call["blocks"] if b in mapping)} for call in calls
+    ]
+    calls = [call for call in calls if call["blocks"]]
+    if not calls:
+        raise SurgeryError(f"block_map takes none of the blocks {path} has surgery on")
+    rename = _renamer(saved_paths, model_paths, mapping)
+
+    taken_methods = {call["method"] for call in calls}
+    chosen: Dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name in saved_head:
+            if head:
+                chosen[name] = tensor
+            continue
+        method = _method_of(name)
+        target = rename(name)
+        if target is not None and (method is None or method in taken_methods):
+            chosen[target] = tensor
 
     current = json.loads(json.dumps(surgery_record(model)))
     planned: List[List[Insertion]] = []
     if current:
-        if current != metadata["methods"]:
+        if current != calls:
             raise SurgeryError(
-                f"the model already carries surgery {current}, which differs from {path}'s "
-                f"{metadata['methods']}; remove it first or load into a fresh model"
+                f"the model already carries surgery {current}, which differs from what {path} gives here, "
+                f"{calls}; remove it first or load into a fresh model"
             )
         expected = {name: list(t.shape) for name, t in _unique_state(model).items() if name in delta_now}
     else:
-        planned = _plan_recorded(model, path, metadata["methods"])
+        planned = _plan_recorded(model, path, calls)
         expected = {
             f"{insertion.path}.{key}": list(tensor.shape)
             for insertions in planned
             for insertion in insertions
             for key, tensor in insertion.module.state_dict().items()
         }
-    missing = sorted(name for name in expected if name not in tensors)
+    missing = sorted(name for name in expected if name not in chosen)
     if missing:
         raise SurgeryError(f"{path} lacks tensors the surgery needs: {', '.join(missing[:5])}")
-    base_names = [name for name in tensors if name not in expected]
+    base_names = [name for name in chosen if name not in expected]
     unexpected = sorted(name for name in base_names if name not in shapes)
     if unexpected:
         raise SurgeryError(f"{path} has tensors this model does not have: {', '.join(unexpected[:5])}")
     wrong = [
         f"{name}: file {list(tensor.shape)}, model {expected.get(name, shapes.get(name))}"
-        for name, tensor in tensors.items()
+        for name, tensor in chosen.items()
         if list(tensor.shape) != expected.get(name, shapes.get(name))
     ]
     if wrong:
@@ -167,8 +307,8 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
         commit(model, insertions)
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for name, tensor in tensors.items():
+        for name, tensor in chosen.items():
             targets[name].copy_(tensor)
     if planned:
-        set_trainable(model, set(base_names))
+        set_trainable(model, set(base_names) | (set() if head else model_head))
     return model

@@ -5,8 +5,11 @@ state_dict names; its ``__metadata__`` holds one key, ``petl_surgery``, whose va
 
     {"format": "petl_surgery.delta", "format_version": 1, "library_version": "...",
      "methods": [{"method": "bapat", "options": {...}, "blocks": [0, 1, ...]}, ...],   # in apply order
-     "model": {"class": "timm.models...VisionTransformer", "timm_name": "vit_...", "blocks": 12},
+     "model": {"class": "timm.models...VisionTransformer", "timm_name": "vit_...", "blocks": 12,
+               "block_paths": ["blocks.0", ...]},
+     "head": ["head.weight", "head.bias"],                      # the classifier head's tensors
      "fingerprint": "<sha256 of the base state_dict's names and shapes>",
+     "fingerprint_without_head": "<the same, head left out>",
      "tensors_sha256": "<sha256 of the tensors' names, dtypes, shapes and bytes>"}
 """
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Dict, Mapping, Optional, Set
+from typing import Any, Dict, List, Mapping, Optional, Set
 
 import torch
 from torch import nn
@@ -45,11 +48,16 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def model_description(model: nn.Module, block_count: int) -> Dict[str, Any]:
+def model_description(model: nn.Module, block_paths: List[str]) -> Dict[str, Any]:
     cls = type(model)
     config = getattr(model, "pretrained_cfg", None)
     timm_name: Optional[str] = config.get("architecture") if isinstance(config, Mapping) else None
-    return {"class": f"{cls.__module__}.{cls.__qualname__}", "timm_name": timm_name, "blocks": block_count}
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "timm_name": timm_name,
+        "blocks": len(block_paths),
+        "block_paths": block_paths,
+    }
 
 
 def encode(metadata: Mapping[str, Any]) -> Dict[str, str]:
@@ -71,9 +79,18 @@ def decode(raw: Optional[Mapping[str, str]], path: str) -> Dict[str, Any]:
         raise SurgeryError(
             f"{path} has delta format version {version!r}; this petl_surgery reads version {FORMAT_VERSION}"
         )
-    for key, kind in (("methods", list), ("model", dict), ("fingerprint", str), ("tensors_sha256", str)):
+    for key, kind in (
+        ("methods", list),
+        ("model", dict),
+        ("head", list),
+        ("fingerprint", str),
+        ("fingerprint_without_head", str),
+        ("tensors_sha256", str),
+    ):
         if not isinstance(metadata.get(key), kind):
             raise SurgeryError(f"{path}: the petl_surgery metadata lacks a valid {key!r} entry")
+    if not isinstance(metadata["model"].get("block_paths"), list):
+        raise SurgeryError(f"{path}: the petl_surgery metadata lacks the model's block paths")
     for call in metadata["methods"]:
         if not (
             isinstance(call, dict)
