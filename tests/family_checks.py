@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 import petl_surgery as ps
 from petl_surgery.methods import PetlModule
-from petl_surgery.methods.base import PATCHED_ATTR, patch_attributes, restore_attributes
+from petl_surgery.patches import temporarily
 
 
 def randomize_inserted(model: nn.Module, std: float = 0.05) -> None:
@@ -101,17 +101,9 @@ def attention_inputs(model: nn.Module, x: torch.Tensor) -> Dict[str, tuple]:
     return calls
 
 
-@contextlib.contextmanager
-def site_patched(site) -> Iterator[None]:
+def site_patched(site):
     """The site's attribute patches in place (a forward that calls the hookable producer), as during surgery."""
-    if not site.patches or PATCHED_ATTR in vars(site.module):
-        yield
-        return
-    patch_attributes(site.module, site.patches)
-    try:
-        yield
-    finally:
-        restore_attributes(site.module)
+    return temporarily(site.module, dict(site.patches))
 
 
 def shifted_output(
@@ -188,6 +180,7 @@ def check_patt_parity(build: Callable[[], nn.Module], make_input: Callable[[], t
     ps.apply(model, "patt", mode=mode, scale=0.6)
     randomize_inserted(model, std=0.1)
     handles = []
+    patched = contextlib.ExitStack()
     compared = 0
     for block, base_block in zip(ps.blocks(model), ps.blocks(base)):
         site, base_site = block.attention, base_block.attention
@@ -195,7 +188,7 @@ def check_patt_parity(build: Callable[[], nn.Module], make_input: Callable[[], t
         if branch is None:
             continue
         roles = {"kv": "kv", "qv": "qv", "qk": "qk", "qkv": "qkv"}[mode]
-        patch_attributes(base_site.module, base_site.patches)  # the base calls its producers as surgery does
+        patched.enter_context(site_patched(base_site))  # the base copy calls its producers as surgery does
         offset = 0
         for role in roles:
             projection = base_site.projections[role]

@@ -8,6 +8,7 @@ otherwise no change could reach the output and "works" could not be told from "s
 
 from __future__ import annotations
 
+import contextlib
 import re
 from functools import partial
 from typing import Callable, Dict, Tuple
@@ -19,7 +20,7 @@ from family_checks import check_layout, check_method, check_patt_parity
 from torch import nn
 
 import petl_surgery as ps
-from petl_surgery.methods.base import patch_attributes, restore_attributes
+from petl_surgery.patches import temporarily
 
 # MaxViT/CoAtNet/MaxxViTv2 overlay their config: 4 stages of one block, 16-wide heads (>= 2 heads each).
 MAXXVIT = dict(img_size=64, embed_dim=(32, 64, 128, 256), depths=(1, 1, 1, 1), transformer_dim_head=16)
@@ -236,12 +237,10 @@ def test_swinv2_patch_keeps_the_output_identical():
         before = model(x)
     site = ps.blocks(model)[0].attention
     assert site.patches == {"qkv_bias_separate": True}
-    for block in ps.blocks(model):
-        patch_attributes(block.attention.module, block.attention.patches)
-    with torch.no_grad():
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for block in ps.blocks(model):
+            stack.enter_context(temporarily(block.attention.module, dict(block.attention.patches)))
         after = model(x)
-    for block in ps.blocks(model):
-        restore_attributes(block.attention.module)
     torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)
 
 

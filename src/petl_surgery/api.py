@@ -18,7 +18,8 @@ from .freezing import (
 from .inventory import delta_names, inserted_modules, next_order
 from .methods import Insertion, PetlModule, get_method
 from .methods.lora import LowRankAdapter, mergeable_weight
-from .methods.base import UnsupportedBlockError, options_dict, restore_attributes
+from .methods.base import UnsupportedBlockError, options_dict
+from .patches import undo_patches
 from .selection import LayerSelection, select_layers
 from .sites import Block, discover
 from .summary import Summary, summarize
@@ -175,8 +176,7 @@ def _take_out(model: nn.Module, present: Sequence[Tuple[str, PetlModule]]) -> No
         host_path, _, name = path.rpartition(".")
         host = model.get_submodule(host_path)
         delattr(host, name)
-        if not any(isinstance(child, PetlModule) for child in host.children()):
-            restore_attributes(host)
+        undo_patches(model, module.uid)
     forget_removed(model, [path for path, _ in present])
     if not inserted_modules(model):
         restore_original_flags(model)

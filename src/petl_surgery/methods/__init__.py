@@ -8,8 +8,10 @@ from .bapat import Bapat, BapatOptions
 from .base import Insertion, Method, PetlModule
 from .lora import Lora, LoraOptions, LowRankAdapter
 from .patt import ParallelAttentionBranch, Patt, PattOptions
+from .prefix import Prefix, PrefixOptions, PrefixTokens
+from .vpt import Vpt
 
-METHODS: Dict[str, Type[Method]] = {method.name: method for method in (Patt, Adapter, Bapat, Lora)}
+METHODS: Dict[str, Type[Method]] = {method.name: method for method in (Patt, Adapter, Bapat, Lora, Prefix, Vpt)}
 
 
 def get_method(name: object) -> Type[Method]:
@@ -35,5 +37,9 @@ __all__ = [
     "Patt",
     "PattOptions",
     "PetlModule",
+    "Prefix",
+    "PrefixOptions",
+    "PrefixTokens",
+    "Vpt",
     "get_method",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..hooks import remove_hooks_of
+from ..patches import Patch, apply_patch
 from ..sites import Block, Projection
 
 CHILD_PREFIX = "petl_"
@@ -32,6 +34,7 @@ class PetlModule(nn.Module):
         self.options = dict(options)
         self.block = block
         self.order = 0  # which apply call inserted it, counted per model; set when committed
+        self.uid = uuid.uuid4().hex  # owns the patches it needs (see petl_surgery.patches)
 
     def detach_hooks(self, root: nn.Module) -> None:
         """Remove every hook this module registered anywhere under ``root``."""
@@ -40,39 +43,6 @@ class PetlModule(nn.Module):
 
 class UnsupportedBlockError(SurgeryError):
     """A block lacks what a method needs (``apply(..., skip_unsupported=True)`` skips such blocks)."""
-
-
-# Attributes set on base modules by surgery, with their original values: module -> {name: original}.
-PATCHED_ATTR = "_petl_surgery_patched"
-
-
-class _Absent:
-    """Marks an attribute the instance did not have before a patch; one object, kept across pickling."""
-
-    def __repr__(self) -> str:
-        return "<absent from the instance>"
-
-    def __reduce__(self) -> str:
-        return "_ABSENT"  # pickled and deep-copied as a reference to this module's single instance
-
-
-_ABSENT = _Absent()
-
-
-def patch_attributes(module: nn.Module, values: Mapping[str, Any]) -> None:
-    """Set attributes on a base module (an instance ``forward`` too), remembering what was there."""
-    originals = module.__dict__.setdefault(PATCHED_ATTR, {})
-    for name, value in values.items():
-        originals.setdefault(name, module.__dict__.get(name, _ABSENT))
-        setattr(module, name, value)
-
-
-def restore_attributes(module: nn.Module) -> None:
-    for name, value in module.__dict__.pop(PATCHED_ATTR, {}).items():
-        if value is _ABSENT:
-            delattr(module, name)
-        else:
-            setattr(module, name, value)
 
 
 @dataclass(frozen=True)
@@ -97,7 +67,7 @@ class Insertion:
     name: str
     module: PetlModule
     hooks: List[Hook]
-    patches: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # set on ``host``
+    patches: Sequence[Patch] = ()
 
     @property
     def path(self) -> str:
@@ -105,7 +75,8 @@ class Insertion:
 
     def commit(self) -> None:
         self.module.train(self.host.training)  # a model in eval mode stays in eval mode
-        patch_attributes(self.host, self.patches)
+        for patch in self.patches:
+            apply_patch(patch, self.module.uid)
         self.host.add_module(self.name, self.module)
         for hook in self.hooks:
             if hook.kind == "forward":

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SurgeryError
+from ..patches import Patch, host_patches
 from ..sites import Block, Projection
 from .base import (
     CHILD_PREFIX,
@@ -31,7 +32,6 @@ from .base import (
     PetlModule,
     UnsupportedBlockError,
     Write,
-    add_into_channels,
     check_number,
     check_positive_int,
     factory_kwargs,
@@ -98,6 +98,16 @@ class Target:
     write: Write
 
 
+@dataclass(frozen=True)
+class _Stack:
+    """The targets sharing one producer, in order, and the output width they tile end to end from
+    channel 0 (-1 when they do not)."""
+
+    names: Tuple[str, ...]
+    writes: Tuple[Write, ...]
+    tiles: int
+
+
 class LowRankAdapter(PetlModule):
     """The LoRA updates of one host (an attention or an MLP), one :class:`LowRankPair` per target, added
     to their producers' outputs through forward hooks: ``out[channels] += scaling * B A dropout(x)``."""
@@ -128,21 +138,54 @@ class LowRankAdapter(PetlModule):
             if projection.index is not None:
                 index = torch.tensor(projection.index, dtype=torch.long, device=kwargs.get("device"))
                 self.register_buffer(f"index_{name}", index, persistent=False)
+        self._stacks: Dict[str, _Stack] = {}
+        for producer in dict.fromkeys(target.producer for target in self.targets):
+            mine = [target for target in self.targets if target.producer == producer]
+            starts = [sum(t.write.width for t in mine[:number]) for number in range(len(mine))]
+            tiles = all(t.write.index is None and t.write.output_start == start for t, start in zip(mine, starts))
+            self._stacks[producer] = _Stack(
+                tuple(t.name for t in mine), tuple(t.write for t in mine), sum(t.write.width for t in mine) if tiles else -1
+            )
 
     def pair(self, target: str) -> LowRankPair:
         return getattr(self, target)
 
     def add_low_rank(self, producer: str, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        """``output += B_all (A_all dropout(x))`` in place, for every target of ``producer`` at once.
+
+        The targets' A matrices (scaled) are stacked into one ``(k r) x d_in`` matrix and their B matrices
+        placed in one ``C x (k r)`` matrix over the producer's ``C`` output channels (block-diagonal when
+        the targets tile the output, zero rows for channels no target updates): two matmuls and one add
+        into the output itself, however many targets share the producer, and no view of the output for
+        autograd to copy in backward. Dropout runs only when it can change something."""
         dim = self.channel_dim
-        x = self.dropout(args[0] if dim == -1 else args[0].movedim(dim, -1))
-        for target in self.targets:
-            if target.producer != producer:
-                continue
-            pair = self.pair(target.name)
-            part = F.linear(F.linear(x, pair.lora_A), pair.lora_B)
-            part = part if dim == -1 else part.movedim(-1, dim)
-            add_into_channels(output, dim, target.write, part, self.scaling, getattr(self, f"index_{target.name}", None))
+        x = args[0] if dim == -1 else args[0].movedim(dim, -1)
+        if self.training and self.dropout.p > 0:
+            x = self.dropout(x)
+        stack = self._stacks[producer]
+        update = F.linear(F.linear(x, self._stacked_a(stack)), self._placed_b(stack, output.shape[dim]))
+        output.add_(update if dim == -1 else update.movedim(-1, dim))
         return output
+
+    def _stacked_a(self, stack: "_Stack") -> torch.Tensor:
+        pairs = [self.pair(name) for name in stack.names]
+        a = pairs[0].lora_A if len(pairs) == 1 else torch.cat([pair.lora_A for pair in pairs])
+        return a if self.scaling == 1.0 else a * self.scaling
+
+    def _placed_b(self, stack: "_Stack", channels: int) -> torch.Tensor:
+        pairs = [self.pair(name) for name in stack.names]
+        if stack.tiles == channels:  # the targets lie end to end over the whole output, in order
+            return pairs[0].lora_B if len(pairs) == 1 else torch.block_diag(*[pair.lora_B for pair in pairs])
+        first = pairs[0].lora_B
+        rank = first.shape[1]
+        placed = first.new_zeros(channels, rank * len(pairs))
+        for number, (pair, write) in enumerate(zip(pairs, stack.writes)):
+            columns = slice(number * rank, (number + 1) * rank)
+            if write.index is None:
+                placed[write.output_start : write.output_start + write.width, columns] = pair.lora_B
+            else:
+                placed[getattr(self, f"index_{stack.names[number]}"), columns] = pair.lora_B
+        return placed
 
     def producers(self) -> List[str]:
         return list(dict.fromkeys(target.producer for target in self.targets))
@@ -193,7 +236,10 @@ class Lora(Method):
                 method, where, site.path, site.module, attention_targets, available, site.producer, site.in_features
             )
             insertions.append(
-                cls._insertion(block, site.path, site.module, targets, site.channel_dim, options, method, recorded, site.patches)
+                cls._insertion(
+                    block, site.path, site.module, targets, site.channel_dim, options, method, recorded,
+                    host_patches(site.module, dict(site.patches)),
+                )
             )
         if mlp_targets:
             mlp = block.mlp
@@ -202,7 +248,7 @@ class Lora(Method):
             targets = cls._targets(
                 method, where, mlp.path, mlp.module, mlp_targets, dict(mlp.projections), mlp.module.get_submodule, None
             )
-            insertions.append(cls._insertion(block, mlp.path, mlp.module, targets, mlp.channel_dim, options, method, recorded, {}))
+            insertions.append(cls._insertion(block, mlp.path, mlp.module, targets, mlp.channel_dim, options, method, recorded, []))
         return insertions
 
     @staticmethod
@@ -246,7 +292,7 @@ class Lora(Method):
         options: LoraOptions,
         method: str,
         recorded: Mapping[str, Any],
-        patches: Mapping[str, Any],
+        patches: Sequence[Patch],
     ) -> Insertion:
         module = LowRankAdapter(host, targets, channel_dim, options, method, block.index, recorded)
         producers = {projection.module: producer for _, projection, producer, _ in targets}

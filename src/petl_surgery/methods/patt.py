@@ -20,6 +20,7 @@ from typing import Any, List, Mapping, Tuple
 import torch
 from torch import nn
 
+from ..patches import host_patches
 from ..sites import AttentionSite, Block
 from .base import (
     CHILD_PREFIX,
@@ -146,4 +147,5 @@ class Patt(Method):
             Hook(site.producer(producer), "forward", functools.partial(branch.add_to_projection, producer))
             for producer in branch.writes
         ]
-        return [Insertion(block.index, site.path, site.module, CHILD_PREFIX + method, branch, hooks, site.patches)]
+        patches = host_patches(site.module, dict(site.patches))
+        return [Insertion(block.index, site.path, site.module, CHILD_PREFIX + method, branch, hooks, patches)]

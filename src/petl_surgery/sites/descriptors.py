@@ -10,6 +10,8 @@ from typing import Any, Mapping, Optional, Tuple
 
 from torch import nn
 
+from ..patches import installed
+
 ROLES = ("q", "k", "v")
 
 
@@ -70,7 +72,8 @@ class AttentionSite:
         otherwise does inline, such as ``nn.MultiheadAttention``'s ``in_proj_weight``)."""
         added = self.patches.get(name)
         if isinstance(added, nn.Module):
-            return added
+            # a stand-in another method already installed is the one the forward calls
+            return installed(self.module, name) or added
         return self.module.get_submodule(name)
 
 

@@ -1,0 +1,291 @@
+"""Prefix tuning (Li & Liang 2021, arXiv 2101.00190; the "prefix" baseline of V-PETL, arXiv 2210.00788).
+
+Per attention layer, L learned key tokens Pk and value tokens Pv (each L x d, split into heads as the
+model splits k and v) are put in front of the attention's own keys and values::
+
+    K' = [Pk ; K],   V' = [Pv ; V]      along the token axis; the queries stay N
+
+Every query may attend to the prefix: relative-position biases and window/shift masks get zero columns
+(True in a boolean mask) for the L prefix keys. Reparameterised (the reference's form), ``[Pk | Pv] =
+up(tanh(down(E)))`` with E an L x d table, down = Linear(d, m), up = Linear(m, 2d). Parameters per
+attention layer: ``2·L·d`` free, ``L·d + d·m + m + 2d·m + 2d`` reparameterised (d: the width of k and of
+v, narrower than the tokens with grouped-query attention).
+
+Mechanism: while the surgery is present, the attention's instance ``forward`` runs its own forward (as it
+was before the surgery) under a ``TorchFunctionMode`` that catches its one
+``F.scaled_dot_product_attention`` call and concatenates the prefix to k and v there (and pads
+``attn_mask``); the prefix is computed once per call, however many windows the call batches. Those are
+the keys and values the attention consumes, after any q/k norm and rotary embedding: the prefix is
+learned directly in that space, as the reference's prefix is the attention's ``past_key_values`` (which
+hold keys after k-norm and rotary in models that have them), and prefix tokens have no position to
+rotate. Attention with a non-fused path is switched to SDPA (``fused_attn = True``): in every supported
+class both paths compute softmax(q k^T * head_dim^-0.5 + mask) v (outputs of the tiny test models agree to
+1e-14 in float64). A forward in which the attention made no SDPA call, or several, raises instead of
+running without the prefix, and only the classes in ``SDPA_ATTENTION`` are operated on at all.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..errors import SurgeryError
+from ..patches import Patch, installed
+from ..sites import AttentionSite, Block
+from .base import (
+    CHILD_PREFIX,
+    Hook,
+    Insertion,
+    Method,
+    PetlModule,
+    UnsupportedBlockError,
+    check_choice,
+    check_positive_int,
+    factory_kwargs,
+)
+
+INITS = ("reference", "zero")
+# Where the attention's SDPA call keeps its arguments, for calls that pass them by position.
+SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+# timm attention classes (module, class name) whose forward makes exactly one SDPA call on q/k/v of shape
+# (batch, heads, tokens, head_dim), and whose non-fused path (if any) is the same computation.
+SDPA_ATTENTION = frozenset(
+    {
+        ("timm.layers.attention", "Attention"),
+        ("timm.layers.attention", "AttentionRope"),
+        ("timm.models.swin_transformer", "WindowAttention"),
+        ("timm.models.vision_transformer_relpos", "RelPosAttention"),
+        ("timm.models.vision_transformer", "ParallelScalingBlock"),
+        ("timm.models.beit", "Attention"),
+        ("timm.models.eva", "EvaAttention"),
+        ("timm.models.cait", "ClassAttn"),
+        ("timm.models.volo", "Attention"),
+        ("timm.models.twins", "GlobalSubSampleAttn"),
+        ("timm.models.pvt_v2", "Attention"),
+        ("timm.models.davit", "WindowAttention"),
+        ("timm.models.fastvit", "Attention"),
+        ("timm.models.metaformer", "Attention"),
+        ("timm.models.nextvit", "EfficientAttention"),
+        ("timm.models.maxxvit", "AttentionCl"),
+        ("timm.models.tiny_vit", "Attention"),
+        ("timm.models.visformer", "Attention"),
+    }
+)
+# Classes that do call SDPA, but not in a form a prefix can be put into cleanly.
+SDPA_REFUSED = {
+    ("timm.models.nest", "Attention"): "calls SDPA on 5-d q/k/v (batch, heads, blocks, tokens, head_dim)",
+    ("timm.models.hiera", "MaskUnitAttention"): "calls SDPA on 5-d q/k/v (batch, heads, mask units, tokens, head_dim)",
+    ("timm.models.twins", "LocallyGroupedAttn"): "calls SDPA on 5-d q/k/v (batch, windows, heads, tokens, head_dim)",
+    ("timm.models.vision_transformer_sam", "Attention"): "folds the heads into the batch before SDPA",
+    ("timm.models.maxxvit", "Attention2d"): "keeps q/k/v channels-first (batch, heads, head_dim, tokens)",
+    ("torch.nn.modules.activation", "MultiheadAttention"): (
+        "runs fused kernels (its fast path, or need_weights=True) that bypass SDPA"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class PrefixOptions:
+    """Options of ``"prefix"``.
+
+    Attributes:
+        length: L, the number of prefix tokens per attention layer (16, V-PETL's prefix run).
+        reparam: True (default, the reference's form): ``[Pk | Pv] = up(tanh(down(E)))`` with an L x d
+            table E, down = Linear(d, mid_dim), up = Linear(mid_dim, 2d); False: Pk and Pv are free
+            L x d tensors.
+        mid_dim: m, the reparameterisation's hidden width (512, the ``mid_dim`` default of Li & Liang's
+            and P-tuning v2's code; the methods doc fixes none). Ignored when ``reparam`` is False.
+        init: "reference" (default): PyTorch's defaults as in the reference code: E ~ N(0, 1) (an
+            ``nn.Embedding``), both Linears PyTorch's Linear init; free Pk, Pv ~ N(0, 1) (P-tuning v2's
+            un-projected prefix is an ``nn.Embedding`` too). "zero": Pk = Pv = 0 (free tensors zero; the up
+            projection zero). A zero prefix still changes the output: its zero logits take softmax mass.
+    """
+
+    length: int = 16
+    reparam: bool = True
+    mid_dim: int = 512
+    init: str = "reference"
+
+    def __post_init__(self) -> None:
+        check_positive_int("prefix", "length", self.length)
+        if not isinstance(self.reparam, bool):
+            raise SurgeryError(f"option 'reparam' of method 'prefix' must be True or False; got {self.reparam!r}")
+        check_positive_int("prefix", "mid_dim", self.mid_dim)
+        check_choice("prefix", "init", self.init, INITS)
+
+
+class PrefixTokens(PetlModule):
+    """The prefix of one attention layer: ``forward()`` gives (Pk, Pv), L x d_k and L x d_v.
+
+    It runs the attention's forward with the prefix put into the attention's SDPA call
+    (:meth:`run_prefixed`, installed as the attention's instance ``forward``)."""
+
+    component = "prefix"
+
+    def __init__(
+        self, site: AttentionSite, options: PrefixOptions, method: str, block: int, recorded: Mapping[str, Any]
+    ) -> None:
+        super().__init__(method, recorded, block)
+        kwargs = factory_kwargs(site.module)
+        self.key_width = site.projections["k"].width
+        self.value_width = site.projections["v"].width
+        self.where = f"block {block} ({type(site.module).__name__} {site.path!r})"
+        self.ran = False
+        length, width = options.length, self.key_width + self.value_width
+        if options.reparam:
+            self.embedding = nn.Parameter(torch.empty(length, self.key_width, **kwargs))
+            self.down = nn.Linear(self.key_width, options.mid_dim, **kwargs)
+            self.up = nn.Linear(options.mid_dim, width, **kwargs)
+            nn.init.normal_(self.embedding)
+            if options.init == "zero":
+                nn.init.zeros_(self.up.weight)
+                nn.init.zeros_(self.up.bias)
+        else:
+            self.keys = nn.Parameter(torch.empty(length, self.key_width, **kwargs))
+            self.values = nn.Parameter(torch.empty(length, self.value_width, **kwargs))
+            for tensor in (self.keys, self.values):
+                nn.init.zeros_(tensor) if options.init == "zero" else nn.init.normal_(tensor)
+
+    def forward(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(Pk, Pv): the prefix keys and values, heads laid out contiguously along the channels."""
+        if hasattr(self, "embedding"):
+            prefix = self.up(torch.tanh(self.down(self.embedding)))
+            return prefix[:, : self.key_width], prefix[:, self.key_width :]
+        return self.keys, self.values
+
+    def run_prefixed(self, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``inner(*args, **kwargs)`` (the attention's own forward) with the prefix in its SDPA call; the
+        prefix is computed once per call, however many windows the call batches."""
+        keys, values = self()
+        mode = PrefixIntoAttention(keys, values, self.where)
+        with mode:
+            output = inner(*args, **kwargs)
+        if mode.calls == 0:
+            raise SurgeryError(
+                f"the attention of {self.where} made no F.scaled_dot_product_attention call, so its prefix "
+                "could not be used; remove the surgery and report the model"
+            )
+        self.ran = True
+        return output
+
+    def check_ran(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+        """Forward hook on the attention: its call went through :meth:`run_prefixed`."""
+        ran, self.ran = self.ran, False
+        if not ran:
+            raise SurgeryError(
+                f"the attention of {self.where} ran without its prefix: its forward was replaced after "
+                "the surgery"
+            )
+
+
+class PrefixIntoAttention(TorchFunctionMode):
+    """Active during one attention forward: puts the prefix in front of the keys and values of the
+    forward's ``F.scaled_dot_product_attention`` call and lets every other call through unchanged."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, where: str) -> None:
+        super().__init__()
+        self.keys = keys
+        self.values = values
+        self.where = where
+        self.calls = 0
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self.calls += 1
+        if self.calls > 1:
+            raise SurgeryError(
+                f"the attention of {self.where} called F.scaled_dot_product_attention more than once in one "
+                "forward; prefix tuning is defined for one attention call"
+            )
+        call = {**dict(zip(SDPA_PARAMETERS, args)), **kwargs}
+        query, key, value = call.pop("query"), call.pop("key"), call.pop("value")
+        if call.get("is_causal"):
+            raise SurgeryError(f"the attention of {self.where} is causal; a prefix for causal attention is not defined")
+        tokens = key.shape[-2]
+        key = self.prepend(key, self.keys, "key")
+        value = self.prepend(value, self.values, "value")
+        if call.get("attn_mask") is not None:
+            call["attn_mask"] = pad_mask(call["attn_mask"], tokens, self.keys.shape[0])
+        return func(query, key, value, **call)
+
+    def prepend(self, tokens: torch.Tensor, prefix: torch.Tensor, role: str) -> torch.Tensor:
+        """``[prefix ; tokens]`` along the token axis: ``prefix`` (L x kv_heads*head_dim) split into heads
+        and expanded over the batch of ``tokens`` (batch, heads, S, head_dim) as a view. With grouped-query
+        attention whose k/v heads the model repeats before SDPA, each prefix head serves its query group
+        as the model's own k/v head does (``repeat_interleave``, the grouping of timm and of SDPA's
+        ``enable_gqa``)."""
+        width = prefix.shape[1]
+        if tokens.dim() != 4 or width % tokens.shape[3] or tokens.shape[1] % (width // tokens.shape[3]):
+            raise SurgeryError(
+                f"the attention of {self.where} calls F.scaled_dot_product_attention with {role} of shape "
+                f"{tuple(tokens.shape)}; the prefix needs (batch, heads, tokens, head_dim) with heads * head_dim "
+                f"a multiple of its width {width}"
+            )
+        batch, heads, _, head_dim = tokens.shape
+        per_head = prefix.to(tokens.dtype).unflatten(-1, (width // head_dim, head_dim)).transpose(0, 1)
+        if per_head.shape[0] != heads:
+            per_head = per_head.repeat_interleave(heads // per_head.shape[0], dim=0)
+        return torch.cat([per_head.expand(batch, -1, -1, -1), tokens], dim=2)
+
+
+def pad_mask(mask: torch.Tensor, tokens: int, length: int) -> torch.Tensor:
+    """``mask`` over (..., queries, tokens) with ``length`` columns in front that let every query attend
+    to the prefix: additive 0 in a float mask, True in a boolean one."""
+    leading = mask.shape[:-1] if mask.dim() else ()
+    if mask.dim() == 0 or mask.shape[-1] == 1:
+        mask = mask.expand(*leading, tokens)  # a mask broadcast over the keys must not reach the prefix
+    fill = mask.new_ones(()) if mask.dtype == torch.bool else mask.new_zeros(())
+    return torch.cat([fill.expand(*leading, length), mask], dim=-1)
+
+
+def sdpa_refusal(attention: nn.Module) -> Optional[str]:
+    """Why a prefix cannot be put into ``attention`` (its class matched exactly), or None when it can."""
+    key = (type(attention).__module__, type(attention).__qualname__)
+    if key in SDPA_ATTENTION:
+        return None
+    return SDPA_REFUSED.get(
+        key,
+        "does not compute its attention with one F.scaled_dot_product_attention call on (batch, heads, tokens, "
+        "head_dim) q/k/v (it computes attention inline, or it is not a softmax over tokens), so there is no "
+        "call to put prefix keys and values into",
+    )
+
+
+class Prefix(Method):
+    name = "prefix"
+    Options = PrefixOptions
+
+    @classmethod
+    def plan_block(
+        cls, block: Block, options: PrefixOptions, method: str, recorded: Mapping[str, Any]
+    ) -> List[Insertion]:
+        site = block.attention
+        where = f"block {block.index} ({block.path!r})"
+        if site is None:
+            raise UnsupportedBlockError(f"method {method!r} needs an attention in {where}; it has none")
+        attention = f"its attention {site.path!r} ({type(site.module).__name__})"
+        reason = site.unsupported or sdpa_refusal(site.module)
+        if reason is None and not {"k", "v"} <= set(site.projections):
+            reason = f"projects only {', '.join(site.projections)}, and a prefix needs k and v"
+        if reason is None and installed(site.module, "forward") is not None:
+            reason = "has its forward replaced by another surgery already"
+        if reason is not None:
+            raise UnsupportedBlockError(f"method {method!r} cannot operate on {where}: {attention} {reason}")
+        prefix = PrefixTokens(site, options, method, block.index, recorded)
+        # the prefix's own forward wraps the attention's: a layer of its own, removed with it
+        patches = [Patch(site.module, "forward", functools.partial(prefix.run_prefixed, site.module.forward), shared=False)]
+        if hasattr(site.module, "fused_attn"):
+            patches.append(Patch(site.module, "fused_attn", True))  # the non-fused path is the same attention
+        hooks = [Hook(site.module, "forward", prefix.check_ran)]
+        return [Insertion(block.index, site.path, site.module, CHILD_PREFIX + method, prefix, hooks, patches)]

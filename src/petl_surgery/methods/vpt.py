@@ -1,0 +1,160 @@
+"""VPT, visual prompt tuning (Jia et al., ECCV 2022, arXiv 2203.12119).
+
+L learned prompt tokens of width d join the token sequence after the prefix tokens (class,
+distillation, registers) and before the patch tokens::
+
+    [prefix | P | patches]  ->  block_i  ->  ...  ->  last block  ->  drop P  ->  norm, pool, head
+
+Shallow: P is inserted once, before the first chosen block, and then travels through the blocks. Deep:
+before every chosen block i, the prompt slots are overwritten with that block's own P_i. The prompts
+leave the sequence after the model's last block, so neither a class-token head nor a global-average-pool
+head ever sees them. RoPE attention (EVA02, RoPE ViT, DINOv3) rotates only the tokens after its
+``num_prefix_tokens``: while the surgery is present, that count grows by L in every block the prompts
+pass through, so the prompts are not rotated and the rotary embedding stays aligned with the patch
+tokens.
+
+Init is VPT's "random" init: uniform(-v, v), v = sqrt(6 / (3 * patch_h * patch_w + d)) (Xavier-uniform
+over the patch embedding's fan-in 3 * patch_h * patch_w and fan-out d).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, List, Mapping, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import SurgeryError
+from ..patches import Patch
+from ..sites import Block
+from ..sites.tokens import PREFIX_COUNTER, TokenLayout, token_layout
+from .base import CHILD_PREFIX, Hook, Insertion, Method, PetlModule, check_number, check_positive_int, factory_kwargs
+
+
+@dataclass(frozen=True)
+class VptOptions:
+    """Options of ``"vpt"``.
+
+    Attributes:
+        num_tokens: prompt length L (10). VPT tunes it per task over {1, 5, 10, 50, 100, 200} (paper,
+            Sec. 4.1); 10 is the middle of that range and a common choice of VPT's follow-ups (the
+            official code's config falls back to 5, its demo VTAB run uses 100).
+        deep: True (default, VPT-deep, the paper's main method): every chosen block gets its own prompts;
+            False (VPT-shallow): prompts are inserted once, before the first chosen block.
+        dropout: dropout on the prompt tokens, in training only (0.1, the official code's VPT-deep runs:
+            ``MODEL.PROMPT.DROPOUT 0.1``; its config falls back to 0.0).
+    """
+
+    num_tokens: int = 10
+    deep: bool = True
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_positive_int("vpt", "num_tokens", self.num_tokens)
+        if not isinstance(self.deep, bool):
+            raise SurgeryError(f"option 'deep' of method 'vpt' must be True or False; got {self.deep!r}")
+        check_number("vpt", "dropout", self.dropout, low=0.0, high=1.0)
+
+
+def prompt_init_bound(patch_size: Tuple[int, int], width: int) -> float:
+    """VPT's uniform init bound v = sqrt(6 / (3 * patch_h * patch_w + d))."""
+    return math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + width))
+
+
+class PromptTokens(PetlModule):
+    """The L prompt tokens of one block, hosted on that block (``blocks.i.petl_vpt``).
+
+    The module of the first chosen block inserts its prompts after the prefix tokens, drops them after
+    the model's last block, and owns the patches that grow the RoPE prefix counts by L; each further
+    module (deep) overwrites the prompt slots before its block.
+    """
+
+    component = "vpt"
+
+    def __init__(
+        self,
+        layout: TokenLayout,
+        options: VptOptions,
+        method: str,
+        block: int,
+        recorded: Mapping[str, Any],
+        factory: Mapping[str, Any],
+    ) -> None:
+        super().__init__(method, recorded, block)
+        self.num_tokens = options.num_tokens
+        self.num_prefix_tokens = layout.num_prefix_tokens
+        self.prompts = nn.Parameter(torch.empty(options.num_tokens, layout.width, **factory))
+        bound = prompt_init_bound(layout.patch_size, layout.width)
+        nn.init.uniform_(self.prompts, -bound, bound)
+        self.dropout = nn.Dropout(options.dropout)
+
+    def forward(self, like: torch.Tensor) -> torch.Tensor:
+        """The prompts for a batch shaped like ``like`` (B, N, d): (B, L, d), with dropout per sample
+        (VPT applies it after expanding to the batch)."""
+        return self.dropout(self.prompts.to(like.dtype).expand(like.shape[0], -1, -1))
+
+    def insert(self, module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+        x, p = args[0], self.num_prefix_tokens
+        return (torch.cat([x[:, :p], self(x), x[:, p:]], dim=1), *args[1:])
+
+    def overwrite(self, module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+        x, p = args[0], self.num_prefix_tokens
+        return (torch.cat([x[:, :p], self(x), x[:, p + self.num_tokens :]], dim=1), *args[1:])
+
+    def drop(self, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        p = self.num_prefix_tokens
+        return torch.cat([output[:, :p], output[:, p + self.num_tokens :]], dim=1)
+
+
+class PromptPlanner:
+    """Plans VPT on one model: the token layout and the chosen blocks are known to every block's plan."""
+
+    def __init__(self, model: nn.Module, blocks: Sequence[Block], chosen: Sequence[int]) -> None:
+        self.layout = token_layout(model, blocks)
+        self.first = chosen[0]
+        self.counters = tuple(
+            (path, model.get_submodule(path))
+            for counters in self.layout.prefix_counters[self.first :]
+            for path in counters
+        )
+
+    def plan_block(self, block: Block, options: VptOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
+        first = block.index == self.first
+        if not first and not options.deep:
+            return []  # shallow: the prompts inserted before the first chosen block travel on
+        prompts = PromptTokens(self.layout, options, method, block.index, recorded, factory_kwargs(block.module))
+        if not first:
+            hooks = [Hook(block.module, "forward_pre", prompts.overwrite)]
+            return [Insertion(block.index, block.path, block.module, CHILD_PREFIX + method, prompts, hooks)]
+        hooks = [
+            Hook(block.module, "forward_pre", prompts.insert),
+            Hook(self.layout.last_block, "forward", prompts.drop),
+        ]
+        grow = functools.partial(operator.add, options.num_tokens)
+        patches = [Patch(module, PREFIX_COUNTER, update=grow, shared=False) for _, module in self.counters]
+        return [Insertion(block.index, block.path, block.module, CHILD_PREFIX + method, prompts, hooks, patches)]
+
+
+class Vpt(Method):
+    name = "vpt"
+    Options = VptOptions
+
+    @classmethod
+    def planner(cls, model: nn.Module, blocks: Sequence[Block], chosen: Sequence[int], options: Any) -> PromptPlanner:
+        applied = [path for path, module in model.named_modules() if isinstance(module, PromptTokens)]
+        if applied:
+            raise SurgeryError(
+                f"prompt tokens are already inserted into {type(model).__name__} ({applied[0]!r}); a second "
+                "set would shift the first one's slots: remove it first"
+            )
+        return PromptPlanner(model, blocks, chosen)
+
+    @classmethod
+    def plan_block(cls, block: Block, options: Any, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
+        raise SurgeryError(
+            f"method {method!r} plans the whole model (its prompts need the token layout): use Vpt.planner"
+        )

@@ -1,0 +1,158 @@
+"""Token layouts of flat-token models, for methods that add tokens to the sequence (prompt tuning).
+
+A flat-token model embeds patches, puts its prefix tokens (class, distillation, registers) in front of
+them, runs one sequence of blocks over all tokens without regard to their spatial arrangement, then
+normalises, pools and classifies. Only then can extra tokens join the sequence after the prefix and
+leave it after the last block unnoticed by everything else. The layout of each such model class is
+known here, matched by exact class like the site registry; every other model is refused with the
+reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Sequence, Tuple, Type
+
+from torch import nn
+
+from ..errors import SurgeryError
+from .descriptors import Block
+
+PREFIX_COUNTER = "num_prefix_tokens"
+
+HIERARCHICAL = (
+    "it is hierarchical: its stages merge or pool tokens on the image grid, so there is no single flat "
+    "token sequence for prompt tokens to join"
+)
+# Why the models that are known not to fit are refused, by class name (no import of their modules needed).
+REFUSALS: Dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "SwinTransformer", "SwinTransformerV2", "SwinTransformerV2Cr", "PyramidVisionTransformerV2",
+            "Twins", "MaxxVit", "Levit", "LevitDistilled", "TinyVit", "EfficientFormer", "EfficientFormerV2",
+            "GlobalContextVit", "NextViT", "FastVit", "Visformer", "MetaFormer", "DaVit", "MultiScaleVit",
+            "PoolingVisionTransformer", "Nest", "EfficientVit", "EfficientVitMsra", "ByobNet",
+        ),
+        HIERARCHICAL,
+    ),
+    "Hiera": "it is hierarchical: its mask-unit attention and pooling work on tokens arranged by image position",
+    "Xcit": "its blocks reshape the patch tokens to the image grid (local patch interaction) and its class "
+    "token joins only in the class-attention blocks after them",
+    "ConVit": "its GPSA attention holds positional attention sized to the patch grid, and its class token "
+    "joins only midway",
+    "VisionTransformerSAM": "its blocks reshape tokens to the 2-D patch grid (windowed attention, "
+    "relative positions)",
+    "Beit": "its relative-position bias is sized to the patch grid plus the class token, and VPT defines no "
+    "bias for prompt tokens to pad it with",
+    "VisionTransformerRelPos": "its relative-position bias is sized to the patch grid plus the class token, "
+    "and VPT defines no bias for prompt tokens to pad it with",
+    "Cait": "its class token joins only in the class-attention blocks after the patch-token blocks",
+    "CoaT": "its blocks reshape the patch tokens to the image grid (convolutional position encoding) and its "
+    "stages change the token count",
+    "VOLO": "its outlook attention works on the patch tokens arranged as the image grid",
+    "CrossVit": "it runs two token sequences of different patch sizes, exchanging only their class tokens",
+    "TNT": "each of its blocks also runs pixel-level inner tokens tied one to one to the patch tokens",
+}
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where a flat-token model keeps its tokens.
+
+    Attributes:
+        num_prefix_tokens: tokens in front of the patch tokens (class, distillation, registers): timm's
+            ``model.num_prefix_tokens`` (1 ViT, 2 DeiT distilled, 5 DINOv2/v3 with registers, 0 without
+            class token).
+        width: the token width d.
+        patch_size: (height, width) in pixels of one patch of the patch embedding.
+        last_block: the block whose output is the last the blocks make; after it the model normalises,
+            pools and classifies, so tokens added to the sequence must leave it there.
+        prefix_counters: per block (in discovery's order), paths of modules that count the prefix tokens
+            themselves at forward time in their ``num_prefix_tokens`` (RoPE attention rotates only the
+            tokens after them, so tokens inserted after the prefix must be counted there to leave the
+            rotary embedding aligned with the patch tokens).
+    """
+
+    num_prefix_tokens: int
+    width: int
+    patch_size: Tuple[int, int]
+    last_block: nn.Module
+    prefix_counters: Tuple[Tuple[str, ...], ...]
+
+
+def _timm_flat_classes() -> Tuple[Type[nn.Module], ...]:
+    """timm's flat-token classes: ViT (DeiT, DeiT3, CLIP, DINOv2 and others build it), DeiT distilled,
+    and Eva (EVA, EVA02, RoPE ViT, DINOv3). Imported lazily: the library works without timm."""
+    try:
+        from timm.models.deit import VisionTransformerDistilled
+        from timm.models.eva import Eva
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        return ()
+    return (VisionTransformer, VisionTransformerDistilled, Eva)
+
+
+def _refuse(model: nn.Module, reason: str) -> SurgeryError:
+    return SurgeryError(f"prompt tokens cannot be added to {type(model).__name__}: {reason}")
+
+
+def _flat_blocks(model: nn.Module, blocks: Sequence[Block]) -> nn.Module:
+    """``model.blocks``, checked to be exactly the discovered blocks, in order."""
+    container = getattr(model, "blocks", None)
+    if not isinstance(container, (nn.Sequential, nn.ModuleList)) or [id(b) for b in container] != [
+        id(block.module) for block in blocks
+    ]:
+        raise _refuse(model, "its discovered blocks are not the sequence 'model.blocks' its forward runs")
+    return container
+
+
+def _patch_size(model: nn.Module) -> Tuple[int, int]:
+    size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if isinstance(size, int):
+        size = (size, size)
+    if not (isinstance(size, tuple) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+        raise _refuse(model, f"its patch embedding gives no patch size (found {size!r}), which VPT's init needs")
+    return size
+
+
+def _prefix_counters(blocks: Sequence[Block], prefix: int, model: nn.Module) -> Tuple[Tuple[str, ...], ...]:
+    counters = []
+    for block in blocks:
+        attention = block.attention
+        if attention is not None and hasattr(attention.module, PREFIX_COUNTER):
+            count = getattr(attention.module, PREFIX_COUNTER)
+            if count != prefix:
+                raise _refuse(
+                    model,
+                    f"attention {attention.path!r} counts {count} prefix tokens where the model has {prefix}",
+                )
+            counters.append((attention.path,))
+        else:
+            counters.append(())
+    return tuple(counters)
+
+
+def timm_flat_layout(model: nn.Module, blocks: Sequence[Block]) -> TokenLayout:
+    """The layout of timm's ``VisionTransformer``/``VisionTransformerDistilled``/``Eva``: patch embed,
+    prefix tokens in front (``_pos_embed``), ``model.blocks`` in order, then ``norm``, pooling, head."""
+    container = _flat_blocks(model, blocks)
+    prefix = getattr(model, "num_prefix_tokens", None)
+    width = getattr(model, "embed_dim", None)
+    if not isinstance(prefix, int) or not isinstance(width, int):
+        raise _refuse(model, "it has no integer num_prefix_tokens and embed_dim")
+    return TokenLayout(prefix, width, _patch_size(model), container[-1], _prefix_counters(blocks, prefix, model))
+
+
+def token_layout(model: nn.Module, blocks: Sequence[Block]) -> TokenLayout:
+    """The token layout of ``model`` given its discovered ``blocks``; raises SurgeryError naming the
+    reason for a model whose tokens are not one flat sequence petl_surgery knows."""
+    if type(model) in _timm_flat_classes():
+        return timm_flat_layout(model, blocks)
+    reason = REFUSALS.get(type(model).__name__)
+    if reason is None:
+        reason = (
+            "petl_surgery does not know its token layout (where the prefix tokens end, which blocks the "
+            "tokens run through, where they leave them); prompt tokens work on timm's VisionTransformer "
+            "(ViT, DeiT, DeiT3, CLIP, DINOv2), VisionTransformerDistilled and Eva (EVA02, RoPE ViT, DINOv3)"
+        )
+    raise _refuse(model, reason)
