@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from .api import apply, blocks, merge, remove, summary
 from .checkpoints import load, save
 from .errors import SurgeryError
+from .interop import export
 from .methods import METHODS
 from .sites import Block
 from .summary import Summary
@@ -27,6 +28,7 @@ __all__ = [
     "__version__",
     "apply",
     "blocks",
+    "export",
     "load",
     "merge",
     "remove",

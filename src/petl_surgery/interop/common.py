@@ -1,0 +1,188 @@
+"""What the importers share: planning the surgery, checking every tensor against it, and only then
+changing the model; finding which block of the model a checkpoint's block belongs to; the head."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Set, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import SurgeryError
+from ..freezing import find_heads, set_trainable
+from ..inventory import delta_names
+from ..methods import Insertion
+from ..sites import Block
+
+
+@dataclass
+class Call:
+    """One ``apply`` the import makes: ``method`` with ``options`` on ``blocks``, and the tensors of its
+    inserted modules per block, under their names inside the inserted module (``"down.weight"``,
+    ``"q.lora_A"``)."""
+
+    method: str
+    blocks: List[int]
+    options: Dict[str, Any]
+    tensors: Dict[int, Dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def group_calls(method: str, items: Iterable[Tuple[int, Dict[str, Any], Dict[str, torch.Tensor]]]) -> List[Call]:
+    """One Call per distinct option set, from ``(block, options, tensors)`` items: blocks whose options
+    are equal share one ``apply``."""
+    calls: Dict[str, Call] = {}
+    for block, options, tensors in sorted(items, key=lambda item: item[0]):
+        call = calls.setdefault(repr(sorted(options.items())), Call(method, [], dict(options)))
+        if block in call.tensors:
+            raise SurgeryError(f"method {method!r} is described twice for block {block} with the same options")
+        call.blocks.append(block)
+        call.tensors[block] = tensors
+    return list(calls.values())
+
+
+def install(model: nn.Module, calls: Sequence[Call], base: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+    """Plan every call, check every tensor (names, shapes) against the plan and the model, then commit
+    the surgery and copy the tensors; the model is untouched when anything does not fit.
+
+    ``base`` holds tensors of the base model to overwrite (a head, biases), under state_dict names.
+    Afterwards the inserted modules (all of the model's) and exactly the ``base`` tensors are trainable.
+    """
+    from ..api import commit, plan
+
+    planned: List[Tuple[Call, List[Insertion]]] = []
+    hosts: Set[Tuple[int, str]] = set()
+    with torch.random.fork_rng(devices=[]):  # initial values are overwritten: leave the user's RNG alone
+        for call in calls:
+            try:
+                insertions = plan(model, call.method, call.blocks, True, **call.options)
+            except SurgeryError as error:
+                raise SurgeryError(f"{source}: this model cannot take the surgery the file describes: {error}") from None
+            placed = {insertion.block for insertion in insertions}
+            lacking = [block for block in call.blocks if block not in placed]
+            if lacking:
+                raise SurgeryError(
+                    f"{source}: block {lacking[0]} of {type(model).__name__} cannot take method {call.method!r} "
+                    f"(apply(model, {call.method!r}, layers=[{lacking[0]}]) says why)"
+                )
+            for insertion in insertions:
+                key = (id(insertion.host), insertion.name)
+                if key in hosts:
+                    raise SurgeryError(f"{source}: method {call.method!r} would be placed twice on block {insertion.block}")
+                hosts.add(key)
+            planned.append((call, insertions))
+    for call, insertions in planned:
+        _check_tensors(call, insertions, source)
+    state = model.state_dict()
+    delta = delta_names(model)
+    for name, tensor in base.items():
+        if name not in state or name in delta:
+            raise SurgeryError(f"{source} has tensor {name!r}, which this model ({type(model).__name__}) does not have")
+        if tuple(tensor.shape) != tuple(state[name].shape):
+            raise SurgeryError(
+                f"{source}: tensor {name!r} has shape {list(tensor.shape)}, the model's {list(state[name].shape)}"
+            )
+
+    for _, insertions in planned:
+        commit(model, insertions)
+    with torch.no_grad():
+        for call, insertions in planned:
+            for insertion in insertions:
+                targets = insertion.module.state_dict(keep_vars=True)
+                for key, tensor in call.tensors[insertion.block].items():
+                    if key in targets:
+                        targets[key].copy_(tensor)
+        targets = model.state_dict(keep_vars=True)
+        for name, tensor in base.items():
+            targets[name].copy_(tensor)
+    set_trainable(model, set(base))
+    return model
+
+
+def _check_tensors(call: Call, insertions: Sequence[Insertion], source: str) -> None:
+    expected: Dict[int, Dict[str, Tuple[int, ...]]] = {}
+    for insertion in insertions:
+        shapes = expected.setdefault(insertion.block, {})
+        shapes.update({key: tuple(t.shape) for key, t in insertion.module.state_dict().items()})
+    for block, shapes in expected.items():
+        given = call.tensors.get(block, {})
+        missing = sorted(set(shapes) - set(given))
+        extra = sorted(set(given) - set(shapes))
+        if missing or extra:
+            raise SurgeryError(
+                f"{source}: the {call.method} tensors of block {block} do not fit: "
+                + (f"missing {', '.join(missing)}" if missing else "")
+                + ("; " if missing and extra else "")
+                + (f"unexpected {', '.join(extra)}" if extra else "")
+            )
+        wrong = [
+            f"{key}: file {list(given[key].shape)}, model {list(shape)}"
+            for key, shape in shapes.items()
+            if tuple(given[key].shape) != shape
+        ]
+        if wrong:
+            raise SurgeryError(
+                f"{source}: the {call.method} tensors of block {block} have other shapes: {', '.join(wrong[:4])}"
+            )
+
+
+_CANONICAL = re.compile(r"^(?P<prefix>.*?)(?:layers\.(?P<stage>\d+)\.blocks\.(?P<inner>\d+)|blocks\.(?P<flat>\d+))$")
+
+
+def map_blocks(blocks: Sequence[Block], keys: Sequence[str], source: str) -> Tuple[Dict[str, Block], str]:
+    """The model's block for each checkpoint block path in ``keys``, and the prefix the file puts in
+    front of them (``"backbone."``, ``""``).
+
+    By name first: every key is the path of one of the model's blocks behind one common prefix
+    (``blocks.3`` in a ViT, ``layers.1.blocks.0`` in a Swin). Otherwise, by depth order, only when the
+    keys are canonical block paths (``blocks.N`` or ``layers.I.blocks.J``, as in the reference codes),
+    there is one for every block of the model, and so the order is unambiguous (Video Swin's
+    ``layers.I.blocks.J`` onto torchvision's ``features.K.J``). Anything else raises.
+    """
+    keys = list(dict.fromkeys(keys))
+    paths = {block.path: block for block in blocks}
+    candidates = {keys[0][: len(keys[0]) - len(path)] for path in paths if keys[0] == path or keys[0].endswith("." + path)}
+    for prefix in sorted(candidates, key=len):
+        if all(key.startswith(prefix) and key[len(prefix) :] in paths for key in keys):
+            mapping = {key: paths[key[len(prefix) :]] for key in keys}
+            if len({id(block) for block in mapping.values()}) == len(keys):
+                return mapping, prefix
+    parsed = [_CANONICAL.match(key) for key in keys]
+    prefixes = {match.group("prefix") for match in parsed if match}
+    if all(parsed) and len(prefixes) == 1 and len(keys) == len(blocks):
+        numbers = {
+            key: tuple(int(part) for part in match.group("stage", "inner", "flat") if part is not None)
+            for key, match in zip(keys, parsed)
+            if match is not None
+        }
+        order = sorted(keys, key=numbers.__getitem__)
+        return {key: block for key, block in zip(order, blocks)}, prefixes.pop()
+    raise SurgeryError(
+        f"{source}: cannot tell which blocks of this model its {len(keys)} blocks ({', '.join(keys[:3])}, ...) are: "
+        f"the model's blocks are {', '.join(list(paths)[:3])}, ... ({len(blocks)} in all), and the names neither "
+        "match behind one prefix nor are canonical block paths of the same count"
+    )
+
+
+def linear_head(model: nn.Module, source: str) -> Tuple[str, nn.Linear]:
+    """The path and module of the model's single Linear classifier head."""
+    heads = find_heads(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    if len(heads) != 1 or not isinstance(heads[0], nn.Linear):
+        found = ", ".join(f"{names.get(id(h))} ({type(h).__name__})" for h in heads) or "none"
+        raise SurgeryError(f"{source}: taking the head needs one Linear classifier head in the model; found {found}")
+    return names[id(heads[0])], heads[0]
+
+
+def head_tensors(
+    model: nn.Module, weight: torch.Tensor, bias: torch.Tensor, source: str
+) -> Dict[str, torch.Tensor]:
+    """The file's head weight and bias under the model's head parameter names, shape-checked."""
+    path, head = linear_head(model, source)
+    if tuple(weight.shape) != tuple(head.weight.shape) or head.bias is None or tuple(bias.shape) != tuple(head.bias.shape):
+        raise SurgeryError(
+            f"{source}: its head ({list(weight.shape)}) does not fit the model's head {path!r} "
+            f"({list(head.weight.shape)}); leave it out with head=False"
+        )
+    return {f"{path}.weight": weight, f"{path}.bias": bias}
