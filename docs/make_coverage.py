@@ -21,7 +21,6 @@ from typing import Dict, List
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 FAMILY_MODULES = ("test_layouts", "test_families_vit_like", "test_families_hierarchical", "test_torch_models")
-METHODS = ("patt", "adapter", "bapat")
 
 
 def load_families() -> Dict[str, tuple]:
@@ -74,6 +73,7 @@ def main() -> None:
     # compares bit for bit, as the test suite does with the same switch.
     torch.backends.mha.set_fastpath_enabled(False)
     families = load_families()
+    methods = tuple(petl_surgery.METHODS)
     lines = [
         "# Coverage: model families against methods",
         "",
@@ -83,11 +83,11 @@ def main() -> None:
         "a gradient in every inserted tensor, an exact checkpoint round trip. Anything else is refused "
         "with a SurgeryError before the model is changed; the reason is quoted.",
         "",
-        "| family | " + " | ".join(METHODS) + " |",
-        "|---|" + "---|" * len(METHODS),
+        "| family | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
     ]
     for family, (build, make_input) in families.items():
-        cells = [outcome(build, make_input, method).replace("|", "\\|") for method in METHODS]
+        cells = [outcome(build, make_input, method).replace("|", "\\|") for method in methods]
         lines.append(f"| {family} | " + " | ".join(cells) + " |")
         print(family, *cells, sep="\n  ", flush=True)
     lines += ["", "## Registered classes", ""] + registry_lines() + [""]

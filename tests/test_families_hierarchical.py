@@ -74,8 +74,9 @@ FAMILIES: Dict[str, Tuple[Callable[[], nn.Module], int]] = {
     "maxvit_tf": (lambda: timm.create_model("maxvit_tiny_tf_224", **MAXXVIT), 64),
     "coatnet": (lambda: timm.create_model("coatnet_nano_rw_224", **MAXXVIT), 64),
     "maxxvitv2": (lambda: timm.create_model("maxxvitv2_nano_rw_256", img_size=64), 64),
-    "levit": (lambda: timm.create_model("levit_128s", img_size=64), 64),
-    "levit_conv": (lambda: timm.create_model("levit_conv_128s", img_size=64), 64),
+    # 128 px: the last stage keeps 2x2 tokens, so q and k matter there (at 1x1 their gradients vanish)
+    "levit": (lambda: timm.create_model("levit_128s", img_size=128), 128),
+    "levit_conv": (lambda: timm.create_model("levit_conv_128s", img_size=128), 128),
     "tiny_vit": (lambda: timm.create_model("tiny_vit_5m_224", **PYRAMID, window_sizes=(2, 2, 2, 2)), 64),
     "efficientformer": (
         lambda: timm.create_model("efficientformer_l1", depths=(1, 1, 1, 2), embed_dims=(16, 32, 64, 96), num_vit=1),
