@@ -1,0 +1,516 @@
+"""The ``petl-surgery`` command line: plan, inspect, train, demo.
+
+    petl-surgery plan vit_base_patch16_224 --method patt --layers 6:12 --option mid_dim=64
+    petl-surgery inspect delta.safetensors
+    petl-surgery train vit_small_patch16_224 --data images/ --method lora --epochs 5 --out delta.safetensors
+    petl-surgery demo --out petl_demo
+
+Errors print one line (``petl-surgery: error: ...``) and exit with status 1 (2 for bad arguments);
+``--traceback`` shows the whole traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
+
+PROG = "petl-surgery"
+
+
+class UsageError(Exception):
+    """A bad command line; exits with status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+# -- argument values ------------------------------------------------------------------------------------
+
+
+def parse_value(text: str) -> Any:
+    """An option value: JSON (``64``, ``0.5``, ``true``, ``["q", "v"]``), Python's True/False/None, a
+    comma list (``q,v``), or else the text itself."""
+    special = {"True": True, "False": False, "None": None, "none": None}
+    if text in special:
+        return special[text]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    if "," in text:
+        return [parse_value(part) for part in text.split(",") if part != ""]
+    return text
+
+
+def parse_options(pairs: Optional[Sequence[str]]) -> Dict[str, Any]:
+    options: Dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"option {pair!r} is not of the form key=value")
+        options[key.strip().replace("-", "_")] = parse_value(value)
+    return options
+
+
+def parse_layers(text: Optional[str]) -> Union[None, int, slice, List[int]]:
+    """``all`` or nothing (every block), ``3``, ``-1``, ``0,2,4``, or a slice ``6:12`` / ``-4:`` / ``::2``."""
+    if text is None or text.strip().lower() == "all":
+        return None
+    try:
+        if ":" in text:
+            parts = [int(p) if p.strip() else None for p in text.split(":")]
+            if len(parts) > 3:
+                raise ValueError
+            return slice(*parts)
+        items = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--layers {text!r}: expected all, an index, a comma list (0,2,4) or a slice (6:12)") from None
+    return items[0] if len(items) == 1 else items
+
+
+def create_model(name: str, *, pretrained: bool = False, **kwargs: Any) -> Any:
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5] if name else []
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise UsageError(f"unknown timm model {name!r}{hint}")
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+# -- plan -----------------------------------------------------------------------------------------------
+
+
+def _build_for_plan(name: str, model_args: Dict[str, Any]) -> Tuple[Any, str]:
+    """The model without weights: on the meta device when that works, else on the CPU."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return create_model(name, **model_args), "meta"
+    except UsageError:
+        raise
+    except Exception:  # a model whose construction computes on its weights
+        return create_model(name, **model_args), "cpu"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import petl_surgery as ps
+    from petl_surgery.api import plan
+
+    model_args = parse_options(args.model_arg)
+    if args.num_classes is not None:
+        model_args["num_classes"] = args.num_classes
+    options = parse_options(args.option)
+    layers = parse_layers(args.layers)
+    model, device = _build_for_plan(args.model, model_args)
+    try:
+        insertions = plan(model, args.method, layers, args.skip_unsupported, **options)
+    except ps.SurgeryError:
+        if device != "meta":
+            raise
+        model, device = create_model(args.model, **model_args), "cpu"  # retry with real tensors
+        insertions = plan(model, args.method, layers, args.skip_unsupported, **options)
+
+    names = {id(module): path for path, module in model.named_modules()}
+    found = ps.blocks(model)
+    chosen = sorted({insertion.block for insertion in insertions})
+    total = sum(p.numel() for p in model.parameters())
+    print(f"model    {args.model} ({type(model).__name__}), built without weights on the {device} device; "
+          f"{len(found)} blocks, {total:,} parameters")
+    print(f"method   {args.method}" + (f" with {_format_options(options)}" if options else " (defaults)"))
+    print(f"blocks   {_ranges(chosen)} ({len(chosen)} of {len(found)})")
+    print()
+    rows = []
+    for insertion in insertions:
+        hooks = ", ".join(
+            f"{hook.kind.replace('_', '-')} hook on {names.get(id(hook.target), type(hook.target).__name__) or '(model)'}"
+            for hook in insertion.hooks
+        )
+        patched = f"; sets {', '.join(insertion.patches)} on {insertion.host_path}" if insertion.patches else ""
+        count = sum(p.numel() for p in insertion.module.parameters())
+        rows.append((str(insertion.block), insertion.path, type(insertion.module).__name__, f"{count:,}", hooks + patched))
+    _table(("block", "inserted module", "class", "parameters", "acts through"), rows, right={0, 3})
+    per_method: Dict[str, int] = {}
+    for insertion in insertions:
+        count = sum(p.numel() for p in insertion.module.parameters())
+        per_method[insertion.module.method] = per_method.get(insertion.module.method, 0) + count
+    head = _head_parameters(model)
+    print()
+    for method, count in per_method.items():
+        print(f"{method:<28} {count:>14,} parameters")
+    inserted = sum(per_method.values())
+    print(f"{'classifier head (trainable)':<28} {head:>14,} parameters")
+    trainable = inserted + head
+    print(f"{'trainable':<28} {trainable:>14,} of {total + inserted:,} ({100 * trainable / (total + inserted):.3f}%)")
+    return 0
+
+
+def _head_parameters(model: Any) -> int:
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    return sum(p.numel() for p in head.parameters()) if head is not None else 0
+
+
+def _ranges(values: Sequence[int]) -> str:
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(parts) or "none"
+
+
+def _format_options(options: Dict[str, Any]) -> str:
+    return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in options.items())
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> None:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    print(line(header))
+    print("-" * len(line(["-" * w for w in widths])))
+    for row in rows:
+        print(line(row))
+
+
+# -- inspect --------------------------------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from petl_surgery.checkpoints.files import read
+    from petl_surgery.checkpoints.format import decode, tensors_digest
+
+    path = Path(args.file)
+    tensors, raw = read(path)
+    meta = decode(raw, str(path))
+    checksum_ok = tensors_digest(tensors) == meta["tensors_sha256"]
+    model = meta["model"]
+    print(f"file         {path} ({path.stat().st_size:,} bytes, {path.stat().st_size / 1024:.1f} KiB)")
+    print(f"format       {meta['format']} version {meta['format_version']}, written by petl_surgery "
+          f"{meta.get('library_version', '?')}")
+    print(f"model        {model.get('class')}" + (f" (timm name {model['timm_name']})" if model.get("timm_name") else "")
+          + f", {model.get('blocks', len(model['block_paths']))} blocks")
+    print(f"head         {', '.join(meta['head']) or '(none)'}")
+    print(f"fingerprint  {meta['fingerprint']}")
+    print(f"  w/o head   {meta['fingerprint_without_head']}")
+    print(f"checksum     {'ok' if checksum_ok else 'MISMATCH: the tensors are not those that were saved'}")
+    print("methods (in apply order)")
+    for i, call in enumerate(meta["methods"], 1):
+        print(f"  {i}. {call['method']:<8} blocks {_ranges(sorted(call['blocks']))}")
+        print(f"     options {_format_options(call['options']) or '(none)'}")
+    print()
+    head = set(meta["head"])
+    rows, per_group = [], {}
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        group = _group_of(name, head)
+        per_group.setdefault(group, [0, 0, 0])
+        count, size = tensor.numel(), tensor.numel() * tensor.element_size()
+        per_group[group][0] += 1
+        per_group[group][1] += count
+        per_group[group][2] += size
+        dtype = str(tensor.dtype).replace("torch.", "")
+        rows.append((name, group, dtype, "x".join(map(str, tensor.shape)) or "scalar", f"{count:,}"))
+    _table(("tensor", "part", "dtype", "shape", "parameters"), rows, right={4})
+    print()
+    for group, (n, count, size) in per_group.items():
+        print(f"{group:<12} {n:>5} tensors {count:>12,} parameters {size:>12,} bytes")
+    n = sum(v[0] for v in per_group.values())
+    count = sum(v[1] for v in per_group.values())
+    size = sum(v[2] for v in per_group.values())
+    print(f"{'total':<12} {n:>5} tensors {count:>12,} parameters {size:>12,} bytes")
+    return 0 if checksum_ok else 1
+
+
+def _group_of(name: str, head: set) -> str:
+    if name in head:
+        return "head"
+    for part in name.split("."):
+        if part.startswith("petl_"):
+            return part[len("petl_") :]
+    return "base"
+
+
+# -- train ----------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A plain-text progress bar on stderr: redrawn in place on a terminal, one line per epoch otherwise."""
+
+    def __init__(self, total: int, label: str, stream: Any = None) -> None:
+        self.total, self.label = max(total, 1), label
+        self.stream = stream or sys.stderr
+        self.live = getattr(self.stream, "isatty", lambda: False)()
+        self.started = time.perf_counter()
+
+    def text(self, done: int, extra: str) -> str:
+        width = 24
+        filled = int(width * done / self.total)
+        elapsed = time.perf_counter() - self.started
+        return f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {extra} {elapsed:.0f}s"
+
+    def update(self, done: int, extra: str) -> None:
+        if self.live:
+            self.stream.write("\r" + self.text(done, extra))
+            self.stream.flush()
+
+    def close(self, extra: str) -> None:
+        self.stream.write(("\r" if self.live else "") + self.text(self.total, extra) + "\n")
+        self.stream.flush()
+
+
+def _datasets(args: argparse.Namespace, size: int, mean: Sequence[float], std: Sequence[float]) -> Tuple[Any, Any, List[str]]:
+    import torch
+    from torchvision import datasets, transforms
+
+    for folder in [args.data] + ([args.val] if args.val else []):
+        if not Path(folder).is_dir():
+            raise UsageError(f"no image folder at {folder}")
+    transform = transforms.Compose(
+        [transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(mean, std)]
+    )
+    try:
+        train = datasets.ImageFolder(args.data, transform=transform)
+        val = datasets.ImageFolder(args.val, transform=transform) if args.val else None
+    except (FileNotFoundError, RuntimeError) as error:
+        raise UsageError(str(error).splitlines()[0]) from None
+    classes = list(train.classes)
+    if val is not None and list(val.classes) != classes:
+        raise UsageError(f"--val has classes {val.classes}, --data has {classes}")
+    if val is None and args.val_split > 0:
+        n_val = int(round(len(train) * args.val_split))
+        if n_val < 1 or n_val >= len(train):
+            raise UsageError(f"--val-split {args.val_split} leaves no training or no validation images of {len(train)}")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        train, val = torch.utils.data.Subset(train, order[n_val:]), torch.utils.data.Subset(train, order[:n_val])
+    return train, val, classes
+
+
+def _evaluate(model: Any, loader: Any) -> Tuple[float, float]:
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    loss, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in loader:
+            logits = model(x)
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            count += len(y)
+    return loss / max(count, 1), correct / max(count, 1)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    import petl_surgery as ps
+
+    if args.method is None and args.resume is None:
+        raise UsageError("give --method (a new delta) or --resume DELTA (continue one)")
+    if args.method is not None and args.resume is not None:
+        raise UsageError("--method and --resume exclude each other: a resumed delta brings its own surgery")
+    if args.resume is not None and not Path(args.resume).is_file():
+        raise UsageError(f"no delta checkpoint at {args.resume}")
+    for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1; got {value}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    log_path = Path(args.log) if args.log else out.with_suffix(".json")
+    model_args = parse_options(args.model_arg)
+    if args.image_size:
+        model_args.setdefault("img_size", args.image_size)
+
+    import timm
+
+    config = timm.get_pretrained_cfg(args.model)
+    cfg = config.to_dict() if config is not None else {}
+    size = args.image_size or cfg.get("input_size", (3, 224, 224))[-1]
+    mean, std = cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
+    train_set, val_set, classes = _datasets(args, size, mean, std)
+    model = create_model(args.model, pretrained=args.pretrained, num_classes=len(classes), **model_args)  # head from the classes
+    options = parse_options(args.option)
+    if args.resume:
+        ps.load(model, args.resume)
+        what = f"resumed from {args.resume}"
+    else:
+        ps.apply(model, args.method, layers=parse_layers(args.layers), **options)
+        what = f"{args.method}" + (f" ({_format_options(options)})" if options else "")
+    summary = ps.summary(model)
+    print(f"{args.model}: {what}; trainable {summary.trainable:,} of {summary.total:,} parameters "
+          f"({100 * summary.share:.2f}%); {len(classes)} classes, {len(train_set)} training"
+          + (f" and {len(val_set)} validation" if val_set is not None else "") + " images", file=sys.stderr)
+
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
+                                         num_workers=args.workers, generator=torch.Generator().manual_seed(args.seed))
+    val_loader = (torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, num_workers=args.workers)
+                  if val_set is not None else None)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)
+    steps = args.epochs * len(loader)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    log: Dict[str, Any] = {
+        "model": args.model,
+        "pretrained": args.pretrained,
+        "method": args.method,
+        "options": options,
+        "resumed_from": args.resume,
+        "data": str(args.data),
+        "val": str(args.val) if args.val else (f"{args.val_split:.0%} of --data" if val_set is not None else None),
+        "classes": classes,
+        "image_size": size,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "trainable_parameters": summary.trainable,
+        "history": [],
+        "delta": str(out),
+    }
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        progress = Progress(len(loader), f"epoch {epoch}/{args.epochs}")
+        loss_sum, correct, count = 0.0, 0, 0
+        started = time.perf_counter()
+        for i, (x, y) in enumerate(loader, 1):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            count += len(y)
+            progress.update(i, f"loss {loss_sum / count:.4f} acc {correct / count:.3f}")
+        entry = {"epoch": epoch, "train_loss": loss_sum / count, "train_accuracy": correct / count}
+        text = f"loss {entry['train_loss']:.4f} acc {entry['train_accuracy']:.3f}"
+        if val_loader is not None:
+            entry["val_loss"], entry["val_accuracy"] = _evaluate(model, val_loader)
+            text += f" | val loss {entry['val_loss']:.4f} acc {entry['val_accuracy']:.3f}"
+        entry["seconds"] = round(time.perf_counter() - started, 3)
+        progress.close(text)
+        log["history"].append(entry)
+        ps.save(model, out)  # after every epoch: an interrupted run keeps its last delta
+        log_path.write_text(json.dumps(log, indent=2) + "\n")
+    print(f"saved the delta to {out} ({out.stat().st_size / 1024:.1f} KiB) and the log to {log_path}")
+    return 0
+
+
+# -- demo -----------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from petl_surgery import demo
+
+    config = demo.FULL if args.full else demo.REDUCED
+    report = demo.run(config, Path(args.out), threads=args.threads, plot=not args.no_plot)
+    identical = all(report.reload_identical.values())
+    print(f"outputs in {args.out}: {report.files['csv'].name}, {report.files['runs_csv'].name}"
+          + (f", {report.files['plot'].name}" if report.files.get("plot") else "")
+          + f", delta checkpoints {', '.join(p.name for p in report.checkpoints.values())}")
+    print(f"delta checkpoints saved and reloaded into fresh models: outputs "
+          f"{'identical' if identical else 'NOT identical'}")
+    return 0 if identical else 1
+
+
+# -- main -----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Parameter-efficient transfer learning by model surgery.")
+    parser.add_argument("--traceback", action="store_true", help="on an error, show the whole traceback")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("plan", help="dry run: where a method would go in a timm model, and its parameter counts")
+    p.add_argument("model", metavar="MODEL", help="timm model name (built without weights)")
+    p.add_argument("--method", "-m", required=True, help="patt, adapter, bapat, lora, ...")
+    p.add_argument("--layers", "-l", help="blocks: all (default), 3, 0,2,4, 6:12; negative as --layers=-4:")
+    p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
+    p.add_argument("--num-classes", type=int, help="classes of the model's head")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="a keyword for timm.create_model, e.g. depth=6 (repeatable)")
+    p.add_argument("--skip-unsupported", action="store_true", help="skip blocks the method cannot operate on")
+    p.set_defaults(run=cmd_plan)
+
+    p = sub.add_parser("inspect", help="a delta checkpoint's metadata and tensors")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("train", help="train a method on an ImageFolder directory and save the delta")
+    p.add_argument("model", metavar="MODEL", help="timm model name")
+    p.add_argument("--data", required=True, help="ImageFolder directory (one sub-directory per class)")
+    p.add_argument("--val", help="validation ImageFolder directory (same classes)")
+    p.add_argument("--val-split", type=float, default=0.0, help="without --val: this fraction of --data validates")
+    p.add_argument("--method", "-m", help="the method to apply (not with --resume)")
+    p.add_argument("--layers", "-l", help="blocks: all (default), 3, 0,2,4, 6:12; negative as --layers=-4:")
+    p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
+    p.add_argument("--resume", metavar="DELTA", help="continue from a delta checkpoint (ps.load)")
+    p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs hub access)")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="a keyword for timm.create_model")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, help="input size (default: the model's)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="delta.safetensors", help="where the delta goes (default delta.safetensors)")
+    p.add_argument("--log", help="the JSON log (default: --out with .json)")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("demo", help="the PVP few-shot demonstration (reduced size: a few minutes on a CPU)")
+    p.add_argument("--out", default="petl_demo", help="output directory (default ./petl_demo)")
+    p.add_argument("--full", action="store_true", help="the full size of examples/pvp_fewshot.py")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
+    p.add_argument("--no-plot", action="store_true", help="skip the plot")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    show_traceback = "--traceback" in argv
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return int(args.run(args) or 0)
+    except UsageError as error:
+        if show_traceback:
+            raise
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # SurgeryError, missing files, anything else: one line
+        if show_traceback:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        kind = "" if type(error).__name__ in ("SurgeryError", "BranchNeverRanError") else f"{type(error).__name__}: "
+        print(f"{PROG}: error: {kind}{message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The petl-surgery command line, run in-process through cli.main(argv) on tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import petl_surgery as ps
+from petl_surgery import cli
+
+TINY = ["--model-arg", "img_size=32", "--model-arg", "patch_size=8", "--model-arg", "embed_dim=32",
+        "--model-arg", "depth=2", "--model-arg", "num_heads=2"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """A generated ImageFolder: 3 classes of 6 PNGs (a dominant colour each)."""
+    root = tmp_path_factory.mktemp("images")
+    generator = torch.Generator().manual_seed(0)
+    for k, name in enumerate(["red", "green", "blue"]):
+        (root / name).mkdir()
+        for i in range(6):
+            pixels = torch.rand(20, 20, 3, generator=generator) * 80
+            pixels[..., k] += 150
+            Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / name / f"{i}.png")
+    return root
+
+
+def test_plan_prints_insertions_and_counts(capsys):
+    assert cli.main(["plan", "vit_small_patch16_224", "--method", "patt", "--layers", "1:", "-o", "mid_dim=8",
+                     "--num-classes", "5", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "meta device" in out and "blocks   1 (1 of 2)" in out
+    assert "blocks.1.attn.petl_patt" in out and "forward hook on blocks.1.attn.qkv" in out
+    assert "blocks.0.attn.petl_patt" not in out
+    # d*m + m + 2d*m + 2d with d=32, m=8 (qkv has a bias)
+    assert f"{32 * 8 + 8 + 2 * 32 * 8 + 2 * 32:,}" in out
+    assert "classifier head (trainable)" in out and "165" in out  # 32*5 + 5
+
+
+def test_plan_options_parsing(capsys):
+    assert cli.main(["plan", "vit_small_patch16_224", "-m", "lora", "-o", "targets=q,v,proj", "-o", "rank=2",
+                     *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "forward hook on blocks.0.attn.proj" in out
+    assert cli.parse_value("true") is True and cli.parse_value("learnable") == "learnable"
+    assert cli.parse_value("0.5") == 0.5 and cli.parse_value("q,v") == ["q", "v"]
+    assert cli.parse_layers("6:12") == slice(6, 12) and cli.parse_layers("0,2") == [0, 2]
+    assert cli.parse_layers("-1") == -1 and cli.parse_layers("all") is None
+
+
+def test_train_inspect_resume(image_folder, tmp_path, capsys):
+    delta = tmp_path / "delta.safetensors"
+    argv = ["train", "vit_small_patch16_224", "--data", str(image_folder), "--val-split", "0.25",
+            "--method", "adapter", "-o", "bottleneck=4", "--epochs", "2", "--batch-size", "8",
+            "--image-size", "32", "--lr", "1e-2", "--out", str(delta), *TINY]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "epoch 2/2" in captured.err and "loss" in captured.err and "acc" in captured.err
+    assert delta.is_file()
+    log = json.loads(delta.with_suffix(".json").read_text())
+    assert log["classes"] == ["blue", "green", "red"] and len(log["history"]) == 2
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy"} <= set(log["history"][0])
+
+    assert cli.main(["inspect", str(delta)]) == 0
+    out = capsys.readouterr().out
+    assert "adapter" in out and "bottleneck=4" in out and "checksum     ok" in out
+    assert "blocks.1.mlp.petl_adapter" in out and "head.weight" in out and "3x32" in out and "float32" in out
+    assert "vit_small_patch16_224" in out and "total" in out
+
+    resumed = tmp_path / "resumed.safetensors"
+    assert cli.main(["train", "vit_small_patch16_224", "--data", str(image_folder), "--resume", str(delta),
+                     "--epochs", "1", "--batch-size", "8", "--image-size", "32", "--out", str(resumed), *TINY]) == 0
+    capsys.readouterr()
+    assert json.loads(resumed.with_suffix(".json").read_text())["resumed_from"] == str(delta)
+    import timm
+
+    model = timm.create_model("vit_small_patch16_224", num_classes=3, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=2)
+    ps.load(model, resumed)
+    assert ps.summary(model).per_method == {"adapter": 2 * (2 * 32 * 4 + 4 + 32)}
+
+
+def test_demo_command(tmp_path, capsys, monkeypatch):
+    from petl_surgery import demo
+
+    monkeypatch.setattr(demo, "REDUCED", demo.MICRO)
+    assert cli.main(["demo", "--out", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "identical" in out and (tmp_path / "d" / "pvp_fewshot.csv").is_file()
+    assert sorted(p.name for p in (tmp_path / "d").glob("*.safetensors")) == ["pvp_adapter.safetensors", "pvp_lora.safetensors"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in out
+    else:
+        assert (tmp_path / "d" / "pvp_fewshot.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["plan", "vit_small_patch16_224", "--method", "nonsense"], "unknown method 'nonsense'"),
+        (["plan", "not_a_model", "--method", "patt"], "unknown timm model"),
+        (["plan", "vit_small_patch16_224", "--method", "patt", "--layers", "9", *TINY], "out of range"),
+        (["plan", "vit_small_patch16_224", "--method", "patt", "-o", "bad"], "key=value"),
+        (["inspect", "/no/such/file.safetensors"], "no checkpoint file"),
+        (["train", "vit_small_patch16_224", "--data", "/no/such/dir", "--method", "lora"], "no image folder"),
+        (["train", "vit_small_patch16_224", "--data", "."], "--method"),
+        (["plan"], "required"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_errors_are_one_line(argv, fragment, capsys):
+    status = cli.main(argv)
+    captured = capsys.readouterr()
+    assert status != 0
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("petl-surgery: error:") and fragment in lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_inspect_refuses_a_file_that_is_not_a_delta(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 4)
+    assert cli.main(["inspect", str(bad)]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
