@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence, Set, Tuple, Union
 
+import torch
 from torch import nn
 
 from .errors import SurgeryError
@@ -26,9 +27,24 @@ from .summary import Summary, summarize
 from .verification import forget_removed, start_run_check
 
 
-def _check_model(model: object) -> nn.Module:
+# methods whose branches cast their input to their own dtype (apply's ``branch_dtype``)
+BRANCH_DTYPE_METHODS = ("patt", "adapter", "bapat", "lora")
+
+
+def _check_model(model: object, changes: bool = True) -> nn.Module:
+    """``model`` itself; for a torch.compile'd wrapper, a clear refusal when surgery would change it (its
+    compiled code would not see the new hooks), and the original module when only reading it."""
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    original = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(original, nn.Module):
+        if changes:
+            raise SurgeryError(
+                f"the model is a torch.compile wrapper (OptimizedModule of {type(original).__name__}): code it "
+                "has compiled would not see the surgery. Operate on the original module (model._orig_mod, or "
+                "the model before torch.compile), run one forward, then compile it"
+            )
+        return original
     return model
 
 
@@ -38,7 +54,7 @@ def blocks(model: nn.Module) -> List[Block]:
     Each :class:`Block` names its ``path`` and its ``attention`` and ``mlp`` sites (with their module
     paths). A model with no recognised block gives an empty list.
     """
-    return discover(_check_model(model)).blocks
+    return discover(_check_model(model, changes=False)).blocks
 
 
 def plan(
@@ -113,6 +129,7 @@ def apply(
     head: Optional[Union[str, Sequence[str]]] = None,
     unfreeze: Union[str, Sequence[str]] = (),
     skip_unsupported: bool = False,
+    branch_dtype: Optional[torch.dtype] = None,
     **options: Any,
 ) -> nn.Module:
     """Insert ``method`` into ``model`` in place, freeze the rest, and return the same model.
@@ -131,6 +148,13 @@ def apply(
             softmax over tokens, a missing projection) and the attention modules petl_surgery does not
             understand, instead of refusing the model (default False). ``summary`` lists what was
             skipped.
+        branch_dtype: the floating dtype of the inserted modules' tensors (patt, adapter, bapat, lora);
+            None (default): that of the base parameters beside them. ``torch.float32`` on a bfloat16 or
+            float16 model keeps the trainable branches in float32: each branch casts its input to
+            float32 and its result back to the model's dtype, except under autocast, which chooses the
+            dtype of every matmul itself (a float32 model under ``torch.autocast`` needs nothing: its
+            branch weights stay float32 and autocast casts them per op). ``load`` re-creates branches
+            in the model's dtype.
         **options: the method's options; see its options class for names and defaults.
 
     After apply, exactly the inserted modules of every method applied so far, the head (if
@@ -138,7 +162,17 @@ def apply(
     The first forward afterwards checks that every inserted branch ran, and raises
     :class:`BranchNeverRanError` naming those that did not.
     """
+    if branch_dtype is not None:
+        if not isinstance(branch_dtype, torch.dtype) or not branch_dtype.is_floating_point:
+            raise SurgeryError(f"branch_dtype must be a floating torch.dtype or None; got {branch_dtype!r}")
+        if method not in BRANCH_DTYPE_METHODS:
+            raise SurgeryError(
+                f"branch_dtype is supported by methods {', '.join(BRANCH_DTYPE_METHODS)}; not by {method!r}"
+            )
     insertions = plan(model, method, layers, skip_unsupported, **options)
+    if branch_dtype is not None:
+        for insertion in insertions:
+            insertion.module.to(dtype=branch_dtype)
     excluded = delta_names(model)
     trainable = unfrozen_names(model, compile_patterns(unfreeze), excluded)
     heads = head_parameter_names(model, head)
@@ -218,4 +252,4 @@ def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
 
 def summary(model: nn.Module) -> Summary:
     """A table of trainable parameters per method and per block, with totals and share of the model."""
-    return summarize(_check_model(model))
+    return summarize(_check_model(model, changes=False))

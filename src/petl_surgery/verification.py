@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Dict, Iterable, List, Tuple
 
+import torch
 from torch import nn
 
 from .errors import SurgeryError
@@ -23,12 +24,30 @@ class BranchNeverRanError(SurgeryError):
     """Raised at the end of the first forward after surgery when an inserted branch never ran."""
 
 
+NOT_UNDER_COMPILE = (
+    "petl_surgery's first-forward check (every inserted branch must run once) has not fired yet: it needs "
+    "one forward in eager mode after apply or load. Run the model once before torch.compile(..., "
+    "fullgraph=True). Without fullgraph, torch.compile runs the check eagerly at graph breaks, and "
+    "since it does not guard on hooks, those graph breaks stay in the compiled code after the check is done"
+)
+
+
+def _outside_compile(fn: Any) -> Any:
+    """``fn`` never traced by torch.compile: it mutates hooks and Python state, once, in eager mode."""
+    try:
+        return torch.compiler.disable(fn, reason=NOT_UNDER_COMPILE)
+    except (AttributeError, TypeError):  # torch < 2.5: no ``reason``; torch < 2.1: no torch.compiler
+        disable = getattr(getattr(torch, "compiler", None), "disable", None) or torch._dynamo.disable
+        return disable(fn)
+
+
 class RunCheck:
     """Sentinels for one surgery: hook key -> (inserted module path, the module it hooks)."""
 
     def __init__(self) -> None:
         self.pending: Dict[int, Tuple[str, str]] = {}
         self.watched = 0
+        self.done = False
 
     def watch(self, target: nn.Module, kind: str, inserted_path: str, target_path: str) -> None:
         key = self.watched
@@ -39,10 +58,15 @@ class RunCheck:
         else:
             target.register_forward_pre_hook(functools.partial(self.mark, key))
 
+    @_outside_compile
     def mark(self, key: int, *_: Any) -> None:
         self.pending.pop(key, None)
 
+    @_outside_compile
     def verify(self, model: nn.Module, args: Any, output: Any) -> None:
+        if self.done:  # compiled code that captured this hook keeps calling it (see NOT_UNDER_COMPILE)
+            return
+        self.done = True
         missed = sorted(set(self.pending.values()))
         remove_hooks_of(model, self)
         if missed:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SurgeryError
@@ -26,6 +27,7 @@ from .base import (
     Method,
     PetlModule,
     UnsupportedBlockError,
+    branch_input,
     check_choice,
     check_number,
     check_positive_int,
@@ -105,10 +107,17 @@ class BottleneckAdapter(PetlModule):
         self._residual: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's contribution z (scaled, and normalised if ``layernorm="out"``)."""
+        """The adapter's contribution z (scaled, and normalised if ``layernorm="out"``).
+
+        The scale is folded into the up projection's weight and bias (a few thousand numbers) rather
+        than multiplied into the tokens, and dropout runs only when it can change something."""
+        x = branch_input(x, self.down.weight)
         if self.layernorm_in is not None:
             x = self.layernorm_in(x)
-        z = self.up(self.dropout(torch.relu(self.down(x)))) * self.scale
+        h = torch.relu(F.linear(x, self.down.weight, self.down.bias))
+        if self.training and self.dropout.p > 0:
+            h = self.dropout(h)
+        z = F.linear(h, self.up.weight * self.scale, self.up.bias * self.scale)
         if self.layernorm_out is not None:
             z = self.layernorm_out(z)
         return z
@@ -120,10 +129,10 @@ class BottleneckAdapter(PetlModule):
         return self(x.movedim(self.channel_dim, -1)).movedim(-1, self.channel_dim)
 
     def add_parallel(self, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        return output + self.contribution(args[0])
+        return output + self.contribution(args[0]).to(output.dtype)
 
     def add_sequential(self, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        return output + self.contribution(output)
+        return output + self.contribution(output).to(output.dtype)
 
     def read_residual(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
         self._residual = self.contribution(args[0])
@@ -135,7 +144,7 @@ class BottleneckAdapter(PetlModule):
                 f"adapter of block {self.block}: the MLP's residual branch ended without having started; "
                 "the block's forward does not follow its registered layout"
             )
-        return output + z
+        return output + z.to(output.dtype)
 
 
 class Adapter(Method):

@@ -180,6 +180,29 @@ def add_into_channels(
         output.index_add_(dim, index, part, alpha=alpha)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    return torch.is_autocast_enabled(device_type)
+
+
+def _autocast_enabled_before_2_4(device_type: str) -> bool:
+    return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+try:
+    torch.is_autocast_enabled("cpu")
+    autocast_enabled = _autocast_enabled
+except TypeError:  # torch < 2.4 takes no device type
+    autocast_enabled = _autocast_enabled_before_2_4
+
+
+def branch_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype of a branch's ``weight`` when they differ (branches kept in float32 on a
+    bfloat16 model, ``apply(..., branch_dtype=torch.float32)``), unless autocast chooses the dtype."""
+    if x.dtype == weight.dtype or not x.is_floating_point() or autocast_enabled(x.device.type):
+        return x
+    return x.to(weight.dtype)
+
+
 def writes_for(targets: Sequence[Projection]) -> Dict[str, Tuple[Write, ...]]:
     """Lay the targets end to end along the branch's output and group them by producer, merging
     neighbouring contiguous slices so that, e.g., k and v of a ``[q | k | v]`` output take one add."""

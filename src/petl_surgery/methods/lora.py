@@ -32,6 +32,7 @@ from .base import (
     PetlModule,
     UnsupportedBlockError,
     Write,
+    branch_input,
     check_number,
     check_positive_int,
     factory_kwargs,
@@ -159,7 +160,7 @@ class LowRankAdapter(PetlModule):
         into the output itself, however many targets share the producer, and no view of the output for
         autograd to copy in backward. Dropout runs only when it can change something."""
         dim = self.channel_dim
-        x = args[0] if dim == -1 else args[0].movedim(dim, -1)
+        x = branch_input(args[0] if dim == -1 else args[0].movedim(dim, -1), self.pair(self._stacks[producer].names[0]).lora_A)
         if self.training and self.dropout.p > 0:
             x = self.dropout(x)
         stack = self._stacks[producer]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, List, Mapping, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..patches import host_patches
@@ -30,6 +31,7 @@ from .base import (
     PetlModule,
     UnsupportedBlockError,
     add_into_channels,
+    branch_input,
     check_choice,
     check_number,
     check_positive_int,
@@ -94,6 +96,11 @@ class ParallelAttentionBranch(PetlModule):
                 nn.init.zeros_(self.up.bias)
         # producer path (relative to the attention) -> its writes; scattered channels as index buffers
         self.writes = writes_for(targets)
+        # producer -> the rows [low, high) of ``up`` that its writes read
+        self._rows = {
+            producer: (min(w.branch_start for w in writes), max(w.branch_start + w.width for w in writes))
+            for producer, writes in self.writes.items()
+        }
         for producer, writes in self.writes.items():
             for number, write in enumerate(writes):
                 if write.index is not None:
@@ -105,10 +112,21 @@ class ParallelAttentionBranch(PetlModule):
         return self.up(torch.tanh(self.down(x)))
 
     def add_to_projection(self, producer: str, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        """``output[channels of producer] += scale * up(tanh(down(x)))`` in place: two linears, a tanh
+        and one add into a view per contiguous run of channels; with several producers (separate k and
+        v projections), each computes only its own rows of ``up``."""
         dim = self.channel_dim
-        branch = self(args[0]) if dim == -1 else self(args[0].movedim(dim, -1)).movedim(-1, dim)
+        x = branch_input(args[0] if dim == -1 else args[0].movedim(dim, -1), self.down.weight)
+        low, high = self._rows[producer]
+        up_weight, up_bias = self.up.weight, self.up.bias
+        if high - low != up_weight.shape[0]:
+            up_weight = up_weight.narrow(0, low, high - low)
+            up_bias = None if up_bias is None else up_bias.narrow(0, low, high - low)
+        branch = F.linear(torch.tanh(F.linear(x, self.down.weight, self.down.bias)), up_weight, up_bias)
+        if dim != -1:
+            branch = branch.movedim(-1, dim)
         for number, write in enumerate(self.writes[producer]):
-            part = branch.narrow(dim, write.branch_start, write.width)
+            part = branch.narrow(dim, write.branch_start - low, write.width)
             index = getattr(self, _index_name(producer, number)) if write.index is not None else None
             add_into_channels(output, dim, write, part, self.scale, index)
         return output
