@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from conftest import VIT_FAMILY, images, make_family, make_vit, randomize
 
 import petl_surgery as ps
+from petl_surgery.methods import patt as patt_module
+from petl_surgery.methods.fused import add_tanh_bottleneck_
 from petl_surgery.methods.patt import ParallelAttentionBranch
 
 MODES = ["kv", "qv", "qk", "qkv"]
@@ -156,3 +158,47 @@ def test_bad_options_raise_naming_the_option_and_leave_the_model_untouched(optio
 def test_unknown_option_lists_the_valid_ones():
     with pytest.raises(ps.SurgeryError, match="valid options: mode, mid_dim, scale, init"):
         ps.apply(make_vit(), "patt", rank=4)
+
+
+@pytest.mark.parametrize("biases", [True, False])
+def test_fused_branch_backward_passes_gradcheck_in_float64(biases):
+    generator = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    output, x = rand(2, 5, 12), rand(2, 5, 4)
+    down_weight, up_weight = rand(3, 4), rand(6, 3)
+    down_bias, up_bias = (rand(3), rand(6)) if biases else (None, None)
+
+    def branch(output, x, down_weight, up_weight):
+        return add_tanh_bottleneck_(output.clone(), 4, x, (down_weight, down_bias, up_weight, up_bias), 0.7)
+
+    torch.autograd.gradcheck(branch, (output, x, down_weight, up_weight))
+    if biases:
+        torch.autograd.gradcheck(
+            lambda a, b: add_tanh_bottleneck_(output.clone(), 4, x, (down_weight, a, up_weight, b), 0.7), (down_bias, up_bias)
+        )
+    delta = torch.tanh(x @ down_weight.T + (down_bias if biases else 0)) @ up_weight.T + (up_bias if biases else 0)
+    expected = output.detach().clone()
+    expected[..., 4:10] += 0.7 * delta
+    torch.testing.assert_close(branch(output, x, down_weight, up_weight), expected)
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_fused_path_gives_the_gradients_of_the_general_path(family, monkeypatch):
+    def gradients(fused: bool):
+        monkeypatch.setattr(patt_module, "fused_path_applies", lambda *args: fused)
+        model = make_family(family).double().train()
+        ps.apply(model, "patt", init="reference")
+        x = images(family, dtype=torch.float64).requires_grad_(True)
+        model(x).square().sum().backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        return grads, x.grad
+
+    fused_grads, fused_input = gradients(True)
+    general_grads, general_input = gradients(False)
+    assert fused_grads.keys() == general_grads.keys() and len(fused_grads) > 2
+    for name, grad in general_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(fused_input, general_input, rtol=1e-10, atol=1e-12)

@@ -38,6 +38,7 @@ from .base import (
     factory_kwargs,
     writes_for,
 )
+from .fused import add_tanh_bottleneck_, fused_path_applies
 
 MODES = {"kv": ("k", "v"), "qv": ("q", "v"), "qk": ("q", "k"), "qkv": ("q", "k", "v")}
 INITS = ("zero", "reference")
@@ -101,6 +102,10 @@ class ParallelAttentionBranch(PetlModule):
             producer: (min(w.branch_start for w in writes), max(w.branch_start + w.width for w in writes))
             for producer, writes in self.writes.items()
         }
+        # producers whose writes are one contiguous run of channels take the fused path (see .fused)
+        self._single_write = {
+            producer: writes[0] for producer, writes in self.writes.items() if len(writes) == 1 and writes[0].index is None
+        }
         for producer, writes in self.writes.items():
             for number, write in enumerate(writes):
                 if write.index is not None:
@@ -112,16 +117,21 @@ class ParallelAttentionBranch(PetlModule):
         return self.up(torch.tanh(self.down(x)))
 
     def add_to_projection(self, producer: str, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        """``output[channels of producer] += scale * up(tanh(down(x)))`` in place: two linears, a tanh
-        and one add into a view per contiguous run of channels; with several producers (separate k and
-        v projections), each computes only its own rows of ``up``."""
+        """``output[channels of producer] += scale * up(tanh(down(x)))`` in place; with several producers
+        (separate k and v projections), each computes only its own rows of ``up``. One contiguous run of
+        channels in a channels-last output takes the fused path (``.fused``); anything else two linears,
+        a tanh and one add into a view (or ``index_add_``) per run of channels."""
         dim = self.channel_dim
-        x = branch_input(args[0] if dim == -1 else args[0].movedim(dim, -1), self.down.weight)
         low, high = self._rows[producer]
         up_weight, up_bias = self.up.weight, self.up.bias
         if high - low != up_weight.shape[0]:
             up_weight = up_weight.narrow(0, low, high - low)
             up_bias = None if up_bias is None else up_bias.narrow(0, low, high - low)
+        single = self._single_write.get(producer)
+        if single is not None and dim == -1 and fused_path_applies(output, args[0], self.down.weight):
+            weights = (self.down.weight, self.down.bias, up_weight, up_bias)
+            return add_tanh_bottleneck_(output, single.output_start, args[0], weights, self.scale)
+        x = branch_input(args[0] if dim == -1 else args[0].movedim(dim, -1), self.down.weight)
         branch = F.linear(torch.tanh(F.linear(x, self.down.weight, self.down.bias)), up_weight, up_bias)
         if dim != -1:
             branch = branch.movedim(-1, dim)
