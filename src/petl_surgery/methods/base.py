@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import SurgeryError
 from ..hooks import remove_hooks_of
 from ..patches import Patch, apply_patch
-from ..sites import Block, Projection
+from ..sites import AttentionSite, Block, Projection
 
 CHILD_PREFIX = "petl_"
 
@@ -43,6 +43,29 @@ class PetlModule(nn.Module):
 
 class UnsupportedBlockError(SurgeryError):
     """A block lacks what a method needs (``apply(..., skip_unsupported=True)`` skips such blocks)."""
+
+
+def layout_refusal(site: AttentionSite) -> Optional[str]:
+    """Why the registry refuses ``site``'s attention (non-softmax attention, ...), or None."""
+    return site.unsupported
+
+
+def attention_of(
+    block: Block, method: str, refusal: Optional[Callable[[AttentionSite], Optional[str]]] = layout_refusal
+) -> AttentionSite:
+    """The attention of ``block`` for ``method``; UnsupportedBlockError when the block has none or when
+    ``refusal`` (by default the registry's own refusal) gives a reason against it."""
+    where = f"block {block.index} ({block.path!r})"
+    site = block.attention
+    if site is None:
+        raise UnsupportedBlockError(f"method {method!r} needs an attention in {where}; it has none")
+    reason = refusal(site) if refusal is not None else None
+    if reason is not None:
+        raise UnsupportedBlockError(
+            f"method {method!r} cannot operate on {where}: its attention {site.path!r} "
+            f"({type(site.module).__name__}) {reason}"
+        )
+    return site
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from .base import (
     PetlModule,
     UnsupportedBlockError,
     Write,
+    attention_of,
     branch_input,
     check_number,
     check_positive_int,
@@ -227,9 +228,7 @@ class Lora(Method):
         attention_targets = [t for t in options.targets if t in ATTENTION_TARGETS]
         mlp_targets = [t for t in options.targets if t in MLP_TARGETS]
         if attention_targets:
-            site = block.attention
-            if site is None:
-                raise UnsupportedBlockError(f"method {method!r} needs an attention in {where}; it has none")
+            site = attention_of(block, method, refusal=None)  # a LoRA on a projection needs no softmax
             available: Dict[str, Projection] = dict(site.projections)
             if site.output is not None:
                 available["proj"] = site.output

@@ -31,6 +31,7 @@ from .base import (
     PetlModule,
     UnsupportedBlockError,
     add_into_channels,
+    attention_of,
     branch_input,
     check_choice,
     check_number,
@@ -154,15 +155,8 @@ class Patt(Method):
     def plan_block(
         cls, block: Block, options: PattOptions, method: str, recorded: Mapping[str, Any]
     ) -> List[Insertion]:
-        site = block.attention
+        site = attention_of(block, method)
         where = f"block {block.index} ({block.path!r})"
-        if site is None:
-            raise UnsupportedBlockError(f"method {method!r} needs an attention in {where}; it has none")
-        if site.unsupported is not None:
-            raise UnsupportedBlockError(
-                f"method {method!r} cannot operate on {where}: its attention {site.path!r} "
-                f"({type(site.module).__name__}) {site.unsupported}"
-            )
         missing = [role for role in MODES[options.mode] if role not in site.projections]
         if missing:
             raise UnsupportedBlockError(

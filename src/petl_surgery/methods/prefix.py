@@ -44,7 +44,7 @@ from .base import (
     Insertion,
     Method,
     PetlModule,
-    UnsupportedBlockError,
+    attention_of,
     check_choice,
     check_positive_int,
     factory_kwargs,
@@ -249,6 +249,16 @@ def pad_mask(mask: torch.Tensor, tokens: int, length: int) -> torch.Tensor:
     return torch.cat([fill.expand(*leading, length), mask], dim=-1)
 
 
+def prefix_refusal(site: AttentionSite) -> Optional[str]:
+    """Why a prefix cannot be put into ``site``'s attention, or None when it can."""
+    reason = site.unsupported or sdpa_refusal(site.module)
+    if reason is None and not {"k", "v"} <= set(site.projections):
+        reason = f"projects only {', '.join(site.projections)}, and a prefix needs k and v"
+    if reason is None and installed(site.module, "forward") is not None:
+        reason = "has its forward replaced by another surgery already"
+    return reason
+
+
 def sdpa_refusal(attention: nn.Module) -> Optional[str]:
     """Why a prefix cannot be put into ``attention`` (its class matched exactly), or None when it can."""
     key = (type(attention).__module__, type(attention).__qualname__)
@@ -270,18 +280,7 @@ class Prefix(Method):
     def plan_block(
         cls, block: Block, options: PrefixOptions, method: str, recorded: Mapping[str, Any]
     ) -> List[Insertion]:
-        site = block.attention
-        where = f"block {block.index} ({block.path!r})"
-        if site is None:
-            raise UnsupportedBlockError(f"method {method!r} needs an attention in {where}; it has none")
-        attention = f"its attention {site.path!r} ({type(site.module).__name__})"
-        reason = site.unsupported or sdpa_refusal(site.module)
-        if reason is None and not {"k", "v"} <= set(site.projections):
-            reason = f"projects only {', '.join(site.projections)}, and a prefix needs k and v"
-        if reason is None and installed(site.module, "forward") is not None:
-            reason = "has its forward replaced by another surgery already"
-        if reason is not None:
-            raise UnsupportedBlockError(f"method {method!r} cannot operate on {where}: {attention} {reason}")
+        site = attention_of(block, method, prefix_refusal)
         prefix = PrefixTokens(site, options, method, block.index, recorded)
         # the prefix's own forward wraps the attention's: a layer of its own, removed with it
         patches = [Patch(site.module, "forward", functools.partial(prefix.run_prefixed, site.module.forward), shared=False)]
