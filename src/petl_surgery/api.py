@@ -16,10 +16,10 @@ from .freezing import (
     set_trainable,
     unfrozen_names,
 )
+from .hooks import hook_owner
 from .inventory import delta_names, inserted_modules, next_order
 from .methods import Insertion, PetlModule, get_method
-from .methods.lora import LowRankAdapter, mergeable_weight
-from .methods.base import UnsupportedBlockError, options_dict
+from .methods.base import MergeableModule, UnsupportedBlockError, options_dict
 from .patches import undo_patches
 from .selection import LayerSelection, select_layers
 from .sites import Block, discover
@@ -28,7 +28,7 @@ from .verification import forget_removed, start_run_check
 
 
 # methods whose branches cast their input to their own dtype (apply's ``branch_dtype``)
-BRANCH_DTYPE_METHODS = ("patt", "adapter", "bapat", "lora")
+BRANCH_DTYPE_METHODS = ("patt", "adapter", "bapat", "lora", "ssf")
 
 
 def _check_model(model: object, changes: bool = True) -> nn.Module:
@@ -136,7 +136,7 @@ def apply(
 
     Args:
         model: a timm (or torch) model; its class, parameters and state_dict keys stay as they are.
-        method: "patt", "adapter" or "bapat".
+        method: "patt", "adapter", "bapat", "lora", "prefix", "vpt" or "ssf" (see the README for each).
         layers: which blocks: None (all), an int, an iterable of ints or a slice, over the global block
             index of :func:`blocks` (negative indices count from the end).
         train_head: keep the classifier head trainable (default True).
@@ -219,35 +219,58 @@ def _take_out(model: nn.Module, present: Sequence[Tuple[str, PetlModule]]) -> No
 def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
     """Fold every mergeable method into the base weights and remove it, in place; return the model.
 
-    Mergeable: LoRA (``W += (alpha / r) B A`` on each target's rows of a plain Linear or 1x1 Conv2d).
-    Not mergeable: PATT and the adapters (their tanh/ReLU branches depend on the input nonlinearly),
-    prefix tuning and VPT (they add tokens). With any of those present, merge raises naming them unless
-    ``keep_unmergeable=True``, which leaves them in place. Once nothing else is left, the model's
-    state_dict has exactly the plain model's keys, and its outputs equal the unmerged model's up to
-    floating-point rounding.
+    Mergeable: LoRA (``W += (alpha / r) B A`` on each target's rows of a plain Linear or 1x1 Conv2d) and
+    SSF (``W <- diag(gamma) W``, ``b <- gamma * b + beta`` on each target's rows of a plain Linear or
+    convolution that has a bias). Not mergeable: PATT and the adapters (their tanh/ReLU branches depend
+    on the input nonlinearly), prefix tuning and VPT (they add tokens). With any of those present, merge
+    raises naming them unless ``keep_unmergeable=True``, which leaves them in place; SSF is then merged
+    only where no kept branch adds into its producer's output before it (its scale would have to apply
+    to that branch too). Methods are folded in the order they were applied, which is the order their
+    hooks run. Once nothing else is left, the model's state_dict has exactly the plain model's keys, and
+    its outputs equal the unmerged model's up to floating-point rounding.
     """
     present = inserted_modules(_check_model(model))
-    mergeable = [(path, module) for path, module in present if isinstance(module, LowRankAdapter)]
-    others = sorted({module.method for _, module in present if not isinstance(module, LowRankAdapter)})
+    mergeable = sorted(
+        [(path, module) for path, module in present if isinstance(module, MergeableModule)], key=lambda item: item[1].order
+    )
+    others = sorted({module.method for _, module in present if not isinstance(module, MergeableModule)})
     if not mergeable:
-        raise SurgeryError(f"{type(model).__name__} carries no mergeable method (LoRA); applied: {', '.join(others) or 'none'}")
+        raise SurgeryError(
+            f"{type(model).__name__} carries no mergeable method (LoRA, SSF); applied: {', '.join(others) or 'none'}"
+        )
     if others and not keep_unmergeable:
         raise SurgeryError(
             f"method(s) {', '.join(others)} cannot be merged into the base weights (their branches are not "
             "linear in the input, or they add tokens); remove them first, or pass keep_unmergeable=True"
         )
+    merged = {id(module) for _, module in mergeable}
     hosts = {path: model.get_submodule(path.rpartition(".")[0]) for path, _ in mergeable}
     for path, module in mergeable:
-        for producer in module.producers():
-            if mergeable_weight(hosts[path].get_submodule(producer)) is None:
-                raise SurgeryError(
-                    f"{path} cannot be merged: its target {producer!r} is a "
-                    f"{type(hosts[path].get_submodule(producer)).__name__}, not a plain Linear or 1x1 Conv2d"
-                )
+        reason = module.merge_refusal(hosts[path]) or _kept_before(module, hosts[path], merged)
+        if reason is not None:
+            raise SurgeryError(f"{path} ({module.method}) cannot be merged: {reason}")
     for path, module in mergeable:
         module.merge_into(hosts[path])
     _take_out(model, mergeable)
     return model
+
+
+def _kept_before(module: MergeableModule, host: nn.Module, merged: Set[int]) -> Optional[str]:
+    """For a module that transforms its producers' outputs: a branch that stays (is not merged) and runs
+    before it on one of its producers, named; None otherwise."""
+    if module.additive:
+        return None
+    for producer in module.producers():
+        for hook in host.get_submodule(producer)._forward_hooks.values():
+            owner = hook_owner(hook)
+            if owner is module:
+                break
+            if isinstance(owner, PetlModule) and id(owner) not in merged:
+                return (
+                    f"the {owner.method} branch on {producer!r}, which stays, adds into that output before it; "
+                    "remove that method first"
+                )
+    return None
 
 
 def summary(model: nn.Module) -> Summary:

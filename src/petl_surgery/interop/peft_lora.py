@@ -50,7 +50,8 @@ from torch import nn
 from ..checkpoints.files import PathLike, read, write_atomic
 from ..errors import SurgeryError
 from ..inventory import delta_names, inserted_modules
-from ..methods.lora import TARGETS, LowRankAdapter, mergeable_weight
+from ..methods.lora import LowRankAdapter
+from ..methods.targets import TARGETS, foldable_weight
 from ..sites import Block, Projection, discover
 from .common import Call, group_calls, install
 from .files import load_pickle, state_dict_of
@@ -302,7 +303,7 @@ def _lora_modules(model: nn.Module) -> Tuple[Dict[str, Tuple[torch.Tensor, torch
         dropouts.add(float(adapter.dropout.p))
         for producer in adapter.producers():
             try:
-                weight = mergeable_weight(host.get_submodule(producer))
+                weight = foldable_weight(host.get_submodule(producer), pointwise=True)
             except AttributeError:  # a stand-in added by the site's patches, not a module of the model
                 weight = None
             if weight is None:

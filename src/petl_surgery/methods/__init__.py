@@ -9,9 +9,10 @@ from .base import Insertion, Method, PetlModule
 from .lora import Lora, LoraOptions, LowRankAdapter
 from .patt import ParallelAttentionBranch, Patt, PattOptions
 from .prefix import Prefix, PrefixOptions, PrefixTokens
+from .ssf import FeatureScaleShift, Ssf, SsfOptions
 from .vpt import Vpt
 
-METHODS: Dict[str, Type[Method]] = {method.name: method for method in (Patt, Adapter, Bapat, Lora, Prefix, Vpt)}
+METHODS: Dict[str, Type[Method]] = {method.name: method for method in (Patt, Adapter, Bapat, Lora, Prefix, Vpt, Ssf)}
 
 
 def get_method(name: object) -> Type[Method]:
@@ -26,6 +27,7 @@ __all__ = [
     "Adapter",
     "AdapterOptions",
     "Bapat",
+    "FeatureScaleShift",
     "BapatOptions",
     "BottleneckAdapter",
     "Insertion",
@@ -40,6 +42,8 @@ __all__ = [
     "Prefix",
     "PrefixOptions",
     "PrefixTokens",
+    "Ssf",
+    "SsfOptions",
     "Vpt",
     "get_method",
 ]

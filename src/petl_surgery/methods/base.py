@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import uuid
 from dataclasses import dataclass
@@ -39,6 +40,28 @@ class PetlModule(nn.Module):
     def detach_hooks(self, root: nn.Module) -> None:
         """Remove every hook this module registered anywhere under ``root``."""
         remove_hooks_of(root, self)
+
+
+class MergeableModule(PetlModule, abc.ABC):
+    """An inserted module that :func:`petl_surgery.merge` can fold into the base weights of the producers
+    it hooks (modules of its host, the module it is a child of)."""
+
+    # True when the module only adds a term computed from the producer's input (LoRA): it gives the same
+    # output wherever its hook runs among other additive hooks. False when it transforms the producer's
+    # output (SSF's scale), so every hook before it on a producer must be folded with it.
+    additive: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def producers(self) -> List[str]:
+        """Paths, relative to the host, of the producers this module hooks."""
+
+    @abc.abstractmethod
+    def merge_refusal(self, host: nn.Module) -> Optional[str]:
+        """Why this module cannot be folded into ``host``'s producers, or None when it can."""
+
+    @abc.abstractmethod
+    def merge_into(self, host: nn.Module) -> None:
+        """Fold this module into ``host``'s producers (after ``merge_refusal`` gave None)."""
 
 
 class UnsupportedBlockError(SurgeryError):

@@ -12,36 +12,27 @@ into the base weights.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SurgeryError
-from ..patches import Patch, host_patches
-from ..sites import Block, Projection
+from ..sites import Block
 from .base import (
-    CHILD_PREFIX,
-    Hook,
     Insertion,
+    MergeableModule,
     Method,
-    PetlModule,
     UnsupportedBlockError,
     Write,
-    attention_of,
     branch_input,
     check_number,
     check_positive_int,
     factory_kwargs,
 )
-
-ATTENTION_TARGETS = ("q", "k", "v", "proj")
-MLP_TARGETS = ("fc1", "fc2")
-TARGETS = ATTENTION_TARGETS + MLP_TARGETS
+from .targets import HostTargets, fold_refusal, foldable_weight, insertions_per_host, parse_targets, resolve_targets
 
 
 @dataclass(frozen=True)
@@ -68,14 +59,7 @@ class LoraOptions:
             object.__setattr__(self, "alpha", float(self.rank))
         check_number("lora", "alpha", self.alpha)
         check_number("lora", "dropout", self.dropout, low=0.0, high=1.0)
-        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        unknown = [t for t in targets if t not in TARGETS]
-        if unknown or not targets or len(set(targets)) != len(targets):
-            raise SurgeryError(
-                f"option 'targets' of method 'lora' must name distinct projections among "
-                f"{', '.join(TARGETS)}; got {self.targets!r}"
-            )
-        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "targets", parse_targets("lora", self.targets))
 
 
 class LowRankPair(nn.Module):
@@ -110,7 +94,7 @@ class _Stack:
     tiles: int
 
 
-class LowRankAdapter(PetlModule):
+class LowRankAdapter(MergeableModule):
     """The LoRA updates of one host (an attention or an MLP), one :class:`LowRankPair` per target, added
     to their producers' outputs through forward hooks: ``out[channels] += scaling * B A dropout(x)``."""
 
@@ -118,9 +102,7 @@ class LowRankAdapter(PetlModule):
 
     def __init__(
         self,
-        host: nn.Module,
-        targets: Sequence[Tuple[str, Projection, nn.Module, int]],
-        channel_dim: int,
+        host: HostTargets,
         options: LoraOptions,
         method: str,
         block: int,
@@ -128,18 +110,16 @@ class LowRankAdapter(PetlModule):
     ) -> None:
         super().__init__(method, recorded, block)
         self.scaling = float(options.alpha) / options.rank
-        self.channel_dim = channel_dim
+        self.channel_dim = host.channel_dim
         self.dropout = nn.Dropout(options.dropout)
-        self.targets: Tuple[Target, ...] = tuple(
-            Target(name, projection.module, Write(0, projection.start, projection.width, projection.index))
-            for name, projection, _, _ in targets
-        )
-        for name, projection, producer, in_features in targets:
-            kwargs = factory_kwargs(producer, host)
-            self.add_module(name, LowRankPair(in_features, projection.width, options.rank, **kwargs))
-            if projection.index is not None:
-                index = torch.tensor(projection.index, dtype=torch.long, device=kwargs.get("device"))
-                self.register_buffer(f"index_{name}", index, persistent=False)
+        self.targets: Tuple[Target, ...] = tuple(Target(t.name, t.projection.module, t.write) for t in host.targets)
+        for target in host.targets:
+            kwargs = factory_kwargs(target.producer, host.module)
+            assert target.in_features is not None  # checked by Lora.plan_block
+            self.add_module(target.name, LowRankPair(target.in_features, target.projection.width, options.rank, **kwargs))
+            if target.projection.index is not None:
+                index = torch.tensor(target.projection.index, dtype=torch.long, device=kwargs.get("device"))
+                self.register_buffer(f"index_{target.name}", index, persistent=False)
         self._stacks: Dict[str, _Stack] = {}
         for producer in dict.fromkeys(target.producer for target in self.targets):
             mine = [target for target in self.targets if target.producer == producer]
@@ -192,11 +172,14 @@ class LowRankAdapter(PetlModule):
     def producers(self) -> List[str]:
         return list(dict.fromkeys(target.producer for target in self.targets))
 
+    def merge_refusal(self, host: nn.Module) -> Optional[str]:
+        return fold_refusal(host, self.producers(), pointwise=True)
+
     def merge_into(self, host: nn.Module) -> None:
         """Fold ``scaling * B A`` into the weights of the producers under ``host`` (checked mergeable)."""
         with torch.no_grad():
             for target in self.targets:
-                weight = mergeable_weight(host.get_submodule(target.producer))
+                weight = foldable_weight(host.get_submodule(target.producer), pointwise=True)
                 assert weight is not None  # checked by merge() before anything changed
                 rows = weight.view(weight.shape[0], -1)
                 delta = (self.pair(target.name).delta_weight() * self.scaling).to(rows.dtype)
@@ -207,104 +190,22 @@ class LowRankAdapter(PetlModule):
                     rows.index_add_(0, index, delta)
 
 
-def mergeable_weight(producer: nn.Module) -> Optional[torch.Tensor]:
-    """The weight a low-rank update can be folded into: that of a plain Linear or 1x1 Conv2d whose output
-    is the hooked output itself (not, say, a Linear followed by a BatchNorm)."""
-    if type(producer) is nn.Linear:
-        return producer.weight
-    if type(producer) is nn.Conv2d and producer.kernel_size == (1, 1) and producer.groups == 1:
-        return producer.weight
-    return None
-
-
 class Lora(Method):
     name = "lora"
     Options = LoraOptions
 
     @classmethod
     def plan_block(cls, block: Block, options: LoraOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
-        where = f"block {block.index} ({block.path!r})"
-        insertions = []
-        attention_targets = [t for t in options.targets if t in ATTENTION_TARGETS]
-        mlp_targets = [t for t in options.targets if t in MLP_TARGETS]
-        if attention_targets:
-            site = attention_of(block, method, refusal=None)  # a LoRA on a projection needs no softmax
-            available: Dict[str, Projection] = dict(site.projections)
-            if site.output is not None:
-                available["proj"] = site.output
-            targets = cls._targets(
-                method, where, site.path, site.module, attention_targets, available, site.producer, site.in_features
-            )
-            insertions.append(
-                cls._insertion(
-                    block, site.path, site.module, targets, site.channel_dim, options, method, recorded,
-                    host_patches(site.module, dict(site.patches)),
-                )
-            )
-        if mlp_targets:
-            mlp = block.mlp
-            if mlp is None:
-                raise UnsupportedBlockError(f"method {method!r} needs an MLP in {where}; it has none")
-            targets = cls._targets(
-                method, where, mlp.path, mlp.module, mlp_targets, dict(mlp.projections), mlp.module.get_submodule, None
-            )
-            insertions.append(cls._insertion(block, mlp.path, mlp.module, targets, mlp.channel_dim, options, method, recorded, []))
-        return insertions
+        hosts = resolve_targets(block, options.targets, method)
+        for host in hosts:
+            for target in host.targets:
+                if target.in_features is None:
+                    raise UnsupportedBlockError(
+                        f"method {method!r} cannot tell the input width of target {target.name!r} in "
+                        f"{host.path!r} ({type(target.producer).__name__})"
+                    )
 
-    @staticmethod
-    def _targets(
-        method: str,
-        where: str,
-        host_path: str,
-        host: nn.Module,
-        names: Sequence[str],
-        available: Mapping[str, Projection],
-        producer_of: Callable[[str], nn.Module],
-        qkv_in_features: Optional[int],
-    ) -> List[Tuple[str, Projection, nn.Module, int]]:
-        """(name, projection, producer, input width) of each target; q/k/v read the attention's tokens,
-        the other targets whatever their own layer reads."""
-        missing = [name for name in names if name not in available]
-        if missing:
-            raise UnsupportedBlockError(
-                f"targets {', '.join(missing)} of method {method!r} are not available in {where}: "
-                f"{host_path!r} ({type(host).__name__}) offers {', '.join(available) or 'none'}"
-            )
-        targets = []
-        for name in names:
-            producer = producer_of(available[name].module)
-            width = qkv_in_features if name in ("q", "k", "v") else _in_features(producer)
-            if width is None:
-                raise UnsupportedBlockError(
-                    f"method {method!r} cannot tell the input width of target {name!r} in {host_path!r} "
-                    f"({type(producer).__name__})"
-                )
-            targets.append((name, available[name], producer, width))
-        return targets
+        def build(host: HostTargets) -> LowRankAdapter:
+            return LowRankAdapter(host, options, method, block.index, recorded)
 
-    @staticmethod
-    def _insertion(
-        block: Block,
-        host_path: str,
-        host: nn.Module,
-        targets: List[Tuple[str, Projection, nn.Module, int]],
-        channel_dim: int,
-        options: LoraOptions,
-        method: str,
-        recorded: Mapping[str, Any],
-        patches: Sequence[Patch],
-    ) -> Insertion:
-        module = LowRankAdapter(host, targets, channel_dim, options, method, block.index, recorded)
-        producers = {projection.module: producer for _, projection, producer, _ in targets}
-        hooks = [
-            Hook(producer, "forward", functools.partial(module.add_low_rank, name)) for name, producer in producers.items()
-        ]
-        return Insertion(block.index, host_path, host, CHILD_PREFIX + method, module, hooks, patches)
-
-
-def _in_features(layer: nn.Module) -> Optional[int]:
-    if isinstance(layer, nn.Linear):
-        return layer.in_features
-    if isinstance(layer, nn.Conv2d):
-        return layer.in_channels
-    return None
+        return insertions_per_host(block, hosts, method, build, "add_low_rank")

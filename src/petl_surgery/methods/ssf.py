@@ -1,0 +1,153 @@
+"""SSF, scaling and shifting features (Lian et al., NeurIPS 2022, arXiv 2210.08823).
+
+After each target projection, its output channels are scaled and shifted::
+
+    y = gamma * x + beta        gamma, beta: one value per output channel of the target
+
+Targets are the semantic projections of LoRA: "q", "k", "v" (their channels of the attention's input
+projection, whatever its layout), "proj", "fc1" (before the activation, as in the reference), "fc2".
+The reference code (github.com/dongzelian/SSF) also scales and shifts the patch embedding and every
+LayerNorm; here SSF covers the projections inside the blocks. SSF is mergeable: ``merge`` folds gamma
+into the producer's weight rows and ``gamma * b + beta`` into its bias, leaving the plain model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..sites import Block
+from .base import (
+    Insertion,
+    MergeableModule,
+    Method,
+    branch_input,
+    check_choice,
+    check_number,
+    factory_kwargs,
+)
+from .targets import HostTargets, ResolvedTarget, fold_refusal, insertions_per_host, parse_targets, resolve_targets
+
+INITS = ("identity", "reference")
+
+
+@dataclass(frozen=True)
+class SsfOptions:
+    """Options of ``"ssf"``.
+
+    Attributes:
+        targets: which projections get a scale and shift, among "q", "k", "v", "proj", "fc1", "fc2"
+            (default all six: the reference's ``qkv``, ``proj``, ``fc1`` and ``fc2``).
+        init: "identity" (default): gamma = 1, beta = 0, so the output is unchanged right after apply
+            (as with every method here that can be); "reference": gamma ~ N(1, std), beta ~ N(0, std),
+            the reference's ``init_ssf_scale_shift``.
+        std: the standard deviation of the reference init (0.02, the reference's); ignored with
+            init "identity".
+    """
+
+    targets: Union[str, Sequence[str]] = ("q", "k", "v", "proj", "fc1", "fc2")
+    init: str = "identity"
+    std: float = 0.02
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", parse_targets("ssf", self.targets))
+        check_choice("ssf", "init", self.init, INITS)
+        check_number("ssf", "std", self.std, low=0.0)
+
+
+class ScaleShift(nn.Module):
+    """One target's ``scale`` (gamma) and ``shift`` (beta), one value per channel."""
+
+    def __init__(self, width: int, options: SsfOptions, **kwargs: Any) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width, **kwargs))
+        self.shift = nn.Parameter(torch.zeros(width, **kwargs))
+        if options.init == "reference":
+            nn.init.normal_(self.scale, mean=1.0, std=options.std)
+            nn.init.normal_(self.shift, std=options.std)
+
+
+class FeatureScaleShift(MergeableModule):
+    """The SSF of one host (an attention or an MLP), one :class:`ScaleShift` per target, applied to its
+    producers' outputs through forward hooks: ``out[channels] = gamma * out[channels] + beta``."""
+
+    component = "ssf"
+    additive = False
+
+    def __init__(self, host: HostTargets, options: SsfOptions, method: str, block: int, recorded: Mapping[str, Any]) -> None:
+        super().__init__(method, recorded, block)
+        self.channel_dim = host.channel_dim
+        self._targets: Dict[str, Tuple[ResolvedTarget, ...]] = {}
+        for target in host.targets:
+            kwargs = factory_kwargs(target.producer, host.module)
+            self.add_module(target.name, ScaleShift(target.projection.width, options, **kwargs))
+            if target.projection.index is not None:
+                index = torch.tensor(target.projection.index, dtype=torch.long, device=kwargs["device"])
+                self.register_buffer(f"index_{target.name}", index, persistent=False)
+            self._targets.setdefault(target.projection.module, ())
+            self._targets[target.projection.module] += (target,)
+
+    def producers(self) -> List[str]:
+        return list(self._targets)
+
+    def vectors(self, producer: str, channels: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(gamma, beta) over all ``channels`` of ``producer``'s output: the targets' values on their
+        channels, 1 and 0 on channels no target covers."""
+        targets = self._targets[producer]
+        pairs = [getattr(self, t.name) for t in targets]
+        widths = [t.projection.width for t in targets]
+        starts = [sum(widths[:number]) for number in range(len(targets))]
+        if sum(widths) == channels and all(
+            t.projection.index is None and t.projection.start == start for t, start in zip(targets, starts)
+        ):  # the targets lie end to end over the whole output, in order
+            if len(pairs) == 1:
+                return pairs[0].scale, pairs[0].shift
+            return torch.cat([p.scale for p in pairs]), torch.cat([p.shift for p in pairs])
+        first = pairs[0].scale
+        scale, shift = first.new_ones(channels), first.new_zeros(channels)
+        for target, pair in zip(targets, pairs):
+            index = getattr(self, f"index_{target.name}", None)
+            if index is None:
+                index = torch.arange(target.projection.start, target.projection.start + target.projection.width, device=first.device)
+            scale = scale.index_copy(0, index, pair.scale)
+            shift = shift.index_copy(0, index, pair.shift)
+        return scale, shift
+
+    def scale_shift(self, producer: str, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        """``beta + output * gamma`` along the channel dimension: one ``addcmul``, a new tensor (the
+        producer's output stays as autograd saw it), computed in the dtype of gamma when it differs from
+        the output's (``branch_dtype``) and cast back."""
+        scale, shift = self.vectors(producer, output.shape[self.channel_dim])
+        if self.channel_dim != -1:
+            trailing = output.dim() - 1 - (self.channel_dim % output.dim())
+            scale = scale.view(-1, *([1] * trailing))
+            shift = shift.view(-1, *([1] * trailing))
+        return torch.addcmul(shift, branch_input(output, scale), scale).to(output.dtype)
+
+    def merge_refusal(self, host: nn.Module) -> Optional[str]:
+        return fold_refusal(host, self.producers(), pointwise=False, needs_bias=True)
+
+    def merge_into(self, host: nn.Module) -> None:
+        """``W <- diag(gamma) W`` and ``b <- gamma * b + beta`` on each producer (checked mergeable)."""
+        with torch.no_grad():
+            for producer in self.producers():
+                layer = host.get_submodule(producer)
+                scale, shift = self.vectors(producer, layer.weight.shape[0])
+                rows = layer.weight.view(layer.weight.shape[0], -1)
+                rows.mul_(scale.to(rows.dtype)[:, None])
+                layer.bias.mul_(scale.to(layer.bias.dtype)).add_(shift.to(layer.bias.dtype))
+
+
+class Ssf(Method):
+    name = "ssf"
+    Options = SsfOptions
+
+    @classmethod
+    def plan_block(cls, block: Block, options: SsfOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
+        def build(host: HostTargets) -> FeatureScaleShift:
+            return FeatureScaleShift(host, options, method, block.index, recorded)
+
+        return insertions_per_host(block, resolve_targets(block, options.targets, method), method, build, "scale_shift")
