@@ -276,9 +276,97 @@ def test_swin_is_refused_before_anything_changes():
     assert_same_snapshot(before, snapshot(model))
 
 
-def test_beit_is_refused_for_its_relative_position_bias():
+# ------------------------------------------------------------ relative-position biases
+
+TINY_LS = dict(img_size=64, embed_dim=64, depth=3, num_heads=2, init_values=0.5, num_classes=5)
+RELPOS = {
+    "beit": lambda: timm.create_model("beit_base_patch16_224", **TINY_LS),
+    "beit_shared_bias": lambda: timm.create_model(
+        "beit_base_patch16_224", use_rel_pos_bias=False, use_shared_rel_pos_bias=True, **TINY_LS
+    ),
+    "vit_relpos": lambda: timm.create_model("vit_relpos_small_patch16_224", **TINY_LS),
+    "vit_relpos_class_token": lambda: timm.create_model("vit_relpos_base_patch16_clsgap_224", **TINY_LS),
+    "vit_relpos_shared_bias": lambda: timm.create_model("vit_srelpos_small_patch16_224", **TINY_LS),
+}
+
+
+def relpos_model(name: str) -> nn.Module:
+    """The tiny model, with random relative-position bias tables (BEiT starts them at zero, which would
+    hide where the prompts' rows and columns go)."""
     torch.manual_seed(0)
-    model = timm.create_model("beit_base_patch16_224", img_size=32, embed_dim=32, depth=1, num_heads=2)
-    with pytest.raises(ps.SurgeryError, match="relative-position bias"):
-        ps.apply(model, "vpt")
-    assert not any(isinstance(m, PromptTokens) for m in model.modules())
+    model = RELPOS[name]().eval()
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if parameter_name.endswith("relative_position_bias_table"):
+                parameter.normal_(0, 0.5)
+    return model
+
+
+def padded_by_index(bias: torch.Tensor, p: int, length: int) -> torch.Tensor:
+    """``bias`` placed at the non-prompt positions of a zero (N + L) x (N + L) bias."""
+    n = bias.shape[-1]
+    keep = torch.tensor([*range(p), *range(p + length, n + length)])
+    full = bias.new_zeros(*bias.shape[:-2], n + length, n + length)
+    full[..., keep[:, None], keep[None, :]] = bias
+    return full
+
+
+def relpos_reference(base: nn.Module, prompts: Dict[int, torch.Tensor], deep: bool, x: torch.Tensor) -> torch.Tensor:
+    """VPT on BEiT or the relative-position ViT, run by hand on an untouched copy: the prompts after the
+    prefix tokens as in ``reference``, and in every block they pass through, each relative-position bias
+    (the attention's own and the one shared between blocks) with zero rows and columns for them."""
+    base = copy.deepcopy(base)  # its bias methods get replaced below
+    first = min(prompts)
+    length = prompts[first].shape[0]
+    p = base.num_prefix_tokens
+    beit = type(base).__name__ == "Beit"
+    tokens = base.patch_embed(x)
+    if base.cls_token is not None:
+        tokens = torch.cat([base.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+    if beit and base.pos_embed is not None:
+        tokens = tokens + base.pos_embed
+    shared_module = base.rel_pos_bias if beit else base.shared_rel_pos
+    shared = None if shared_module is None else (shared_module() if beit else shared_module.get_bias())
+    keyword = "shared_rel_pos_bias" if beit else "shared_rel_pos"
+    for index, block in enumerate(base.blocks):
+        expanded = lambda: prompts[index].expand(tokens.shape[0], -1, -1)  # noqa: E731
+        if index == first:
+            tokens = torch.cat([tokens[:, :p], expanded(), tokens[:, p:]], dim=1)
+        elif deep and index in prompts:
+            tokens = torch.cat([tokens[:, :p], expanded(), tokens[:, p + length :]], dim=1)
+        bias = shared
+        if index >= first:
+            owner, name = (block.attn, "_get_rel_pos_bias") if beit else (block.attn.rel_pos, "get_bias")
+            if owner is not None:
+                own = getattr(owner, name)
+                setattr(owner, name, lambda own=own: padded_by_index(own(), p, length))
+            bias = None if shared is None else padded_by_index(shared, p, length)
+        tokens = block(tokens, **{keyword: bias})
+    tokens = torch.cat([tokens[:, :p], tokens[:, p + length :]], dim=1)
+    return base.forward_head(base.norm(tokens))
+
+
+@pytest.mark.parametrize("deep", [True, False])
+@pytest.mark.parametrize("layers", [None, [1, 2]])
+@pytest.mark.parametrize("name", list(RELPOS))
+def test_relative_position_biases_get_zero_rows_and_columns_for_the_prompts(name, layers, deep):
+    model = relpos_model(name).double()
+    base = copy.deepcopy(model)
+    ps.apply(model, "vpt", num_tokens=3, layers=layers, deep=deep)
+    x = images(dtype=torch.float64)
+    with torch.no_grad():
+        expected = relpos_reference(base, prompts_by_block(model), deep, x)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)
+        assert not torch.allclose(expected, base(x))
+
+
+@pytest.mark.parametrize("name", list(RELPOS))
+def test_remove_from_relative_position_models_gives_back_the_original_bit_for_bit(name):
+    model = relpos_model(name)
+    x = images()
+    before, state = model(x), snapshot(model)
+    ps.apply(model, "vpt", num_tokens=3, layers=[1, 2])
+    model(x)
+    ps.remove(model)
+    assert_same_snapshot(state, snapshot(model))
+    assert torch.equal(model(x), before)

@@ -96,7 +96,7 @@ class Hook:
     """A hook to register on ``target`` when an insertion is committed."""
 
     target: nn.Module
-    kind: str  # "forward" or "forward_pre"
+    kind: str  # "forward", "forward_pre", or "forward_pre_kwargs" (fn(module, args, kwargs) -> (args, kwargs))
     fn: Callable[..., Any]
 
 
@@ -128,7 +128,7 @@ class Insertion:
             if hook.kind == "forward":
                 hook.target.register_forward_hook(hook.fn)
             else:
-                hook.target.register_forward_pre_hook(hook.fn)
+                hook.target.register_forward_pre_hook(hook.fn, with_kwargs=hook.kind == "forward_pre_kwargs")
 
 
 class Method:

@@ -11,7 +11,11 @@ leave the sequence after the model's last block, so neither a class-token head n
 head ever sees them. RoPE attention (EVA02, RoPE ViT, DINOv3) rotates only the tokens after its
 ``num_prefix_tokens``: while the surgery is present, that count grows by L in every block the prompts
 pass through, so the prompts are not rotated and the rotary embedding stays aligned with the patch
-tokens.
+tokens. Models whose attention adds a relative-position bias sized to their own tokens (BEiT, the
+relative-position ViT) get that bias padded with zero rows and columns for the prompts, in every block the
+prompts pass through: a prompt has no position, so no query gets a positional bias towards it and it gets
+none towards any key (as these models' biases already treat a class token without a position: the
+relative-position ViT pads its bias with zeros for it).
 
 Init is VPT's "random" init: uniform(-v, v), v = sqrt(6 / (3 * patch_h * patch_w + d)) (Xavier-uniform
 over the patch embedding's fan-in 3 * patch_h * patch_w and fan-out d).
@@ -23,7 +27,7 @@ import functools
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -109,6 +113,28 @@ class PromptTokens(PetlModule):
         p = self.num_prefix_tokens
         return torch.cat([output[:, :p], output[:, p + self.num_tokens :]], dim=1)
 
+    def padded_bias(self, make_bias: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``make_bias(...)`` (a relative-position bias over the model's own tokens) with zero rows and
+        columns for the prompts (installed in place of the method that makes the bias)."""
+        return pad_token_bias(make_bias(*args, **kwargs), self.num_prefix_tokens, self.num_tokens)
+
+    def pad_keyword(
+        self, keyword: str, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+        """Forward-pre hook: the bias passed as ``keyword`` (shared between blocks), padded likewise."""
+        bias = kwargs.get(keyword)
+        if bias is None:
+            return args, kwargs
+        return args, {**kwargs, keyword: pad_token_bias(bias, self.num_prefix_tokens, self.num_tokens)}
+
+
+def pad_token_bias(bias: torch.Tensor, at: int, count: int) -> torch.Tensor:
+    """``bias`` (..., N, N) with ``count`` zero rows and columns inserted before token ``at``."""
+    rows = bias.new_zeros(*bias.shape[:-2], count, bias.shape[-1])
+    bias = torch.cat([bias[..., :at, :], rows, bias[..., at:, :]], dim=-2)
+    columns = bias.new_zeros(*bias.shape[:-1], count)
+    return torch.cat([bias[..., :at], columns, bias[..., at:]], dim=-1)
+
 
 class PromptPlanner:
     """Plans VPT on one model: the token layout and the chosen blocks are known to every block's plan."""
@@ -120,6 +146,12 @@ class PromptPlanner:
             (path, model.get_submodule(path))
             for counters in self.layout.prefix_counters[self.first :]
             for path in counters
+        )
+        # the relative-position biases of the blocks the prompts pass through
+        self.biases = tuple(
+            (bias, model.get_submodule(bias.module))
+            for biases in self.layout.token_biases[self.first :]
+            for bias in biases
         )
 
     def plan_block(self, block: Block, options: VptOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
@@ -136,6 +168,12 @@ class PromptPlanner:
         ]
         grow = functools.partial(operator.add, options.num_tokens)
         patches = [Patch(module, PREFIX_COUNTER, update=grow, shared=False) for _, module in self.counters]
+        for bias, module in self.biases:
+            if bias.method is not None:
+                pad = functools.partial(functools.partial, prompts.padded_bias)  # of the method it replaces
+                patches.append(Patch(module, bias.method, update=pad, shared=False))
+            else:
+                hooks.append(Hook(module, "forward_pre_kwargs", functools.partial(prompts.pad_keyword, bias.keyword)))
         return [Insertion(block.index, block.path, block.module, CHILD_PREFIX + method, prompts, hooks, patches)]
 
 

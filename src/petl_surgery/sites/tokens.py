@@ -11,7 +11,7 @@ reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple, Type
+from typing import Dict, Optional, Sequence, Tuple, Type
 
 from torch import nn
 
@@ -42,10 +42,6 @@ REFUSALS: Dict[str, str] = {
     "joins only midway",
     "VisionTransformerSAM": "its blocks reshape tokens to the 2-D patch grid (windowed attention, "
     "relative positions)",
-    "Beit": "its relative-position bias is sized to the patch grid plus the class token, and VPT defines no "
-    "bias for prompt tokens to pad it with",
-    "VisionTransformerRelPos": "its relative-position bias is sized to the patch grid plus the class token, "
-    "and VPT defines no bias for prompt tokens to pad it with",
     "Cait": "its class token joins only in the class-attention blocks after the patch-token blocks",
     "CoaT": "its blocks reshape the patch tokens to the image grid (convolutional position encoding) and its "
     "stages change the token count",
@@ -53,6 +49,18 @@ REFUSALS: Dict[str, str] = {
     "CrossVit": "it runs two token sequences of different patch sizes, exchanging only their class tokens",
     "TNT": "each of its blocks also runs pixel-level inner tokens tied one to one to the patch tokens",
 }
+
+
+@dataclass(frozen=True)
+class TokenBias:
+    """A token-by-token additive attention bias (relative positions) of one block, which tokens added
+    after the prefix must be padded into: ``method`` of the module at ``module`` returns it, or its
+    forward receives it as keyword argument ``keyword`` (a bias the model computes once and shares
+    between blocks)."""
+
+    module: str
+    method: Optional[str] = None
+    keyword: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,8 @@ class TokenLayout:
             themselves at forward time in their ``num_prefix_tokens`` (RoPE attention rotates only the
             tokens after them, so tokens inserted after the prefix must be counted there to leave the
             rotary embedding aligned with the patch tokens).
+        token_biases: per block (in discovery's order), the relative-position biases its attention
+            adds, sized to the model's own tokens (BEiT, relative-position ViT); empty for others.
     """
 
     num_prefix_tokens: int
@@ -78,18 +88,48 @@ class TokenLayout:
     patch_size: Tuple[int, int]
     last_block: nn.Module
     prefix_counters: Tuple[Tuple[str, ...], ...]
+    token_biases: Tuple[Tuple[TokenBias, ...], ...] = ()
 
 
 def _timm_flat_classes() -> Tuple[Type[nn.Module], ...]:
     """timm's flat-token classes: ViT (DeiT, DeiT3, CLIP, DINOv2 and others build it), DeiT distilled,
-    and Eva (EVA, EVA02, RoPE ViT, DINOv3). Imported lazily: the library works without timm."""
+    Eva (EVA, EVA02, RoPE ViT, DINOv3), BEiT (BEiT v2) and the relative-position ViT. Imported lazily:
+    the library works without timm."""
     try:
+        from timm.models.beit import Beit
         from timm.models.deit import VisionTransformerDistilled
         from timm.models.eva import Eva
         from timm.models.vision_transformer import VisionTransformer
+        from timm.models.vision_transformer_relpos import VisionTransformerRelPos
     except ImportError:
         return ()
-    return (VisionTransformer, VisionTransformerDistilled, Eva)
+    return (VisionTransformer, VisionTransformerDistilled, Eva, Beit, VisionTransformerRelPos)
+
+
+def _token_biases(model: nn.Module, blocks: Sequence[Block]) -> Tuple[Tuple[TokenBias, ...], ...]:
+    """Where BEiT and the relative-position ViT make their relative-position biases, per block: each
+    attention's own (BEiT's ``_get_rel_pos_bias``, the relpos ViT's ``rel_pos.get_bias``) and the one the
+    model shares between blocks (passed as ``shared_rel_pos_bias`` / ``shared_rel_pos``)."""
+    name = type(model).__name__
+    if name not in ("Beit", "VisionTransformerRelPos"):
+        return ()
+    shared_module = getattr(model, "rel_pos_bias" if name == "Beit" else "shared_rel_pos", None)
+    keyword = "shared_rel_pos_bias" if name == "Beit" else "shared_rel_pos"
+    biases = []
+    for block in blocks:
+        site = block.attention
+        if site is None:
+            raise _refuse(model, f"block {block.path!r} has no attention petl_surgery knows")
+        own: Tuple[TokenBias, ...] = ()
+        if name == "Beit" and getattr(site.module, "relative_position_bias_table", None) is not None:
+            own = (TokenBias(site.path, method="_get_rel_pos_bias"),)
+        elif name == "VisionTransformerRelPos" and getattr(site.module, "rel_pos", None) is not None:
+            if not callable(getattr(site.module.rel_pos, "get_bias", None)):
+                raise _refuse(model, f"the relative-position module of {site.path!r} has no get_bias()")
+            own = (TokenBias(f"{site.path}.rel_pos", method="get_bias"),)
+        shared = (TokenBias(site.path, keyword=keyword),) if shared_module is not None else ()
+        biases.append(own + shared)
+    return tuple(biases)
 
 
 def _refuse(model: nn.Module, reason: str) -> SurgeryError:
@@ -133,14 +173,21 @@ def _prefix_counters(blocks: Sequence[Block], prefix: int, model: nn.Module) -> 
 
 
 def timm_flat_layout(model: nn.Module, blocks: Sequence[Block]) -> TokenLayout:
-    """The layout of timm's ``VisionTransformer``/``VisionTransformerDistilled``/``Eva``: patch embed,
+    """The layout of timm's flat-token classes (``_timm_flat_classes``): patch embed,
     prefix tokens in front (``_pos_embed``), ``model.blocks`` in order, then ``norm``, pooling, head."""
     container = _flat_blocks(model, blocks)
     prefix = getattr(model, "num_prefix_tokens", None)
     width = getattr(model, "embed_dim", None)
     if not isinstance(prefix, int) or not isinstance(width, int):
         raise _refuse(model, "it has no integer num_prefix_tokens and embed_dim")
-    return TokenLayout(prefix, width, _patch_size(model), container[-1], _prefix_counters(blocks, prefix, model))
+    return TokenLayout(
+        prefix,
+        width,
+        _patch_size(model),
+        container[-1],
+        _prefix_counters(blocks, prefix, model),
+        _token_biases(model, blocks),
+    )
 
 
 def token_layout(model: nn.Module, blocks: Sequence[Block]) -> TokenLayout:
@@ -153,6 +200,7 @@ def token_layout(model: nn.Module, blocks: Sequence[Block]) -> TokenLayout:
         reason = (
             "petl_surgery does not know its token layout (where the prefix tokens end, which blocks the "
             "tokens run through, where they leave them); prompt tokens work on timm's VisionTransformer "
-            "(ViT, DeiT, DeiT3, CLIP, DINOv2), VisionTransformerDistilled and Eva (EVA02, RoPE ViT, DINOv3)"
+            "(ViT, DeiT, DeiT3, CLIP, DINOv2), VisionTransformerDistilled, Eva (EVA02, RoPE ViT, DINOv3), "
+            "Beit and VisionTransformerRelPos"
         )
     raise _refuse(model, reason)
