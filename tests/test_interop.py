@@ -78,15 +78,41 @@ def test_pickled_peft_adapter_is_read_with_weights_only(tmp_path):
         close(model(images()), peft_model(images()))
 
 
-def test_fused_qkv_becomes_q_k_v_with_the_shared_a_and_slices_of_b(tmp_path):
+def test_fused_qkv_becomes_one_qkv_target_holding_pefts_a_and_b(tmp_path):
     _, directory = peft_adapter(tmp_path, **PEFT_CONFIGS["qkv"])
     tensors = load_file(directory / "adapter_model.safetensors")
-    adapter = interop.import_peft(make_vit(), directory).blocks[2].attn.petl_lora
-    a, b = tensors["base_model.model.blocks.2.attn.qkv.lora_A.weight"], tensors["base_model.model.blocks.2.attn.qkv.lora_B.weight"]
-    for number, role in enumerate("qkv"):
-        assert torch.equal(adapter.pair(role).lora_A, a)
-        assert torch.equal(adapter.pair(role).lora_B, b[64 * number : 64 * (number + 1)])
-    assert adapter.scaling == 2.0 and adapter.options["targets"] == ("q", "k", "v")
+    model = interop.import_peft(make_vit(), directory)
+    for number, block in enumerate(model.blocks):
+        adapter = block.attn.petl_lora
+        prefix = f"base_model.model.blocks.{number}.attn.qkv"
+        assert [name for name, _ in adapter.named_children() if name != "dropout"] == ["qkv"]
+        assert torch.equal(adapter.qkv.lora_A, tensors[f"{prefix}.lora_A.weight"])
+        assert torch.equal(adapter.qkv.lora_B, tensors[f"{prefix}.lora_B.weight"])
+        assert adapter.scaling == 2.0 and adapter.options["targets"] == ("qkv",)
+
+
+def test_imported_fused_qkv_lora_has_pefts_parameter_count(tmp_path):
+    peft_model, directory = peft_adapter(tmp_path, **PEFT_CONFIGS["qkv"])
+    model = interop.import_peft(make_vit(), directory)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert ps.summary(model).per_method == {"lora": peft_model.get_nb_trainable_parameters()[0]} == {"lora": trainable}
+
+
+def test_training_after_import_trains_pefts_model(tmp_path):
+    """One SGD step on the imported model and on PEFT's, with the same loss, leaves them computing the
+    same function (three untied copies of A would each take their own step and drift apart)."""
+    peft_model, directory = peft_adapter(tmp_path, **PEFT_CONFIGS["qkv"])
+    model = interop.import_peft(make_vit(), directory)
+    x = images()
+    before = model(x).detach()
+    for network in (model, peft_model):
+        optimizer = torch.optim.SGD([p for p in network.parameters() if p.requires_grad], lr=0.5)
+        network(x).square().mean().backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = model(x)
+        close(after, peft_model(x))
+    assert not torch.allclose(after, before, rtol=1e-3, atol=1e-3)
 
 
 def test_export_loads_in_peft_with_equal_outputs_and_imports_back(tmp_path):
@@ -107,15 +133,34 @@ def test_export_loads_in_peft_with_equal_outputs_and_imports_back(tmp_path):
         close(interop.import_peft(make_vit(), tmp_path / "exported")(images()), expected)
 
 
-def test_import_then_export_gives_back_pefts_own_tensors(tmp_path):
-    _, directory = peft_adapter(tmp_path, **PEFT_CONFIGS["all_rslora_head"])
+@pytest.mark.parametrize("name", ["qkv", "all_rslora_head"])
+def test_import_then_export_gives_back_pefts_own_tensors(tmp_path, name):
+    _, directory = peft_adapter(tmp_path, **PEFT_CONFIGS[name])
     model = interop.import_peft(make_vit(), directory)
     interop.export(model, tmp_path / "again")
     original = load_file(directory / "adapter_model.safetensors")
     again = load_file(tmp_path / "again" / "adapter_model.safetensors")
     assert original.keys() == again.keys()
     for key, tensor in original.items():
-        close(again[key], tensor, tol=1e-6)
+        assert torch.equal(again[key], tensor), key
+
+
+def test_qkv_target_exports_as_pefts_lora_on_the_fused_linear(tmp_path):
+    model = ps.apply(make_vit(), "lora", rank=4, alpha=8, targets="qkv")
+    for module in model.modules():
+        if isinstance(module, PetlModule):
+            randomize(module, std=0.1)
+    interop.export(model, tmp_path / "exported")
+    config = json.loads((tmp_path / "exported" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 8.0)
+    assert config["target_modules"] == [f"blocks.{n}.attn.qkv" for n in range(4)]
+    tensors = load_file(tmp_path / "exported" / "adapter_model.safetensors")
+    pair = model.blocks[3].attn.petl_lora.qkv
+    assert torch.equal(tensors["base_model.model.blocks.3.attn.qkv.lora_A.weight"], pair.lora_A.detach())
+    assert torch.equal(tensors["base_model.model.blocks.3.attn.qkv.lora_B.weight"], pair.lora_B.detach())
+    loaded = PeftModel.from_pretrained(make_vit(), tmp_path / "exported").eval()
+    with torch.no_grad():
+        close(loaded(images()), model(images()))
 
 
 def write_adapter(directory, config, tensors):

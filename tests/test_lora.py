@@ -7,12 +7,13 @@ import copy
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from conftest import assert_same_snapshot, images, make_family, make_swin, make_vit, snapshot
 
 import petl_surgery as ps
 from petl_surgery.methods.lora import LowRankAdapter
 
-D = 64
+D, DEPTH = 64, 4
 
 
 def with_random_b(model, std=0.1):
@@ -26,15 +27,18 @@ def with_random_b(model, std=0.1):
 
 def updated_by_hand(base, model, targets, scaling):
     """A copy of the base model whose weights get ``W[rows] += scaling * B A``, computed here from the
-    LoRA equation and the known timm layouts (qkv rows [q | k | v], proj, fc1, fc2)."""
+    LoRA equation and the known timm layouts (qkv rows [q | k | v], all of them for "qkv", proj, fc1,
+    fc2)."""
     merged = copy.deepcopy(base)
     with torch.no_grad():
         for index, block in enumerate(model.blocks):
             for target in targets:
-                host = block.attn if target in ("q", "k", "v", "proj") else block.mlp
+                host = block.attn if target in ("q", "k", "v", "qkv", "proj") else block.mlp
                 pair = getattr(host.petl_lora, target)
                 delta = scaling * pair.lora_B @ pair.lora_A
-                if target in ("q", "k", "v"):
+                if target == "qkv":
+                    merged.blocks[index].attn.qkv.weight += delta
+                elif target in ("q", "k", "v"):
                     rows = slice("qkv".index(target) * D, ("qkv".index(target) + 1) * D)
                     merged.blocks[index].attn.qkv.weight[rows] += delta
                 else:
@@ -44,7 +48,9 @@ def updated_by_hand(base, model, targets, scaling):
     return merged
 
 
-@pytest.mark.parametrize("targets", [("q", "v"), ("k",), ("q", "k", "v", "proj", "fc1", "fc2")])
+@pytest.mark.parametrize(
+    "targets", [("q", "v"), ("k",), ("q", "k", "v", "proj", "fc1", "fc2"), ("qkv", "proj", "fc1", "fc2")]
+)
 def test_lora_equals_the_low_rank_update_of_the_weights(targets):
     base = make_vit().double()
     model = with_random_b(ps.apply(copy.deepcopy(base), "lora", targets=targets, rank=4, alpha=6))
@@ -59,6 +65,57 @@ def test_each_target_gets_its_own_a_and_b_spanning_only_its_rows():
     assert [name for name, _ in lora.named_children() if name != "dropout"] == ["q", "v"]
     assert lora.q.lora_A.shape == (8, D) and lora.q.lora_B.shape == (D, 8)
     assert lora.q.lora_A is not lora.v.lora_A
+
+
+def test_qkv_target_is_one_update_of_the_whole_fused_weight():
+    """Target "qkv": the fused Linear's output is ``x (W + (alpha / r) B A)^T + b`` over all 3d rows,
+    with one A (r x d) and one B (3d x r), as PEFT's LoRA on that Linear."""
+    model = with_random_b(ps.apply(make_vit().double(), "lora", targets="qkv", rank=4, alpha=6))
+    lora, qkv = model.blocks[0].attn.petl_lora, model.blocks[0].attn.qkv
+    assert [name for name, _ in lora.named_children() if name != "dropout"] == ["qkv"]
+    assert lora.qkv.lora_A.shape == (4, D) and lora.qkv.lora_B.shape == (3 * D, 4)
+    seen = []
+
+    def record(module, args, output):  # registered after surgery: sees the output the model goes on with
+        seen.append((args[0], output))
+
+    handle = qkv.register_forward_hook(record)
+    with torch.no_grad():
+        model(images(dtype=torch.float64))
+    handle.remove()
+    x, output = seen[0]
+    updated = qkv.weight + 6 / 4 * lora.qkv.lora_B @ lora.qkv.lora_A
+    torch.testing.assert_close(output, F.linear(x, updated, qkv.bias), rtol=0, atol=1e-12)
+
+
+def test_qkv_parameter_count_is_r_times_d_plus_3d_per_block():
+    r = 4
+    model = ps.apply(make_vit(), "lora", rank=r, targets=["qkv"])
+    assert ps.summary(model).per_method == {"lora": DEPTH * r * (D + 3 * D)}
+
+
+@pytest.mark.parametrize(
+    "name, build, reason",
+    [
+        ("separate q/k/v Linears (RoPE ViT unfused)", lambda: timm.create_model(
+            "vit_small_patch16_rope_224", img_size=64, embed_dim=64, depth=2, num_heads=2, qkv_fused=False),
+            r"q, k and v come from 3 modules \('q_proj', 'k_proj', 'v_proj'\)"),
+        ("per-head qkv (MaxViT rw)", lambda: timm.create_model(
+            "maxvit_nano_rw_256", img_size=64, embed_dim=(32, 64, 128, 256), depths=(1, 1, 1, 1), transformer_dim_head=16),
+            "'qkv' lays q, k and v out per head, interleaved"),
+        ("in_proj = [mlp | q | k | v] (parallel ViT)", lambda: timm.create_model(
+            "vit_pwee_patch16_reg1_gap_256", img_size=64, embed_dim=64, depth=2, num_heads=2),
+            r"'in_proj' also outputs \d+ other channels"),
+    ],
+)
+@pytest.mark.parametrize("method", ["lora", "ssf"])
+def test_qkv_target_is_refused_where_q_k_v_are_not_one_whole_output(method, name, build, reason):
+    torch.manual_seed(0)
+    model = build().eval()
+    before = snapshot(model)
+    with pytest.raises(ps.SurgeryError, match=f"targets qkv of method '{method}' are not available in block 0 .*{reason}"):
+        ps.apply(model, method, targets="qkv")
+    assert_same_snapshot(before, snapshot(model))
 
 
 def test_init_is_kaiming_uniform_a_and_zero_b_so_the_output_is_unchanged():
@@ -89,6 +146,7 @@ def test_alpha_defaults_to_rank_and_is_recorded_resolved():
         ({"targets": ["q", "x"]}, "'targets'"),
         ({"targets": []}, "'targets'"),
         ({"targets": ["q", "q"]}, "'targets'"),
+        ({"targets": ["qkv", "q"]}, "option 'targets' of method 'lora' names 'qkv' together with 'q'"),
         ({"rank": 0}, "'rank'"),
         ({"dropout": 2.0}, "'dropout'"),
         ({"r": 4}, "unknown option 'r' for method 'lora'; valid options: rank, alpha, dropout, targets"),
@@ -136,6 +194,27 @@ def test_merge_touches_only_the_targeted_rows_with_a_rank_r_update():
     assert torch.count_nonzero(k) == 0
     assert torch.linalg.matrix_rank(q) <= 3 and torch.linalg.matrix_rank(v) <= 3 and torch.count_nonzero(q) > 0
     assert torch.equal(model.blocks[1].attn.proj.weight, base.blocks[1].attn.proj.weight)
+
+
+def test_merge_adds_the_qkv_update_to_every_row_of_the_fused_weight():
+    base = make_vit()
+    model = with_random_b(ps.apply(copy.deepcopy(base), "lora", targets="qkv", rank=3, alpha=6))
+    pair = model.blocks[1].attn.petl_lora.qkv
+    expected = base.blocks[1].attn.qkv.weight + 2.0 * pair.lora_B @ pair.lora_A
+    x = images()
+    unmerged = model(x)
+    ps.merge(model)
+    torch.testing.assert_close(model.blocks[1].attn.qkv.weight, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+    assert list(model.state_dict()) == list(base.state_dict())
+
+
+def test_qkv_target_round_trips_through_a_checkpoint(tmp_path):
+    model = with_random_b(ps.apply(make_vit(), "lora", targets=["qkv", "fc2"], rank=2))
+    ps.save(model, tmp_path / "lora.safetensors")
+    fresh = ps.load(make_vit(), tmp_path / "lora.safetensors")
+    assert fresh.blocks[0].attn.petl_lora.options["targets"] == ("qkv", "fc2")
+    assert torch.equal(fresh(images()), model(images()))
 
 
 @pytest.mark.parametrize("family", ["vit", "swin", "deit_distilled"])

@@ -42,6 +42,7 @@ def projection_outputs(model, names):
     [
         (["v"], {"attn.qkv": (2 * D, 3 * D)}),
         (["q", "k", "v"], {"attn.qkv": (0, 3 * D)}),
+        (["qkv"], {"attn.qkv": (0, 3 * D)}),
         (["k", "fc1"], {"attn.qkv": (D, 2 * D), "mlp.fc1": (0, HIDDEN)}),
         (["proj", "fc2"], {"attn.proj": (0, D), "mlp.fc2": (0, D)}),
     ],
@@ -64,8 +65,11 @@ def test_ssf_scales_and_shifts_exactly_the_target_channels(targets, rows):
         torch.testing.assert_close(output[..., :low], plain[..., :low], rtol=0, atol=0)
         torch.testing.assert_close(output[..., high:], plain[..., high:], rtol=0, atol=0)
     # the vectors are the targets' own parameters, on their channels
-    offsets = {"q": 0, "k": D, "v": 2 * D, "proj": 0, "fc1": 0, "fc2": 0}
-    producers = {"q": "attn.qkv", "k": "attn.qkv", "v": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+    offsets = {"q": 0, "k": D, "v": 2 * D, "qkv": 0, "proj": 0, "fc1": 0, "fc2": 0}
+    producers = {
+        "q": "attn.qkv", "k": "attn.qkv", "v": "attn.qkv", "qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1",
+        "fc2": "mlp.fc2",
+    }
     for target in targets:
         host_name, producer = producers[target].split(".")
         host = model.blocks[0].get_submodule(host_name).petl_ssf
@@ -128,6 +132,24 @@ def test_merge_changes_only_the_target_rows():
     torch.testing.assert_close(qkv.weight[2 * D :], plain.weight[2 * D :] * scale[2 * D :, None])
     torch.testing.assert_close(qkv.bias[2 * D :], plain.bias[2 * D :] * scale[2 * D :] + shift[2 * D :])
     assert torch.equal(model.blocks[0].mlp.fc1.weight, base.blocks[0].mlp.fc1.weight)
+
+
+def test_qkv_target_is_one_gamma_and_beta_over_all_fused_channels_and_merges():
+    base = make_vit()
+    model = with_random_ssf(ps.apply(make_vit(), "ssf", targets="qkv"))
+    ssf = model.blocks[0].attn.petl_ssf
+    assert [name for name, _ in ssf.named_children()] == ["qkv"]
+    assert ssf.qkv.scale.shape == ssf.qkv.shift.shape == (3 * D,)
+    assert ps.summary(model).per_method == {"ssf": DEPTH * 2 * 3 * D}
+    scale, shift = ssf.qkv.scale.detach().clone(), ssf.qkv.shift.detach().clone()
+    x = images()
+    unmerged = model(x)
+    ps.merge(model)
+    qkv, plain = model.blocks[0].attn.qkv, base.blocks[0].attn.qkv
+    torch.testing.assert_close(qkv.weight, plain.weight * scale[:, None], rtol=0, atol=1e-6)
+    torch.testing.assert_close(qkv.bias, plain.bias * scale + shift, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+    assert list(model.state_dict()) == list(base.state_dict())
 
 
 def test_merge_folds_ssf_and_lora_on_one_projection_in_the_order_applied():
@@ -202,7 +224,8 @@ def test_ssf_scales_channels_first_conv_projections(tmp_path):
 @pytest.mark.parametrize(
     "options, named",
     [
-        ({"targets": ["qkv"]}, "'targets'"),
+        ({"targets": ["qk"]}, "'targets'"),
+        ({"targets": ["qkv", "k", "v"]}, "option 'targets' of method 'ssf' names 'qkv' together with 'k', 'v'"),
         ({"targets": []}, "'targets'"),
         ({"targets": ["q", "q"]}, "'targets'"),
         ({"init": "ones"}, "'init'"),

@@ -15,21 +15,25 @@ The format (PEFT's ``save_pretrained``, checked against peft 0.21; documented in
   biases as ``base_model.model.<path>.bias`` (``<path>.base_layer.bias`` for a wrapped module).
 
 Import (:func:`import_peft`): PEFT wraps whole modules; timm's attention computes q, k and v with one
-fused Linear ``qkv``, so a PEFT LoRA there is one A (r x d) and one B (3d x r). It becomes our LoRA on
-targets q, k and v, each with A = the shared A and B = its rows of B: ``B A`` restricted to each slice is
-exactly that, so outputs are identical. (The three copies of A then train independently: a superset of
-the tied parameterisation.) Other modules map to our targets "proj", "fc1", "fc2" through the model's
-site descriptions; a LoRA on any other module (patch embedding, head) is refused by name. Per-module
-ranks and alphas (``rank_pattern``, ``alpha_pattern``, rsLoRA) are kept exactly: modules of one
-attention or MLP share one rank (smaller ones zero-padded, which stays zero in training: both
-gradients of a zero row/column pair vanish) and one scaling (a differing one is folded into B).
+fused Linear ``qkv``, so a PEFT LoRA there is one A (r x d) and one B (3d x r). It becomes our LoRA
+target "qkv" (one A, one B: the same tensors), so outputs are identical, training trains PEFT's model
+and the parameter count is PEFT's. A module that produces some of q, k, v but not exactly
+``[q | k | v]`` (a ``kv`` Linear laid out ``[k | v]``, a ``qk`` one) becomes the targets it produces,
+each with A = the shared A and B = its rows of B: ``B A`` restricted to each slice is exactly that
+(the copies of A then train independently: a superset of the tied parameterisation). Other modules
+map to our targets "proj", "fc1", "fc2" through the model's site descriptions; a LoRA on any other
+module (patch embedding, head) is refused by name. Per-module ranks and alphas (``rank_pattern``,
+``alpha_pattern``, rsLoRA) are kept exactly: modules of one attention or MLP share one rank (smaller
+ones zero-padded, which stays zero in training: both gradients of a zero row/column pair vanish) and
+one scaling (a differing one is folded into B).
 
-Export (:func:`export_peft`): the LoRA on each producer is written as one PEFT LoRA on it: when the
-targets on a fused ``qkv`` share A (as after an import), that A with their B's stacked into the
-output rows (rank r); otherwise their A's stacked and their B's block-diagonal (rank: the sum), the
-rows of untargeted slices zero. Trainable base parameters (the head) are written as ``modules_to_save``
-(their whole module). ``peft.PeftModel.from_pretrained(fresh_model, directory)`` then computes what the
-model computes.
+Export (:func:`export_peft`): the LoRA on each producer is written as one PEFT LoRA on it: target
+"qkv" as its own A and B (an import followed by an export gives back PEFT's tensors exactly, when the
+modules of each attention and MLP share one rank and scaling); targets q, k, v on a fused ``qkv``
+that share A as that A with their B's stacked into the output rows (rank r); otherwise their A's
+stacked and their B's block-diagonal (rank: the sum), the rows of untargeted slices zero. Trainable
+base parameters (the head) are written as ``modules_to_save`` (their whole module).
+``peft.PeftModel.from_pretrained(fresh_model, directory)`` then computes what the model computes.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from ..checkpoints.files import PathLike, read, write_atomic
 from ..errors import SurgeryError
 from ..inventory import delta_names, inserted_modules
 from ..methods.lora import LowRankAdapter
-from ..methods.targets import TARGETS, foldable_weight
+from ..methods.targets import FUSED_QKV, TARGETS, foldable_weight, fused_qkv
 from ..sites import Block, Projection, discover
 from .common import Call, group_calls, install
 from .files import load_pickle, state_dict_of
@@ -135,12 +139,14 @@ def _split_names(
 
 
 def _site_index(blocks: List[Block]) -> Dict[str, Tuple[Block, str, List[Tuple[str, Projection]]]]:
-    """Full module path of every producer our LoRA can target -> (block, host kind, its roles)."""
+    """Full module path of every producer our LoRA can target -> (block, host kind, its roles); the
+    producer of exactly ``[q | k | v]`` has the one role "qkv" (PEFT's LoRA on it, tied)."""
     index: Dict[str, Tuple[Block, str, List[Tuple[str, Projection]]]] = {}
     for block in blocks:
         site = block.attention
         if site is not None:
-            named = dict(site.projections)
+            fused = fused_qkv(site)
+            named = {FUSED_QKV: fused} if fused is not None else dict(site.projections)
             if site.output is not None:
                 named["proj"] = site.output
             for role, projection in named.items():
@@ -264,7 +270,10 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
 
 
 def _fused(adapter: LowRankAdapter, producer: str, out_rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One (A, B) equal to the sum of the adapter's updates on ``producer``'s output rows."""
+    """One (A, B) equal to the sum of the adapter's updates on ``producer``'s output rows: a target
+    spanning all of them in order ("qkv", "proj", ...) as its own A and B; targets sharing one A (as
+    after an import of a ``[k | v]`` LoRA) as that A and their B's in their rows; others as their A's
+    stacked and their B's block-diagonal."""
     targets = [t for t in adapter.targets if t.producer == producer]
     pairs = [adapter.pair(t.name) for t in targets]
     a0 = pairs[0].lora_A.detach()

@@ -3,11 +3,13 @@
     W' = W + (alpha / r) * B A        A: r x d_in (kaiming-uniform), B: d_out x r (zero)
 
 Targets are semantic: "q", "k", "v" (the slices of the attention's input projection that produce them,
-whatever its layout: a fused ``qkv``, separate projections, per-head layouts), "proj" (the attention's
-output projection), "fc1" and "fc2" (the MLP's input and output layers). Each target gets its own A and
-B, as Wq and Wv each get a rank-r update in the LoRA paper; on a fused qkv, B spans only its slice, so
-the other rows stay untouched. LoRA is mergeable: :func:`petl_surgery.merge` folds ``(alpha / r) B A``
-into the base weights.
+whatever its layout: a fused ``qkv``, separate projections, per-head layouts), "qkv" (the whole output
+of a fused ``[q | k | v]`` projection such as timm's ``qkv`` Linear, as one target), "proj" (the
+attention's output projection), "fc1" and "fc2" (the MLP's input and output layers). Each target gets
+its own A and B, as Wq and Wv each get a rank-r update in the LoRA paper; on a fused qkv, B spans only
+its slice, so the other rows stay untouched. Target "qkv" gets one A (r x d) and one B (3d x r) over the
+whole fused weight: exactly PEFT's LoRA on that Linear. LoRA is mergeable: :func:`petl_surgery.merge`
+folds ``(alpha / r) B A`` into the base weights.
 """
 
 from __future__ import annotations
@@ -44,8 +46,11 @@ class LoraOptions:
         alpha: the scale numerator, ``scaling = alpha / rank``; None (default) means alpha = rank, so
             the update is ``B A`` unscaled (recorded resolved).
         dropout: dropout on the input of A (0.0), as in the LoRA code and PEFT.
-        targets: which projections get an update, among "q", "k", "v", "proj", "fc1", "fc2"
-            (default ("q", "v"), the LoRA paper's choice for attention).
+        targets: which projections get an update, among "q", "k", "v", "qkv", "proj", "fc1", "fc2"
+            (default ("q", "v"), the LoRA paper's choice for attention). "qkv" is the whole fused
+            ``[q | k | v]`` projection with one A and one B (PEFT's LoRA on timm's ``qkv`` Linear),
+            available only where one module produces exactly q, k and v, end to end (not with
+            separate or per-head projections); it cannot be named with "q", "k" or "v".
     """
 
     rank: int = 8

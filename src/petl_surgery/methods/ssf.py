@@ -5,7 +5,8 @@ After each target projection, its output channels are scaled and shifted::
     y = gamma * x + beta        gamma, beta: one value per output channel of the target
 
 Targets are the semantic projections of LoRA: "q", "k", "v" (their channels of the attention's input
-projection, whatever its layout), "proj", "fc1" (before the activation, as in the reference), "fc2".
+projection, whatever its layout), "qkv" (all channels of a fused ``[q | k | v]`` projection, as one
+target), "proj", "fc1" (before the activation, as in the reference), "fc2".
 The reference code (github.com/dongzelian/SSF) also scales and shifts the patch embedding and every
 LayerNorm; here SSF covers the projections inside the blocks. SSF is mergeable: ``merge`` folds gamma
 into the producer's weight rows and ``gamma * b + beta`` into its bias, leaving the plain model.
@@ -39,8 +40,11 @@ class SsfOptions:
     """Options of ``"ssf"``.
 
     Attributes:
-        targets: which projections get a scale and shift, among "q", "k", "v", "proj", "fc1", "fc2"
-            (default all six: the reference's ``qkv``, ``proj``, ``fc1`` and ``fc2``).
+        targets: which projections get a scale and shift, among "q", "k", "v", "qkv", "proj", "fc1",
+            "fc2" (default ("q", "k", "v", "proj", "fc1", "fc2"): the reference's ``qkv``, ``proj``,
+            ``fc1`` and ``fc2``). "qkv" is one gamma and one beta over all 3d channels of a fused
+            ``[q | k | v]`` projection (where one module produces exactly q, k and v, end to end); it
+            cannot be named with "q", "k" or "v".
         init: "identity" (default): gamma = 1, beta = 0, so the output is unchanged right after apply
             (as with every method here that can be); "reference": gamma ~ N(1, std), beta ~ N(0, std),
             the reference's ``init_ssf_scale_shift``.

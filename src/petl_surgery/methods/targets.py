@@ -1,5 +1,14 @@
-"""Semantic projection targets ("q", "k", "v", "proj", "fc1", "fc2") of the methods that act on one
-projection's output channels at a time (LoRA, SSF), resolved against a block's site descriptions."""
+"""Semantic projection targets of the methods that act on one projection's output channels at a time
+(LoRA, SSF), resolved against a block's site descriptions.
+
+- "q", "k", "v": the channels of the attention's input projection that produce them, whatever its
+  layout (timm's fused ``qkv`` rows ``[q | k | v]``, separate Linears, per-head layouts).
+- "qkv": the whole output of that projection as one target, available only where q, k and v come
+  from one producer module and lie end to end over all of its output channels (timm's fused ``qkv``
+  Linear), so that one update spans the fused weight as PEFT's LoRA on that Linear does. It overlaps
+  "q", "k" and "v", so it cannot be named with them.
+- "proj": the attention's output projection; "fc1", "fc2": the MLP's input and output layers.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +20,21 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..patches import Patch, host_patches
-from ..sites import Block, Projection
+from ..sites import AttentionSite, Block, Projection
 from .base import CHILD_PREFIX, Hook, Insertion, UnsupportedBlockError, Write, attention_of
 
-ATTENTION_TARGETS = ("q", "k", "v", "proj")
+QKV_ROLES = ("q", "k", "v")
+FUSED_QKV = "qkv"
+# Targets whose producer reads the attention's input tokens (the site's ``in_features`` wide).
+INPUT_PROJECTION_TARGETS = QKV_ROLES + (FUSED_QKV,)
+ATTENTION_TARGETS = INPUT_PROJECTION_TARGETS + ("proj",)
 MLP_TARGETS = ("fc1", "fc2")
 TARGETS = ATTENTION_TARGETS + MLP_TARGETS
 
 
 def parse_targets(method: str, value: Union[str, Sequence[str]]) -> Tuple[str, ...]:
-    """The targets option as a tuple; raises SurgeryError for unknown, repeated or no names."""
+    """The targets option as a tuple; raises SurgeryError for unknown, repeated or no names, and for
+    "qkv" named with any of "q", "k", "v" (their channels would get two updates)."""
     targets = (value,) if isinstance(value, str) else tuple(value)
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets or len(set(targets)) != len(targets):
@@ -28,7 +42,48 @@ def parse_targets(method: str, value: Union[str, Sequence[str]]) -> Tuple[str, .
             f"option 'targets' of method {method!r} must name distinct projections among "
             f"{', '.join(TARGETS)}; got {value!r}"
         )
+    overlapping = [t for t in QKV_ROLES if t in targets] if FUSED_QKV in targets else []
+    if overlapping:
+        raise SurgeryError(
+            f"option 'targets' of method {method!r} names 'qkv' together with {', '.join(map(repr, overlapping))}: "
+            f"'qkv' holds the channels of q, k and v, so the targets would overlap; name 'qkv' alone or "
+            f"q, k, v separately; got {value!r}"
+        )
     return targets
+
+
+def fused_qkv_refusal(site: AttentionSite) -> Optional[str]:
+    """Why target "qkv" is not available at ``site`` (completing "qkv needs ..., but "), or None when
+    q, k and v come from one producer and lie end to end as ``[q | k | v]`` over all its channels."""
+    missing = [role for role in QKV_ROLES if role not in site.projections]
+    if missing:
+        return f"it has no {', '.join(missing)}"
+    roles = [site.projections[role] for role in QKV_ROLES]
+    modules = list(dict.fromkeys(p.module for p in roles))
+    if len(modules) > 1:
+        return f"q, k and v come from {len(modules)} modules ({', '.join(map(repr, modules))})"
+    if any(p.index is not None for p in roles):
+        return f"{modules[0]!r} lays q, k and v out per head, interleaved"
+    if any(after.start != before.start + before.width for before, after in zip(roles, roles[1:])):
+        return f"{modules[0]!r} does not lay q, k and v out end to end as [q | k | v]"
+    producer = producer_module(site.module, modules[0])
+    channels = out_features(producer) if producer is not None else None
+    if channels is None:
+        kind = type(producer if producer is not None else site.producer(modules[0])).__name__
+        return f"the output width of {modules[0]!r} ({kind}) cannot be told"
+    covered = sum(p.width for p in roles)
+    if roles[0].start != 0 or channels != covered:
+        return f"{modules[0]!r} also outputs {channels - covered} other channels"
+    return None
+
+
+def fused_qkv(site: AttentionSite) -> Optional[Projection]:
+    """The projection of target "qkv" at ``site`` (all channels of the producer of q, k and v), or None
+    where it is not available (see ``fused_qkv_refusal``)."""
+    if fused_qkv_refusal(site) is not None:
+        return None
+    q = site.projections["q"]
+    return Projection(q.module, 0, sum(site.projections[role].width for role in QKV_ROLES))
 
 
 @dataclass(frozen=True)
@@ -72,9 +127,18 @@ def resolve_targets(block: Block, names: Sequence[str], method: str) -> List[Hos
     if attention_names:
         site = attention_of(block, method, refusal=None)
         available: Dict[str, Projection] = dict(site.projections)
+        why: Dict[str, str] = {}
+        if FUSED_QKV in attention_names:
+            fused = fused_qkv(site)
+            if fused is not None:
+                available[FUSED_QKV] = fused
+            else:
+                why[FUSED_QKV] = f"qkv needs q, k and v to be the whole output of one module, but {fused_qkv_refusal(site)}"
         if site.output is not None:
             available["proj"] = site.output
-        targets = _resolve(method, where, site.path, site.module, attention_names, available, site.producer, site.in_features)
+        targets = _resolve(
+            method, where, site.path, site.module, attention_names, available, site.producer, site.in_features, why
+        )
         hosts.append(HostTargets(site.path, site.module, site.channel_dim, targets, host_patches(site.module, dict(site.patches))))
     if mlp_names:
         mlp = block.mlp
@@ -94,17 +158,22 @@ def _resolve(
     available: Dict[str, Projection],
     producer_of,
     qkv_in_features: Optional[int],
+    why: Optional[Dict[str, str]] = None,
 ) -> Tuple[ResolvedTarget, ...]:
+    """The targets ``names`` among ``available``; raises UnsupportedBlockError naming the missing ones,
+    with the reasons ``why`` gives for some of them."""
     missing = [name for name in names if name not in available]
     if missing:
+        reasons = [(why or {})[name] for name in missing if name in (why or {})]
         raise UnsupportedBlockError(
             f"targets {', '.join(missing)} of method {method!r} are not available in {where}: "
             f"{host_path!r} ({type(host).__name__}) offers {', '.join(available) or 'none'}"
+            + "".join(f"; {reason}" for reason in reasons)
         )
     resolved = []
     for name in names:
         producer = producer_of(available[name].module)
-        width = qkv_in_features if name in ("q", "k", "v") else in_features(producer)
+        width = qkv_in_features if name in INPUT_PROJECTION_TARGETS else in_features(producer)
         resolved.append(ResolvedTarget(name, available[name], producer, width))
     return tuple(resolved)
 
@@ -115,6 +184,15 @@ def in_features(layer: nn.Module) -> Optional[int]:
         return layer.in_features
     if isinstance(layer, nn.Conv2d):
         return layer.in_channels
+    return None
+
+
+def out_features(layer: nn.Module) -> Optional[int]:
+    """The output width of a Linear or a Conv2d; None for anything else."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    if isinstance(layer, nn.Conv2d):
+        return layer.out_channels
     return None
 
 
