@@ -55,6 +55,9 @@ METHODS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "adapter": ("adapter", {}),  # parallel, r = 64
     "bapat": ("bapat", {}),
     "lora_qkv": ("lora", {"rank": 8, "targets": ["q", "k", "v"]}),
+    "prefix": ("prefix", {}),  # L = 16, reparameterised
+    "vpt": ("vpt", {}),  # deep, 10 tokens
+    "ssf": ("ssf", {}),  # q, k, v, proj, fc1, fc2
 }
 
 
@@ -230,7 +233,8 @@ def model_suite(name: str, device: torch.device, warmup: int, repeats: int, peft
     torch.manual_seed(1)
     x = torch.randn(8, 3, 224, 224, device=device)
     y = torch.randint(0, 1000, (8,), device=device)
-    methods = list(METHODS) + (["peft_lora"] if peft else [])
+    ours, refused = applicable(name, device)
+    methods = ours + (["peft_lora"] if peft else [])
 
     forward = [Workload("base", with_method(name, device, "base"), "forward", x, y)]
     forward += [Workload(m, with_method(name, device, m), "forward", x, y) for m in methods + ["lora_merged"]]
@@ -246,7 +250,7 @@ def model_suite(name: str, device: torch.device, warmup: int, repeats: int, peft
     memory = {w.label: peak_step_bytes(w, device) for w in train}
     counts = {w.label: sum(p.numel() for p in trainable(w.model)) for w in train}
     total = sum(p.numel() for p in train[0].model.parameters())
-    sizes = checkpoint_sizes(name, device)
+    sizes = checkpoint_sizes(name, device, ours)
     del train
 
     fwd_med = {k: median(v) for k, v in fwd.items()}
@@ -268,7 +272,7 @@ def model_suite(name: str, device: torch.device, warmup: int, repeats: int, peft
     if peft:
         ratios["train/lora_qkv vs peft_lora"] = paired(stp, "lora_qkv", "peft_lora")
         ratios["forward/lora_qkv vs peft_lora"] = paired(fwd, "lora_qkv", "peft_lora")
-    for m in METHODS:
+    for m in ours:
         ratios[f"checkpoint/{m} vs full model"] = sizes[m] / sizes["full_model"]
     return {
         "model": MODELS[name],
@@ -279,11 +283,26 @@ def model_suite(name: str, device: torch.device, warmup: int, repeats: int, peft
         "peak_train_bytes": memory,
         "checkpoint_bytes": sizes,
         "ratios": ratios,
+        "refused": refused,
         "samples": {"forward": fwd, "train": stp},
     }
 
 
-def checkpoint_sizes(name: str, device: torch.device) -> Dict[str, int]:
+def applicable(name: str, device: torch.device) -> Tuple[List[str], Dict[str, str]]:
+    """The configurations of ``METHODS`` that apply to the model, and why the others are refused
+    (prompt tokens on a hierarchical model, say)."""
+    ours, refused = [], {}
+    for config in METHODS:
+        try:
+            with_method(name, device, config)
+        except ps.SurgeryError as refusal:
+            refused[config] = str(refusal)
+        else:
+            ours.append(config)
+    return ours, refused
+
+
+def checkpoint_sizes(name: str, device: torch.device, configs: List[str]) -> Dict[str, int]:
     from safetensors.torch import save_file
 
     sizes = {}
@@ -292,7 +311,7 @@ def checkpoint_sizes(name: str, device: torch.device) -> Dict[str, int]:
         path = os.path.join(folder, "full.safetensors")
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)
         sizes["full_model"] = os.path.getsize(path)
-        for m in METHODS:
+        for m in configs:
             model = with_method(name, device, m)
             path = os.path.join(folder, f"{m}.safetensors")
             ps.save(model, path)
@@ -380,6 +399,8 @@ def report(results: Dict[str, Any]) -> str:
             ]
             lines.append(f"{row:<14}" + "".join(cells))
         lines.append(f"full model safetensors: {suite['checkpoint_bytes']['full_model'] / 2**20:.1f} MiB")
+        for config, reason in suite.get("refused", {}).items():
+            lines.append(f"  {config}: refused ({reason[:100]})")
         for key, value in suite["ratios"].items():
             lines.append(f"  {key:<34} {value:6.3f}")
     large = results.get("large")
