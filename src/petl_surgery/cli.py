@@ -43,10 +43,9 @@ def parse_value(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        pass
-    if "," in text:
-        return [parse_value(part) for part in text.split(",") if part != ""]
-    return text
+        if "," in text:
+            return [parse_value(part) for part in text.split(",") if part != ""]
+        return text
 
 
 def parse_options(pairs: Optional[Sequence[str]]) -> Dict[str, Any]:

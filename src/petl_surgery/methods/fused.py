@@ -38,9 +38,12 @@ def fused_path_applies(output: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     )
 
 
-def _compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
+def _never_compiling() -> bool:
+    return False
+
+
+# torch < 2.3 has no torch.compiler.is_compiling; looked up once, not per forward
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or _never_compiling
 
 
 def add_tanh_bottleneck_(output: torch.Tensor, start: int, x: torch.Tensor, weights: Weights, scale: float) -> torch.Tensor:

@@ -30,7 +30,7 @@ from .base import (
     check_number,
     factory_kwargs,
 )
-from .targets import HostTargets, ResolvedTarget, fold_refusal, insertions_per_host, parse_targets, resolve_targets
+from .targets import HostTargets, fold_refusal, insertions_per_host, parse_targets, resolve_targets
 
 INITS = ("identity", "reference")
 
@@ -84,15 +84,21 @@ class FeatureScaleShift(MergeableModule):
     def __init__(self, host: HostTargets, options: SsfOptions, method: str, block: int, recorded: Mapping[str, Any]) -> None:
         super().__init__(method, recorded, block)
         self.channel_dim = host.channel_dim
-        self._targets: Dict[str, Tuple[ResolvedTarget, ...]] = {}
+        # producer -> its targets' names, in order
+        self._targets: Dict[str, Tuple[str, ...]] = {}
+        # producer -> the width its targets cover when they lie end to end from channel 0, in order; -1 if not
+        self._tiles: Dict[str, int] = {}
         for target in host.targets:
             kwargs = factory_kwargs(target.producer, host.module)
-            self.add_module(target.name, ScaleShift(target.projection.width, options, **kwargs))
-            if target.projection.index is not None:
-                index = torch.tensor(target.projection.index, dtype=torch.long, device=kwargs["device"])
-                self.register_buffer(f"index_{target.name}", index, persistent=False)
-            self._targets.setdefault(target.projection.module, ())
-            self._targets[target.projection.module] += (target,)
+            projection = target.projection
+            self.add_module(target.name, ScaleShift(projection.width, options, **kwargs))
+            channels = projection.index or range(projection.start, projection.start + projection.width)
+            index = torch.tensor(list(channels), dtype=torch.long, device=kwargs["device"])
+            self.register_buffer(f"index_{target.name}", index, persistent=False)
+            covered = self._tiles.get(projection.module, 0)
+            tiles = covered >= 0 and projection.index is None and projection.start == covered
+            self._tiles[projection.module] = covered + projection.width if tiles else -1
+            self._targets[projection.module] = self._targets.get(projection.module, ()) + (target.name,)
 
     def producers(self) -> List[str]:
         return list(self._targets)
@@ -100,22 +106,15 @@ class FeatureScaleShift(MergeableModule):
     def vectors(self, producer: str, channels: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(gamma, beta) over all ``channels`` of ``producer``'s output: the targets' values on their
         channels, 1 and 0 on channels no target covers."""
-        targets = self._targets[producer]
-        pairs = [getattr(self, t.name) for t in targets]
-        widths = [t.projection.width for t in targets]
-        starts = [sum(widths[:number]) for number in range(len(targets))]
-        if sum(widths) == channels and all(
-            t.projection.index is None and t.projection.start == start for t, start in zip(targets, starts)
-        ):  # the targets lie end to end over the whole output, in order
+        names = self._targets[producer]
+        pairs = [getattr(self, name) for name in names]
+        if self._tiles[producer] == channels:  # the targets lie end to end over the whole output
             if len(pairs) == 1:
                 return pairs[0].scale, pairs[0].shift
             return torch.cat([p.scale for p in pairs]), torch.cat([p.shift for p in pairs])
-        first = pairs[0].scale
-        scale, shift = first.new_ones(channels), first.new_zeros(channels)
-        for target, pair in zip(targets, pairs):
-            index = getattr(self, f"index_{target.name}", None)
-            if index is None:
-                index = torch.arange(target.projection.start, target.projection.start + target.projection.width, device=first.device)
+        scale, shift = pairs[0].scale.new_ones(channels), pairs[0].shift.new_zeros(channels)
+        for name, pair in zip(names, pairs):
+            index = getattr(self, f"index_{name}")
             scale = scale.index_copy(0, index, pair.scale)
             shift = shift.index_copy(0, index, pair.shift)
         return scale, shift

@@ -80,10 +80,11 @@ def fused_qkv_refusal(site: AttentionSite) -> Optional[str]:
 def fused_qkv(site: AttentionSite) -> Optional[Projection]:
     """The projection of target "qkv" at ``site`` (all channels of the producer of q, k and v), or None
     where it is not available (see ``fused_qkv_refusal``)."""
-    if fused_qkv_refusal(site) is not None:
-        return None
-    q = site.projections["q"]
-    return Projection(q.module, 0, sum(site.projections[role].width for role in QKV_ROLES))
+    return _whole_qkv(site) if fused_qkv_refusal(site) is None else None
+
+
+def _whole_qkv(site: AttentionSite) -> Projection:
+    return Projection(site.projections["q"].module, 0, sum(site.projections[role].width for role in QKV_ROLES))
 
 
 @dataclass(frozen=True)
@@ -129,11 +130,11 @@ def resolve_targets(block: Block, names: Sequence[str], method: str) -> List[Hos
         available: Dict[str, Projection] = dict(site.projections)
         why: Dict[str, str] = {}
         if FUSED_QKV in attention_names:
-            fused = fused_qkv(site)
-            if fused is not None:
-                available[FUSED_QKV] = fused
+            reason = fused_qkv_refusal(site)
+            if reason is None:
+                available[FUSED_QKV] = _whole_qkv(site)
             else:
-                why[FUSED_QKV] = f"qkv needs q, k and v to be the whole output of one module, but {fused_qkv_refusal(site)}"
+                why[FUSED_QKV] = f"qkv needs q, k and v to be the whole output of one module, but {reason}"
         if site.output is not None:
             available["proj"] = site.output
         targets = _resolve(
