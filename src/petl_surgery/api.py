@@ -23,6 +23,7 @@ from .methods.base import MergeableModule, UnsupportedBlockError, options_dict
 from .patches import undo_patches
 from .selection import LayerSelection, select_layers
 from .sites import Block, discover
+from .statistics import give_back_statistics, resolve_mode, take_statistics
 from .summary import Summary, summarize
 from .verification import forget_removed, start_run_check
 
@@ -107,10 +108,12 @@ def plan(
     return insertions
 
 
-def commit(model: nn.Module, insertions: Sequence[Insertion]) -> None:
-    """Carry out planned insertions (all checks are done by then), and watch the next forward for
-    branches that never run."""
+def commit(model: nn.Module, insertions: Sequence[Insertion], statistics: str) -> None:
+    """Carry out planned insertions (all checks are done by then, ``statistics`` resolved by
+    ``resolve_mode``): freeze or adapt the base's running statistics, and watch the next forward for
+    branches that never run and the first training forward for base buffers that change."""
     remember_original_flags(model)
+    take_statistics(model, statistics)
     order = next_order(model)
     for insertion in insertions:
         insertion.module.order = order
@@ -130,6 +133,7 @@ def apply(
     unfreeze: Union[str, Sequence[str]] = (),
     skip_unsupported: bool = False,
     branch_dtype: Optional[torch.dtype] = None,
+    statistics: Optional[str] = None,
     **options: Any,
 ) -> nn.Module:
     """Insert ``method`` into ``model`` in place, freeze the rest, and return the same model.
@@ -155,6 +159,14 @@ def apply(
             dtype of every matmul itself (a float32 model under ``torch.autocast`` needs nothing: its
             branch weights stay float32 and autocast casts them per op). ``load`` re-creates branches
             in the model's dtype.
+        statistics: what happens to the running statistics of the base's BatchNorm (and every module
+            that keeps running statistics) in training mode. ``"frozen"`` (the default for a model
+            without surgery): those modules stay in eval mode while surgery is present and normalise
+            with their stored statistics, as a frozen backbone's ``FrozenBatchNorm2d`` does; the base
+            comes out of training exactly as it went in. ``"adapt"``: they train as usual and their
+            statistics become part of the delta (saved, loaded, counted by ``summary``). None: the
+            setting of the surgery already on the model. One model has one setting; ``remove`` of the
+            last method gives back the statistics it had before the first apply.
         **options: the method's options; see its options class for names and defaults.
 
     After apply, exactly the inserted modules of every method applied so far, the head (if
@@ -169,6 +181,7 @@ def apply(
             raise SurgeryError(
                 f"branch_dtype is supported by methods {', '.join(BRANCH_DTYPE_METHODS)}; not by {method!r}"
             )
+    mode = resolve_mode(_check_model(model), statistics)
     insertions = plan(model, method, layers, skip_unsupported, **options)
     if branch_dtype is not None:
         for insertion in insertions:
@@ -178,7 +191,7 @@ def apply(
     heads = head_parameter_names(model, head)
     if train_head:
         trainable |= heads
-    commit(model, insertions)
+    commit(model, insertions, mode)
     set_trainable(model, trainable)
     return model
 
@@ -187,7 +200,8 @@ def remove(model: nn.Module, method: Optional[str] = None) -> nn.Module:
     """Remove ``method`` (or, with None, every method) from ``model`` in place and return it.
 
     The removed modules and their hooks are gone; once no method is left, the model's modules,
-    outputs, state_dict keys and requires_grad flags are exactly those it had before the first apply.
+    outputs, state_dict (running statistics included), requires_grad flags and train/eval modes are
+    exactly those it had before the first apply (the modes as last set by ``train()``/``eval()``).
     """
     present = inserted_modules(_check_model(model))
     if not present:
@@ -202,9 +216,9 @@ def remove(model: nn.Module, method: Optional[str] = None) -> nn.Module:
     return model
 
 
-def _take_out(model: nn.Module, present: Sequence[Tuple[str, PetlModule]]) -> None:
+def _take_out(model: nn.Module, present: Sequence[Tuple[str, PetlModule]], restore_statistics: bool = True) -> None:
     """Remove inserted modules, their hooks and their hosts' patches; once none is left anywhere, give
-    back the original requires_grad flags."""
+    back the original requires_grad flags and (with ``restore_statistics``) running statistics."""
     for path, module in present:
         module.detach_hooks(model)
         host_path, _, name = path.rpartition(".")
@@ -214,6 +228,7 @@ def _take_out(model: nn.Module, present: Sequence[Tuple[str, PetlModule]]) -> No
     forget_removed(model, [path for path, _ in present])
     if not inserted_modules(model):
         restore_original_flags(model)
+        give_back_statistics(model, restore=restore_statistics)
 
 
 def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
@@ -227,7 +242,8 @@ def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
     only where no kept branch adds into its producer's output before it (its scale would have to apply
     to that branch too). Methods are folded in the order they were applied, which is the order their
     hooks run. Once nothing else is left, the model's state_dict has exactly the plain model's keys, and
-    its outputs equal the unmerged model's up to floating-point rounding.
+    its outputs equal the unmerged model's up to floating-point rounding (statistics adapted with
+    ``statistics="adapt"`` stay in the merged model).
     """
     present = inserted_modules(_check_model(model))
     mergeable = sorted(
@@ -251,7 +267,7 @@ def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
             raise SurgeryError(f"{path} ({module.method}) cannot be merged: {reason}")
     for path, module in mergeable:
         module.merge_into(hosts[path])
-    _take_out(model, mergeable)
+    _take_out(model, mergeable, restore_statistics=False)  # adapted statistics belong to the merged model
     return model
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from .freezing import head_parameter_names
 from .inventory import delta_names, inserted_modules
 from .sites import discover
+from .statistics import DEFAULT_MODE, adapted_names, mode_of
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class Summary:
         total: all parameters of the model, inserted ones included.
         unsupported: what site discovery could not operate on, one line each (attention modules it
             does not understand, attention that q/k/v methods must refuse), with the reason.
+        statistics: ``"frozen"`` or ``"adapt"`` (see ``apply``'s ``statistics``).
+        adapted_statistics: with ``"adapt"``, the elements of the base's running-statistics buffers
+            that the delta holds (not parameters: not in ``trainable``), by buffer name.
     """
 
     rows: List[SummaryRow]
@@ -47,6 +51,8 @@ class Summary:
     trainable: int = 0
     total: int = 0
     unsupported: List[str] = field(default_factory=list)
+    statistics: str = "frozen"
+    adapted_statistics: Dict[str, int] = field(default_factory=dict)
 
     @property
     def inserted(self) -> int:
@@ -72,6 +78,11 @@ class Summary:
             lines.append(
                 f"{'other trainable base (' + str(len(self.other_trainable)) + ' tensors)':<{len(header) - 13}} "
                 f"{sum(self.other_trainable.values()):>12,}"
+            )
+        if self.adapted_statistics:
+            lines.append(
+                f"{'adapted running statistics (' + str(len(self.adapted_statistics)) + ' buffers)':<{len(header) - 13}} "
+                f"{sum(self.adapted_statistics.values()):>12,}"
             )
         lines.append(
             f"trainable {self.trainable:,} of {self.total:,} parameters ({100 * self.share:.3f}% of the model)"
@@ -120,4 +131,6 @@ def summarize(model: nn.Module) -> Summary:
         trainable=sum(p.numel() for p in parameters.values() if p.requires_grad),
         total=sum(p.numel() for p in parameters.values()),
         unsupported=unsupported,
+        statistics=mode_of(model) or DEFAULT_MODE,
+        adapted_statistics={name: b.numel() for name, b in model.named_buffers() if name in adapted_names(model)},
     )

@@ -32,7 +32,7 @@ NOT_UNDER_COMPILE = (
 )
 
 
-def _outside_compile(fn: Any) -> Any:
+def outside_compile(fn: Any) -> Any:
     """``fn`` never traced by torch.compile: it mutates hooks and Python state, once, in eager mode."""
     try:
         return torch.compiler.disable(fn, reason=NOT_UNDER_COMPILE)
@@ -58,11 +58,11 @@ class RunCheck:
         else:
             target.register_forward_pre_hook(functools.partial(self.mark, key))
 
-    @_outside_compile
+    @outside_compile
     def mark(self, key: int, *_: Any) -> None:
         self.pending.pop(key, None)
 
-    @_outside_compile
+    @outside_compile
     def verify(self, model: nn.Module, args: Any, output: Any) -> None:
         if self.done:  # compiled code that captured this hook keeps calling it (see NOT_UNDER_COMPILE)
             return

@@ -16,6 +16,7 @@ from ..inventory import delta_names, inserted_modules, surgery_record
 from ..methods import Insertion
 from ..methods.base import CHILD_PREFIX
 from ..sites import discover
+from ..statistics import DEFAULT_MODE, adapted_names, mode_of, resolve_mode, statistics_names
 from .files import PathLike, read, write_atomic
 from .format import (
     FORMAT_NAME,
@@ -32,8 +33,9 @@ from .format import (
 def save(model: nn.Module, path: PathLike) -> None:
     """Write the delta of ``model`` to ``path`` (a ``.safetensors`` file), atomically.
 
-    The file holds every tensor of the inserted modules and every other trainable parameter (the head,
-    base tensors made trainable) under its state_dict name, and metadata describing the surgery (see
+    The file holds every tensor of the inserted modules, every other trainable parameter (the head,
+    base tensors made trainable) and, with ``statistics="adapt"``, the base's running statistics, under
+    their state_dict names, and metadata describing the surgery (see
     :mod:`petl_surgery.checkpoints.format`). No pickle is involved.
     """
     if not isinstance(model, nn.Module):
@@ -42,10 +44,11 @@ def save(model: nn.Module, path: PathLike) -> None:
         raise SurgeryError(f"{type(model).__name__} carries no petl_surgery method: there is no delta to save")
     delta = delta_names(model)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    adapted = adapted_names(model)
     tensors = {
         name: tensor.detach().to("cpu", copy=True).contiguous()
         for name, tensor in _unique_state(model).items()
-        if name in delta or name in trainable
+        if name in delta or name in trainable or name in adapted
     }
     shapes = base_shapes(model, delta)
     heads = head_parameter_names(model)
@@ -54,6 +57,7 @@ def save(model: nn.Module, path: PathLike) -> None:
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "methods": surgery_record(model),
+        "statistics": mode_of(model),
         "model": model_description(model, [block.path for block in discover(model).blocks]),
         "head": sorted(heads),
         "fingerprint": fingerprint(shapes),
@@ -268,6 +272,7 @@ def load_delta(
     metadata = decode(raw_metadata, str(path))
     if tensors_digest(tensors) != metadata["tensors_sha256"]:
         raise SurgeryError(f"{path} is corrupt: its tensors do not match the checksum recorded when it was saved")
+    statistics = resolve_mode(model, metadata.get("statistics", DEFAULT_MODE))
     delta_now = delta_names(model)
     shapes = base_shapes(model, delta_now)
     saved_head: Set[str] = set(metadata["head"])
@@ -325,13 +330,24 @@ def load_delta(
             for insertion in insertions
             for key, tensor in insertion.module.state_dict().items()
         }
+    if statistics == "adapt" and blocks is None and block_map is None:
+        # the whole delta: every running statistic of the base was trained and saved (a choice of blocks
+        # takes those it finds and leaves the model's own elsewhere)
+        base_state = model.state_dict()
+        expected.update({name: list(base_state[name].shape) for name in statistics_names(model)})
     missing = sorted(name for name in expected if name not in chosen)
     if missing:
         raise SurgeryError(f"{path} lacks tensors the surgery needs: {', '.join(missing[:5])}")
-    base_names = [name for name in chosen if name not in expected]
+    base_names = [name for name in chosen if name not in expected]  # trainable base parameters
     unexpected = sorted(name for name in base_names if name not in shapes)
     if unexpected:
         raise SurgeryError(f"{path} has tensors this model does not have: {', '.join(unexpected[:5])}")
+    parameters = {name for name, _ in model.named_parameters()}
+    buffers = sorted(name for name in base_names if name not in parameters)
+    if buffers:
+        raise SurgeryError(
+            f"{path} holds base buffers outside its surgery (statistics={statistics!r}): {', '.join(buffers[:5])}"
+        )
     wrong = [
         f"{name}: file {list(tensor.shape)}, model {expected.get(name, shapes.get(name))}"
         for name, tensor in chosen.items()
@@ -341,7 +357,7 @@ def load_delta(
         raise SurgeryError(f"{path} has tensors of the wrong shape: {', '.join(wrong[:5])}")
 
     for insertions in planned:
-        commit(model, insertions)
+        commit(model, insertions, statistics)
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for name, tensor in chosen.items():

@@ -5,6 +5,7 @@ state_dict names; its ``__metadata__`` holds one key, ``petl_surgery``, whose va
 
     {"format": "petl_surgery.delta", "format_version": 1, "library_version": "...",
      "methods": [{"method": "bapat", "options": {...}, "blocks": [0, 1, ...]}, ...],   # in apply order
+     "statistics": "frozen",                                    # or "adapt": running statistics saved
      "model": {"class": "timm.models...VisionTransformer", "timm_name": "vit_...", "blocks": 12,
                "block_paths": ["blocks.0", ...]},
      "head": ["head.weight", "head.bias"],                      # the classifier head's tensors
@@ -89,6 +90,10 @@ def decode(raw: Optional[Mapping[str, str]], path: str) -> Dict[str, Any]:
     ):
         if not isinstance(metadata.get(key), kind):
             raise SurgeryError(f"{path}: the petl_surgery metadata lacks a valid {key!r} entry")
+    if metadata.get("statistics", "frozen") not in ("frozen", "adapt"):
+        raise SurgeryError(
+            f"{path}: the petl_surgery metadata has statistics {metadata['statistics']!r}; expected 'frozen' or 'adapt'"
+        )
     if not isinstance(metadata["model"].get("block_paths"), list):
         raise SurgeryError(f"{path}: the petl_surgery metadata lacks the model's block paths")
     for call in metadata["methods"]:

@@ -15,6 +15,7 @@ from ..freezing import find_heads, set_trainable
 from ..inventory import delta_names
 from ..methods import Insertion
 from ..sites import Block
+from ..statistics import resolve_mode
 
 
 @dataclass
@@ -84,8 +85,9 @@ def install(model: nn.Module, calls: Sequence[Call], base: Mapping[str, torch.Te
                 f"{source}: tensor {name!r} has shape {list(tensor.shape)}, the model's {list(state[name].shape)}"
             )
 
+    mode = resolve_mode(model, None)
     for _, insertions in planned:
-        commit(model, insertions)
+        commit(model, insertions, mode)
     with torch.no_grad():
         for call, insertions in planned:
             for insertion in insertions:

@@ -215,30 +215,27 @@ class Write:
     index: Optional[Tuple[int, ...]] = None
 
 
-def add_into_channels(
+def added_into_channels(
     output: torch.Tensor, dim: int, write: Write, part: torch.Tensor, alpha: float, index: Optional[torch.Tensor]
-) -> None:
-    """``output[channels of write] += alpha * part`` in place, along ``dim``: a view and one add for a
-    contiguous slice (no concatenation), ``index_add_`` for scattered channels (``index``)."""
+) -> torch.Tensor:
+    """A new tensor: ``output`` with ``alpha * part`` added to the channels of ``write`` along ``dim``
+    (``slice_scatter`` for a contiguous slice, ``index_add`` for scattered channels ``index``).
+
+    Out of place on purpose: a producer's output may be a view, an autocast or inference-mode tensor, or
+    a tensor being functionalised by torch.compile, and an in-place add into it is refused (or silently
+    wrong) on some torch versions. Only the fused path (``.fused``), which checks that none of this
+    holds, writes into the output itself."""
+    part = part.to(output.dtype)  # a float32 branch (branch_dtype) on a half model adds in the model's dtype
     if index is None:
-        output.narrow(dim, write.output_start, write.width).add_(part, alpha=alpha)
-    else:
-        output.index_add_(dim, index, part, alpha=alpha)
+        start = write.output_start
+        updated = output.narrow(dim, start, write.width) + alpha * part
+        return output.slice_scatter(updated, dim, start, start + write.width)
+    return output.index_add(dim, index, part, alpha=alpha)
 
 
-def _autocast_enabled(device_type: str) -> bool:
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (torch >= 2.4 takes the device type)."""
     return torch.is_autocast_enabled(device_type)
-
-
-def _autocast_enabled_before_2_4(device_type: str) -> bool:
-    return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-
-try:
-    torch.is_autocast_enabled("cpu")
-    autocast_enabled = _autocast_enabled
-except TypeError:  # torch < 2.4 takes no device type
-    autocast_enabled = _autocast_enabled_before_2_4
 
 
 def branch_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

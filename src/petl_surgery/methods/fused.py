@@ -27,23 +27,18 @@ Weights = Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[tor
 
 
 def fused_path_applies(output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``add_tanh_bottleneck_`` can serve: a contiguous output, input and weight of one floating
-    dtype, no autocast, and not being traced by torch.compile."""
+    """Whether ``add_tanh_bottleneck_`` can serve: a contiguous output that is neither a view nor a leaf
+    that requires grad (the in-place write must own it), input and weight of one floating dtype, no
+    autocast, and not being traced by torch.compile."""
     return (
         output.is_contiguous()
+        and output._base is None
+        and not (output.requires_grad and output.is_leaf)
         and output.dtype == x.dtype == weight.dtype
         and output.is_floating_point()
         and not autocast_enabled(output.device.type)
-        and not _compiling()
+        and not torch.compiler.is_compiling()
     )
-
-
-def _never_compiling() -> bool:
-    return False
-
-
-# torch < 2.3 has no torch.compiler.is_compiling; looked up once, not per forward
-_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or _never_compiling
 
 
 def add_tanh_bottleneck_(output: torch.Tensor, start: int, x: torch.Tensor, weights: Weights, scale: float) -> torch.Tensor:

@@ -138,21 +138,21 @@ class LowRankAdapter(MergeableModule):
         return getattr(self, target)
 
     def add_low_rank(self, producer: str, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        """``output += B_all (A_all dropout(x))`` in place, for every target of ``producer`` at once.
+        """``output + B_all (A_all dropout(x))``, for every target of ``producer`` at once.
 
         The targets' A matrices (scaled) are stacked into one ``(k r) x d_in`` matrix and their B matrices
         placed in one ``C x (k r)`` matrix over the producer's ``C`` output channels (block-diagonal when
-        the targets tile the output, zero rows for channels no target updates): two matmuls and one add
-        into the output itself, however many targets share the producer, and no view of the output for
-        autograd to copy in backward. Dropout runs only when it can change something."""
+        the targets tile the output, zero rows for channels no target updates): two matmuls and one add,
+        however many targets share the producer, and no view of the output for autograd to copy in
+        backward. The add is out of place, as PEFT's: an in-place add into a producer's output is refused
+        under autocast and by torch.compile's functionalisation on some torch versions. Dropout runs only when it can change something."""
         dim = self.channel_dim
         x = branch_input(args[0] if dim == -1 else args[0].movedim(dim, -1), self.pair(self._stacks[producer].names[0]).lora_A)
         if self.training and self.dropout.p > 0:
             x = self.dropout(x)
         stack = self._stacks[producer]
         update = F.linear(F.linear(x, self._stacked_a(stack)), self._placed_b(stack, output.shape[dim]))
-        output.add_(update if dim == -1 else update.movedim(-1, dim))
-        return output
+        return output + (update if dim == -1 else update.movedim(-1, dim)).to(output.dtype)
 
     def _stacked_a(self, stack: "_Stack") -> torch.Tensor:
         pairs = [self.pair(name) for name in stack.names]

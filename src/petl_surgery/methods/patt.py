@@ -30,7 +30,7 @@ from .base import (
     Method,
     PetlModule,
     UnsupportedBlockError,
-    add_into_channels,
+    added_into_channels,
     attention_of,
     branch_input,
     check_choice,
@@ -121,7 +121,7 @@ class ParallelAttentionBranch(PetlModule):
         """``output[channels of producer] += scale * up(tanh(down(x)))`` in place; with several producers
         (separate k and v projections), each computes only its own rows of ``up``. One contiguous run of
         channels in a channels-last output takes the fused path (``.fused``); anything else two linears,
-        a tanh and one add into a view (or ``index_add_``) per run of channels."""
+        a tanh and one out-of-place add (``slice_scatter`` or ``index_add``) per run of channels."""
         dim = self.channel_dim
         low, high = self._rows[producer]
         up_weight, up_bias = self.up.weight, self.up.bias
@@ -139,7 +139,7 @@ class ParallelAttentionBranch(PetlModule):
         for number, write in enumerate(self.writes[producer]):
             part = branch.narrow(dim, write.branch_start - low, write.width)
             index = getattr(self, _index_name(producer, number)) if write.index is not None else None
-            add_into_channels(output, dim, write, part, self.scale, index)
+            output = added_into_channels(output, dim, write, part, self.scale, index)
         return output
 
 
