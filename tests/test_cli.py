@@ -34,7 +34,8 @@ def test_plan_prints_insertions_and_counts(capsys):
     assert cli.main(["plan", "vit_small_patch16_224", "--method", "patt", "--layers", "1:", "-o", "mid_dim=8",
                      "--num-classes", "5", *TINY]) == 0
     out = capsys.readouterr().out
-    assert "meta device" in out and "blocks   1 (1 of 2)" in out
+    # on the meta device where the model's construction allows it (ViT's init calls .item() on torch 2.6)
+    assert ("meta device" in out or "cpu device" in out) and "blocks   1 (1 of 2)" in out
     assert "blocks.1.attn.petl_patt" in out and "forward hook on blocks.1.attn.qkv" in out
     assert "blocks.0.attn.petl_patt" not in out
     # d*m + m + 2d*m + 2d with d=32, m=8 (qkv has a bias)

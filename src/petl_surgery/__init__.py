@@ -8,12 +8,13 @@
     ps.load(fresh_model, "delta.safetensors")   # re-applies the surgery and loads the delta
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from .api import apply, blocks, merge, remove, summary
-from .checkpoints import load, save
+from .checkpoints import save
 from .errors import SurgeryError
 from .interop import export
+from .loading import load
 from .methods import METHODS
 from .sites import Block
 from .summary import Summary

@@ -1,4 +1,6 @@
-"""save and load: the delta of a model, and the surgery that produced it, in one safetensors file."""
+"""save and load_delta: the delta of a model, and the surgery that produced it, in one safetensors file.
+
+(``petl_surgery.load``, in :mod:`petl_surgery.loading`, detects the format and comes here for ours.)"""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set
 import torch
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
+from ..api import commit, plan
 from ..errors import SurgeryError
 from ..freezing import head_parameter_names, set_trainable
 from ..inventory import delta_names, inserted_modules, surgery_record
@@ -174,8 +177,6 @@ def _renamer(saved_paths: List[str], model_paths: List[str], mapping: Dict[int, 
 
 
 def _plan_recorded(model: nn.Module, path: PathLike, calls: List[Dict[str, Any]]) -> List[List[Insertion]]:
-    from ..api import plan
-
     planned: List[List[Insertion]] = []
     taken = set()
     with torch.random.fork_rng(devices=[]):  # branch inits are overwritten: leave the user's RNG alone
@@ -199,42 +200,6 @@ def _method_of(name: str) -> Optional[str]:
         if part.startswith(CHILD_PREFIX):
             return part[len(CHILD_PREFIX) :]
     return None
-
-
-def load(
-    model: nn.Module,
-    path: PathLike,
-    *,
-    format: Optional[str] = None,
-    head: Optional[bool] = None,
-    methods: Optional[Sequence[str]] = None,
-    blocks: Optional[Sequence[int]] = None,
-    block_map: Optional[Mapping[int, int]] = None,
-    **options: Any,
-) -> nn.Module:
-    """Load a delta checkpoint, or another code's PETL checkpoint, into ``model`` in place; return it.
-
-    ``format`` is detected when not given: ``"petl_surgery"`` (ours), ``"peft"`` (a PEFT LoRA adapter
-    directory), ``"adaptformer"``, ``"vpetl"``, ``"vpt"`` (see :mod:`petl_surgery.interop`, which also
-    documents the ``options`` each importer takes; ``head`` goes to importers that take one).
-    """
-    from ..interop import FORMATS, detect, is_adapter_directory, load_any
-
-    if format is not None and format not in FORMATS:
-        raise SurgeryError(f"unknown checkpoint format {format!r}; known formats: {', '.join(FORMATS)}")
-    source = Path(path)
-    chosen = format
-    if chosen is None and source.exists():
-        chosen = "peft" if is_adapter_directory(source) is not None else detect(source)
-    if chosen not in (None, "petl_surgery"):
-        given = {"methods": methods, "blocks": blocks, "block_map": block_map}
-        only_ours = [name for name, value in given.items() if value is not None]
-        if only_ours:
-            raise SurgeryError(f"{', '.join(only_ours)} apply to petl_surgery delta checkpoints, not to {chosen!r} ones")
-        return load_any(model, source, chosen, **options, **({} if head is None else {"head": head}))
-    if options:
-        raise SurgeryError(f"unknown option {next(iter(options))!r} for a petl_surgery delta checkpoint")
-    return load_delta(model, source, head=True if head is None else head, methods=methods, blocks=blocks, block_map=block_map)
 
 
 def load_delta(
@@ -264,8 +229,6 @@ def load_delta(
     another surgery, a damaged file or an unknown format version) raises SurgeryError before the model
     is changed.
     """
-    from ..api import commit
-
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
     tensors, raw_metadata = read(path)

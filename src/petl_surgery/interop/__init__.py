@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from torch import nn
 
+from ..checkpoints.delta import load_delta
 from ..checkpoints.files import PathLike
 from ..errors import SurgeryError
 from . import adaptformer, vpetl, vpt
@@ -56,8 +57,6 @@ def load_any(model: nn.Module, path: PathLike, format: Optional[str] = None, **o
         if chosen == "peft":
             folder = is_adapter_directory(source)
             return import_peft(model, folder if folder is not None else source)
-        from ..checkpoints.delta import load_delta
-
         return load_delta(model, source)
     state = read_state(source)
     found = classify(state)

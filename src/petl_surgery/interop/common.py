@@ -10,6 +10,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Sequence, Set, Tuple
 import torch
 from torch import nn
 
+from ..api import commit, plan
 from ..errors import SurgeryError
 from ..freezing import find_heads, set_trainable
 from ..inventory import delta_names
@@ -50,8 +51,6 @@ def install(model: nn.Module, calls: Sequence[Call], base: Mapping[str, torch.Te
     ``base`` holds tensors of the base model to overwrite (a head, biases), under state_dict names.
     Afterwards the inserted modules (all of the model's) and exactly the ``base`` tensors are trainable.
     """
-    from ..api import commit, plan
-
     planned: List[Tuple[Call, List[Insertion]]] = []
     hosts: Set[Tuple[int, str]] = set()
     with torch.random.fork_rng(devices=[]):  # initial values are overwritten: leave the user's RNG alone

@@ -1,10 +1,10 @@
-"""What every method shares: the inserted-module base class, option parsing, and hook plumbing."""
+"""What every method shares: the mergeable-module protocol, option parsing, and hook plumbing (the
+inserted-module base class lives in :mod:`petl_surgery.inserted`, below site discovery)."""
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
@@ -12,34 +12,9 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
-from ..hooks import remove_hooks_of
+from ..inserted import CHILD_PREFIX, PetlModule  # re-exported: methods build on them
 from ..patches import Patch, apply_patch
 from ..sites import AttentionSite, Block, Projection
-
-CHILD_PREFIX = "petl_"
-
-
-class PetlModule(nn.Module):
-    """Base class of every module petl_surgery inserts into a model.
-
-    Each instance carries the user-facing method name that inserted it (``"bapat"`` for both halves of
-    BAPAT), that method's resolved options, and its block index: ``summary``, ``save`` and ``remove``
-    read the module tree and nothing else.
-    """
-
-    component: ClassVar[str] = ""
-
-    def __init__(self, method: str, options: Mapping[str, Any], block: int) -> None:
-        super().__init__()
-        self.method = method
-        self.options = dict(options)
-        self.block = block
-        self.order = 0  # which apply call inserted it, counted per model; set when committed
-        self.uid = uuid.uuid4().hex  # owns the patches it needs (see petl_surgery.patches)
-
-    def detach_hooks(self, root: nn.Module) -> None:
-        """Remove every hook this module registered anywhere under ``root``."""
-        remove_hooks_of(root, self)
 
 
 class MergeableModule(PetlModule, abc.ABC):

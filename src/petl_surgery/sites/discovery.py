@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 from torch import nn
 
 from ..errors import SurgeryError
+from ..inserted import PetlModule
 from .descriptors import AttentionSite, Block, MlpSite, Projection
 from .registry import ATTENTION_LAYOUTS, BLOCK_LAYOUTS, MLP_LAYOUTS, NOT_ATTENTION, BlockLayout
 
@@ -40,8 +41,6 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _is_inserted(module: nn.Module) -> bool:
-    from ..methods.base import PetlModule
-
     return isinstance(module, PetlModule)
 
 

@@ -1,0 +1,36 @@
+"""The base class of every module surgery inserts, below everything that needs to recognise one (site
+discovery skips them, methods derive from it)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, ClassVar, Mapping
+
+from torch import nn
+
+from .hooks import remove_hooks_of
+
+CHILD_PREFIX = "petl_"
+
+
+class PetlModule(nn.Module):
+    """Base class of every module petl_surgery inserts into a model.
+
+    Each instance carries the user-facing method name that inserted it (``"bapat"`` for both halves of
+    BAPAT), that method's resolved options, and its block index: ``summary``, ``save`` and ``remove``
+    read the module tree and nothing else.
+    """
+
+    component: ClassVar[str] = ""
+
+    def __init__(self, method: str, options: Mapping[str, Any], block: int) -> None:
+        super().__init__()
+        self.method = method
+        self.options = dict(options)
+        self.block = block
+        self.order = 0  # which apply call inserted it, counted per model; set when committed
+        self.uid = uuid.uuid4().hex  # owns the patches it needs (see petl_surgery.patches)
+
+    def detach_hooks(self, root: nn.Module) -> None:
+        """Remove every hook this module registered anywhere under ``root``."""
+        remove_hooks_of(root, self)
