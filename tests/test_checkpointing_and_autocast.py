@@ -87,3 +87,44 @@ def test_branch_dtype_keeps_float32_branches_on_a_bfloat16_model():
 def test_branch_dtype_must_be_a_floating_dtype(value):
     with pytest.raises(ps.SurgeryError, match="branch_dtype"):
         ps.apply(make_vit(), "patt", branch_dtype=value)
+
+
+def one_method(method: str) -> torch.nn.Module:
+    """A ViT with ``method`` applied (LoRA and SSF on every projection) and random branch weights."""
+    options = {"targets": ["q", "k", "v", "proj", "fc1", "fc2"]} if method in ("lora", "ssf") else {}
+    return with_branches(make_vit(), [(method, options)])
+
+
+@pytest.mark.parametrize("method", list(ps.METHODS))
+def test_bfloat16_autocast_training_steps_for_every_method(method):
+    model = one_method(method).train()
+    x = images()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().mean().backward()
+        branches = {n: p for n, p in model.named_parameters() if ".petl_" in n}
+        assert branches and all(p.grad is not None and p.grad.dtype == torch.float32 for p in branches.values())
+        assert all(torch.isfinite(p.grad).all() for p in branches.values())
+        assert any(p.grad.abs().sum() > 0 for p in branches.values())
+        optimizer.step()
+    with torch.no_grad():
+        reference = model.eval()(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(model(x).float(), reference, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("method", list(ps.METHODS))
+def test_inference_mode_gives_the_no_grad_outputs_for_every_method(method):
+    model = one_method(method)
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+    with torch.inference_mode():
+        got = model(x)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # kernels may differ in the last bit

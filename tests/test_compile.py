@@ -69,6 +69,36 @@ def test_fullgraph_compile_on_vit_gives_the_eager_outputs_and_gradients():
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_default_backend_fullgraph_compile_on_vit_gives_the_eager_outputs_and_gradients():
+    # inductor, the backend users get from torch.compile(model): generated C++ on the CPU
+    model = with_surgery(small_vit())
+    x = images()
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager, rtol=1e-4, atol=1e-5)
+    model.train()
+    expected = gradients(model, model, x)
+    got = gradients(model, compiled, x)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("method", list(ps.METHODS))
+def test_aot_eager_compile_trains_every_method_as_eager_does(method):
+    options = {"targets": ["q", "k", "v", "proj", "fc1", "fc2"]} if method in ("lora", "ssf") else {}
+    model = with_surgery(small_vit(), [(method, options)])
+    x = images()
+    model(x)
+    compiled = torch.compile(model, backend="aot_eager")
+    model.train()
+    expected = gradients(model, model, x)
+    got = gradients(model, compiled, x)
+    assert got.keys() == expected.keys() and any(".petl_" in n for n in got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_compile_on_swin_gives_the_eager_outputs():
     model = with_surgery(small_swin())
     x = images()[:, :, :32, :32]

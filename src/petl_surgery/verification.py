@@ -36,9 +36,9 @@ def outside_compile(fn: Any) -> Any:
     """``fn`` never traced by torch.compile: it mutates hooks and Python state, once, in eager mode."""
     try:
         return torch.compiler.disable(fn, reason=NOT_UNDER_COMPILE)
-    except (AttributeError, TypeError):  # torch < 2.5: no ``reason``; torch < 2.1: no torch.compiler
-        disable = getattr(getattr(torch, "compiler", None), "disable", None) or torch._dynamo.disable
-        return disable(fn)
+    except TypeError:  # torch < 2.7 takes no ``reason``: its error names the function, so the name says it
+        fn.__qualname__ = f"{fn.__qualname__} ({NOT_UNDER_COMPILE})"
+        return torch.compiler.disable(fn)
 
 
 class RunCheck:
