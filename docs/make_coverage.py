@@ -50,10 +50,14 @@ def outcome(build, make_input, method: str) -> str:
             return f"FAILS: {type(failure).__name__}: {message}"
         if result == "works":
             return "works"
-        skipping = check_method(build, make_input, method, Path(scratch), skip_unsupported=True)
+        try:
+            skipping = check_method(build, make_input, method, Path(scratch), skip_unsupported=True)
+        except Exception as failure:
+            message = re.sub(r"\s+", " ", str(failure))[:200]
+            skipping = f"FAILS: {type(failure).__name__}: {message}"
     reason = re.sub(r"\s+", " ", result.removeprefix("refused: "))
     reason = reason if len(reason) < 200 else reason[:197] + "..."
-    return f"refused: {reason} With `skip_unsupported=True`: {'works on the other blocks' if skipping == 'works' else 'refused'}."
+    return f"refused: {reason} With `skip_unsupported=True`: {'works on the other blocks' if skipping == 'works' else skipping if skipping.startswith('FAILS') else 'refused'}."
 
 
 def registry_lines() -> List[str]:

@@ -63,10 +63,12 @@ def revive(model: nn.Module) -> nn.Module:
 def train_steps(model: nn.Module, x: torch.Tensor, steps: int = 2, lr: float = 0.05) -> None:
     """A few optimizer steps in train mode, as users train: SGD on every trainable parameter."""
     model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=lr)
     for _ in range(steps):
         optimizer.zero_grad()
         first_output(model(x)).float().square().mean().backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # steps of at most lr: tiny models must not diverge
         optimizer.step()
     model.eval()
 
@@ -98,6 +100,7 @@ def check_trained_delta(
     train_steps(model, x)
     with torch.no_grad():
         trained = first_output(model(x)).clone()
+    assert torch.isfinite(trained).all(), f"{method}: the harness's training diverged"
     assert not torch.equal(trained, before_training), f"{method}: training in train mode changed nothing"
     now = buffers_of(model)
     moved = [name for name in untrained if not torch.equal(now[name], untrained[name])]

@@ -55,48 +55,36 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_fullgraph_compile_on_vit_gives_the_eager_outputs_and_gradients():
-    model = with_surgery(small_vit())
-    x = images()
-    eager = model(x)  # the first forward fires the run check; compile after it
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
-    model.train()
-    expected = gradients(model, model, x)
-    got = gradients(model, compiled, x)
-    assert got.keys() == expected.keys() and any(".petl_lora" in n for n in got)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
-
-
-def test_default_backend_fullgraph_compile_on_vit_gives_the_eager_outputs_and_gradients():
-    # inductor, the backend users get from torch.compile(model): generated C++ on the CPU
-    model = with_surgery(small_vit())
+def assert_compiled_matches_eager(model: torch.nn.Module, rtol: float, **compile_options) -> None:
+    """After the first (eager) forward, which fires the run check: the compiled model gives the eager
+    outputs in eval mode and the eager gradients of every trainable tensor in train mode."""
     x = images()
     eager = model(x)
-    compiled = torch.compile(model, fullgraph=True)
-    torch.testing.assert_close(compiled(x), eager, rtol=1e-4, atol=1e-5)
-    model.train()
-    expected = gradients(model, model, x)
-    got = gradients(model, compiled, x)
-    assert got.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-3, atol=1e-5, msg=name)
-
-
-@pytest.mark.parametrize("method", list(ps.METHODS))
-def test_aot_eager_compile_trains_every_method_as_eager_does(method):
-    options = {"targets": ["q", "k", "v", "proj", "fc1", "fc2"]} if method in ("lora", "ssf") else {}
-    model = with_surgery(small_vit(), [(method, options)])
-    x = images()
-    model(x)
-    compiled = torch.compile(model, backend="aot_eager")
+    compiled = torch.compile(model, **compile_options)
+    torch.testing.assert_close(compiled(x), eager, rtol=rtol, atol=1e-5)
     model.train()
     expected = gradients(model, model, x)
     got = gradients(model, compiled, x)
     assert got.keys() == expected.keys() and any(".petl_" in n for n in got)
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(got[name], expected[name], rtol=10 * rtol, atol=1e-5, msg=name)
+
+
+def test_fullgraph_compile_on_vit_gives_the_eager_outputs_and_gradients():
+    assert_compiled_matches_eager(with_surgery(small_vit()), 1e-5, backend="aot_eager", fullgraph=True)
+
+
+def test_default_backend_fullgraph_compile_on_vit_gives_the_eager_outputs_and_gradients():
+    # inductor, the backend users get from torch.compile(model): generated C++ on the CPU
+    assert_compiled_matches_eager(with_surgery(small_vit()), 1e-4, fullgraph=True)
+
+
+@pytest.mark.parametrize("method", list(ps.METHODS))
+def test_aot_eager_compile_trains_every_method_as_eager_does(method):
+    options = {"targets": ["q", "k", "v", "proj", "fc1", "fc2"]} if method in ("lora", "ssf") else {}
+    if method == "vpt":
+        options["dropout"] = 0.0  # compiled and eager dropout draw different masks
+    assert_compiled_matches_eager(with_surgery(small_vit(), [(method, options)]), 1e-5, backend="aot_eager")
 
 
 def test_compile_on_swin_gives_the_eager_outputs():

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 import petl_surgery as ps
-from petl_surgery.statistics import StatefulBaseError, statistics_names
+from petl_surgery.statistics import statistics_names
 
 MAXXVIT = dict(img_size=64, embed_dim=(32, 64, 128, 256), depths=(1, 1, 1, 1), transformer_dim_head=16)
 
@@ -174,7 +174,7 @@ def test_a_training_forward_that_changes_an_unknown_base_buffer_is_refused_and_u
     model.fc_norm = CountingNorm(64)
     ps.apply(model.eval(), "patt")
     model(images())  # eval forwards pass
-    with pytest.raises(StatefulBaseError, match=r"fc_norm\.seen.*put back"):
+    with pytest.raises(ps.StatefulBaseError, match=r"fc_norm\.seen.*put back"):
         model.train()(images())
     assert model.fc_norm.seen.item() == 0
 

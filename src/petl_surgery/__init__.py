@@ -17,6 +17,7 @@ from .interop import export
 from .loading import load
 from .methods import METHODS
 from .sites import Block
+from .statistics import StatefulBaseError
 from .summary import Summary
 from .verification import BranchNeverRanError
 
@@ -25,6 +26,7 @@ __all__ = [
     "BranchNeverRanError",
     "Block",
     "Summary",
+    "StatefulBaseError",
     "SurgeryError",
     "__version__",
     "apply",
