@@ -86,6 +86,19 @@ def test_train_inspect_resume(image_folder, tmp_path, capsys):
     assert ps.summary(model).per_method == {"adapter": 2 * (2 * 32 * 4 + 4 + 32)}
 
 
+def test_train_records_the_statistics_setting_in_the_delta(image_folder, tmp_path, capsys):
+    import timm
+
+    delta = tmp_path / "adapted.safetensors"
+    assert cli.main(["train", "vit_small_patch16_224", "--data", str(image_folder), "--method", "patt",
+                     "--statistics", "adapt", "--epochs", "1", "--batch-size", "8", "--image-size", "32",
+                     "--out", str(delta), *TINY]) == 0
+    capsys.readouterr()
+    model = timm.create_model("vit_small_patch16_224", num_classes=3, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=2)
+    assert ps.summary(ps.load(model, delta)).statistics == "adapt"
+
+
 def test_demo_command(tmp_path, capsys, monkeypatch):
     from petl_surgery import demo
 

@@ -350,7 +350,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ps.load(model, args.resume)
         what = f"resumed from {args.resume}"
     else:
-        ps.apply(model, args.method, layers=parse_layers(args.layers), **options)
+        ps.apply(model, args.method, layers=parse_layers(args.layers), statistics=args.statistics, **options)
         what = f"{args.method}" + (f" ({_format_options(options)})" if options else "")
     summary = ps.summary(model)
     print(f"{args.model}: {what}; trainable {summary.trainable:,} of {summary.total:,} parameters "
@@ -461,6 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", "-l", help="blocks: all (default), 3, 0,2,4, 6:12; negative as --layers=-4:")
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     p.add_argument("--resume", metavar="DELTA", help="continue from a delta checkpoint (ps.load)")
+    p.add_argument(
+        "--statistics", choices=("frozen", "adapt"), default="frozen",
+        help="the base's BatchNorm statistics: frozen (default) or adapted and saved in the delta",
+    )
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs hub access)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="a keyword for timm.create_model")
     p.add_argument("--epochs", type=int, default=5)
