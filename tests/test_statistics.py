@@ -179,15 +179,19 @@ def test_a_training_forward_that_changes_an_unknown_base_buffer_is_refused_and_u
     assert model.fc_norm.seen.item() == 0
 
 
-def test_a_delta_saved_before_this_option_existed_loads_as_frozen(tmp_path):
+def test_an_edited_statistics_entry_is_refused_by_the_checksum(tmp_path):
     import json
 
     from safetensors.torch import load_file, save_file
 
-    path = tmp_path / "old.safetensors"
+    path = tmp_path / "edited.safetensors"
     ps.save(ps.apply(coatnet(), "patt"), path)
     with safe_open(str(path), "pt") as file:
         metadata = json.loads(file.metadata()["petl_surgery"])
-    del metadata["statistics"]
+    metadata["statistics"] = "adapt"
     save_file(load_file(str(path)), str(path), metadata={"petl_surgery": json.dumps(metadata)})
-    assert ps.summary(ps.load(coatnet(), path)).statistics == "frozen"
+    model = coatnet()
+    before = snapshot(model)
+    with pytest.raises(ps.SurgeryError, match="metadata does not match the checksum"):
+        ps.load(model, path)
+    assert_same_snapshot(before, snapshot(model))

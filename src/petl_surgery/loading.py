@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Sequence
 from torch import nn
 
 from .checkpoints.delta import load_delta
-from .checkpoints.files import PathLike
+from .checkpoints.files import PathLike, check_path
 from .errors import SurgeryError
 from .interop import FORMATS, detect, is_adapter_directory, load_any
 
@@ -35,6 +35,11 @@ def load(
     directory), ``"adaptformer"``, ``"vpetl"``, ``"vpt"`` (see :mod:`petl_surgery.interop`, which also
     documents the ``options`` each importer takes; ``head`` goes to importers that take one).
     """
+    if not isinstance(model, nn.Module):
+        raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_path(path)
+    if head is not None and not isinstance(head, bool):
+        raise SurgeryError(f"head must be True, False or None; got {head!r}")
     if format is not None and format not in FORMATS:
         raise SurgeryError(f"unknown checkpoint format {format!r}; known formats: {', '.join(FORMATS)}")
     source = Path(path)

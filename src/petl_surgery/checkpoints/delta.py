@@ -16,15 +16,17 @@ from ..api import commit, plan
 from ..errors import SurgeryError
 from ..freezing import head_parameter_names, set_trainable
 from ..inventory import delta_names, inserted_modules, surgery_record
-from ..methods import Insertion
+from ..methods import Insertion, get_method
 from ..methods.base import CHILD_PREFIX
 from ..sites import discover
 from ..statistics import DEFAULT_MODE, adapted_names, mode_of, resolve_mode, statistics_names
-from .files import PathLike, read, write_atomic
+from .files import PathLike, check_path, read, write_atomic
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     base_shapes,
+    block_fingerprints,
+    outside_blocks,
     decode,
     encode,
     fingerprint,
@@ -43,6 +45,7 @@ def save(model: nn.Module, path: PathLike) -> None:
     """
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_path(path)
     if not inserted_modules(model):
         raise SurgeryError(f"{type(model).__name__} carries no petl_surgery method: there is no delta to save")
     delta = delta_names(model)
@@ -55,16 +58,20 @@ def save(model: nn.Module, path: PathLike) -> None:
     }
     shapes = base_shapes(model, delta)
     heads = head_parameter_names(model)
+    block_paths = [block.path for block in discover(model).blocks]
+    without_head = {n: s for n, s in shapes.items() if n not in heads}
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "methods": surgery_record(model),
         "statistics": mode_of(model),
-        "model": model_description(model, [block.path for block in discover(model).blocks]),
+        "model": model_description(model, block_paths),
         "head": sorted(heads),
         "fingerprint": fingerprint(shapes),
-        "fingerprint_without_head": fingerprint({n: s for n, s in shapes.items() if n not in heads}),
+        "fingerprint_without_head": fingerprint(without_head),
+        "fingerprint_outside_blocks": fingerprint(outside_blocks(without_head, block_paths)),
+        "block_fingerprints": block_fingerprints(shapes, block_paths),
         "tensors_sha256": tensors_digest(tensors),
     }
     write_atomic(path, tensors, encode(metadata))
@@ -149,6 +156,10 @@ def _block_mapping(
                 "blocks go"
             )
         return {index: index for index in range(len(saved_paths))}
+    if not isinstance(block_map, Mapping) or not all(
+        type(saved) is int and type(target) is int for saved, target in block_map.items()
+    ):
+        raise SurgeryError(f"block_map must map saved block indices (int) to model block indices (int); got {block_map!r}")
     mapping = dict(block_map)
     for saved, target in mapping.items():
         if not 0 <= saved < len(saved_paths):
@@ -158,6 +169,32 @@ def _block_mapping(
     if len(set(mapping.values())) != len(mapping):
         raise SurgeryError("block_map sends two saved blocks to the same block")
     return mapping
+
+
+def _check_mapped_architecture(
+    path: PathLike,
+    metadata: Mapping[str, Any],
+    shapes: Mapping[str, list],
+    model_head: Set[str],
+    model_paths: List[str],
+    mapping: Mapping[int, int],
+) -> None:
+    """With a block_map the whole-model fingerprint cannot hold (another depth); what must hold instead:
+    the tensors outside the blocks (head left out) are the checkpoint's, and each mapped block has the
+    same tensors as the saved block it takes."""
+    without_head = {n: s for n, s in shapes.items() if n not in model_head}
+    if fingerprint(outside_blocks(without_head, model_paths)) != metadata["fingerprint_outside_blocks"]:
+        saved = metadata["model"]
+        raise SurgeryError(
+            f"{path} does not fit this model: outside its blocks, the model's tensors differ from those of the "
+            f"model it was saved from ({saved['class']}, timm name {saved['timm_name']!r}); block_map moves "
+            "blocks between models of one architecture, not between architectures"
+        )
+    here = block_fingerprints(shapes, model_paths)
+    wrong = [(saved, target) for saved, target in mapping.items() if metadata["block_fingerprints"][saved] != here[target]]
+    if wrong:
+        listed = ", ".join(f"saved block {saved} -> block {target}" for saved, target in wrong[:5])
+        raise SurgeryError(f"{path}: block_map pairs blocks whose tensors differ in names or shapes: {listed}")
 
 
 def _renamer(saved_paths: List[str], model_paths: List[str], mapping: Dict[int, int]) -> Callable[[str], Optional[str]]:
@@ -185,6 +222,18 @@ def _plan_recorded(model: nn.Module, path: PathLike, calls: List[Dict[str, Any]]
                 insertions = plan(model, call["method"], call["blocks"], True, **call["options"])
             except SurgeryError as error:
                 raise SurgeryError(f"{path} records surgery this model cannot take: {error}") from None
+            placed = {insertion.block for insertion in insertions}
+            for block in call["blocks"]:
+                if block not in placed:  # planned with skip_unsupported to pass other attention; not this block
+                    try:
+                        plan(model, call["method"], [block], True, **call["options"])
+                        reason = "it is not placed there"
+                    except SurgeryError as error:
+                        reason = str(error)
+                    raise SurgeryError(
+                        f"{path} records method {call['method']!r} on block {block}, which this model's block "
+                        f"cannot take: {reason}"
+                    )
             for insertion in insertions:
                 key = (id(insertion.host), insertion.name)
                 if key in taken:
@@ -200,6 +249,25 @@ def _method_of(name: str) -> Optional[str]:
         if part.startswith(CHILD_PREFIX):
             return part[len(CHILD_PREFIX) :]
     return None
+
+
+def _check_arguments(model: Any, path: Any, head: Any, methods: Any, blocks: Any) -> None:
+    """load_delta's arguments, before anything is read: wrong types are SurgeryErrors naming them."""
+    if not isinstance(model, nn.Module):
+        raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_path(path)
+    if not isinstance(head, bool):
+        raise SurgeryError(f"head must be True or False; got {head!r}")
+    if methods is not None and (isinstance(methods, str) or not all(isinstance(m, str) for m in _iterable(methods, "methods"))):
+        raise SurgeryError(f"methods must be a list of method names; got {methods!r}")
+    if blocks is not None and not all(type(b) is int for b in _iterable(blocks, "blocks")):
+        raise SurgeryError(f"blocks must be a list of saved block indices (int); got {blocks!r}")
+
+
+def _iterable(value: Any, name: str) -> list:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise SurgeryError(f"{name} must be a list; got {value!r}")
+    return list(value)
 
 
 def load_delta(
@@ -229,8 +297,7 @@ def load_delta(
     another surgery, a damaged file or an unknown format version) raises SurgeryError before the model
     is changed.
     """
-    if not isinstance(model, nn.Module):
-        raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    _check_arguments(model, path, head, methods, blocks)
     tensors, raw_metadata = read(path)
     metadata = decode(raw_metadata, str(path))
     if tensors_digest(tensors) != metadata["tensors_sha256"]:
@@ -254,6 +321,8 @@ def load_delta(
         raise SurgeryError(f"{path} records surgery on block {beyond[0]}, but its model had {len(saved_paths)} blocks")
     model_paths = [block.path for block in discover(model).blocks]
     mapping = _block_mapping(path, saved_paths, model_paths, block_map)
+    if block_map is not None:
+        _check_mapped_architecture(path, metadata, shapes, model_head, model_paths, mapping)
     if blocks is not None:
         mapping = {saved: target for saved, target in mapping.items() if saved in blocks}
     calls = [
@@ -265,6 +334,17 @@ def load_delta(
     rename = _renamer(saved_paths, model_paths, mapping)
 
     taken_methods = {call["method"] for call in calls}
+    recorded_methods = {call["method"] for call in metadata["methods"]}
+    for name in sorted(recorded_methods):
+        try:
+            get_method(name)
+        except SurgeryError as error:
+            raise SurgeryError(f"{path} records surgery this model cannot take: {error}") from None
+    stray = sorted(name for name in tensors if _method_of(name) not in (None, *recorded_methods))
+    if stray:
+        raise SurgeryError(
+            f"{path} holds tensors of a method its metadata does not record: {', '.join(stray[:5])}"
+        )
     chosen: Dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if name in saved_head:

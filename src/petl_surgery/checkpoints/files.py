@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import struct
 import tempfile
 from pathlib import Path
-from typing import Dict, Mapping, Tuple, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -19,38 +21,82 @@ PathLike = Union[str, os.PathLike]
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+def check_path(path: object) -> None:
+    """A file path is a str or an os.PathLike; anything else is a SurgeryError naming what it got."""
+    if not isinstance(path, (str, os.PathLike)) or (isinstance(path, str) and not path):
+        raise SurgeryError(f"expected a file path (str or os.PathLike), got {path!r}")
+
+
 def write_atomic(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> int:
     """Write a safetensors file through a temporary file and a rename; returns its size in bytes.
 
     Either the whole new file is at ``path`` afterwards, or whatever was there before is untouched.
+
+    Permissions: a file that already exists keeps its permission bits; a new file gets what ``open()``
+    would give it, ``0o666`` less the process umask.
+
+    Symlinks: a symbolic link at ``path`` is written through: the file it finally names (which need not
+    exist yet, but whose directory must) is replaced, and the link stays a link to the updated file.
+
+    A missing directory, a directory at ``path``, or any I/O failure raises SurgeryError naming ``path``;
+    the temporary file (``.petl-<random>.tmp``, next to the file replaced) is removed.
     """
     target = Path(path)
-    if not target.parent.is_dir():
-        raise SurgeryError(f"cannot save to {target}: directory {target.parent} does not exist")
-    if target.is_dir():
-        raise SurgeryError(f"cannot save to {target}: it is a directory")
-    data = save_safetensors(dict(tensors), metadata=dict(metadata))
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    temporary: Optional[str] = None
     try:
+        final = _file_to_replace(target)
+        mode = _mode_for(final)
+        data = save_safetensors(dict(tensors), metadata=dict(metadata))
+        handle, temporary = tempfile.mkstemp(dir=final.parent, prefix=".petl-", suffix=".tmp")
         with os.fdopen(handle, "wb") as stream:
+            os.fchmod(stream.fileno(), mode)
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        os.replace(temporary, final)
+    except BaseException as error:
+        if temporary is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        if isinstance(error, OSError):
+            raise SurgeryError(f"cannot save to {target}: {error.strerror or error}") from error
         raise
     return len(data)
 
 
+def _file_to_replace(target: Path) -> Path:
+    """``target`` itself, or the file a symbolic link there finally names; refuses a missing directory,
+    a directory and a symbolic link loop."""
+    final = Path(os.path.realpath(target)) if target.is_symlink() else target
+    if final.is_symlink():  # realpath stops at a loop and leaves a link
+        raise SurgeryError(f"cannot save to {target}: it is a loop of symbolic links")
+    if not final.parent.is_dir():
+        raise SurgeryError(f"cannot save to {target}: directory {final.parent} does not exist")
+    if final.is_dir():
+        raise SurgeryError(f"cannot save to {target}: it is a directory")
+    return final
+
+
+def _mode_for(final: Path) -> int:
+    """The permission bits of the existing file ``final``, or ``0o666`` less the umask for a new one."""
+    try:
+        return stat.S_IMODE(final.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)  # the only way to read the umask; restored at once
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def read(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """Tensors and raw metadata of a safetensors file; a missing, truncated or corrupt file raises
-    SurgeryError."""
+    """Tensors and raw metadata of a safetensors file; a missing, unreadable, truncated or corrupt file
+    raises SurgeryError."""
     source = Path(path)
     if not source.is_file():
         raise SurgeryError(f"no checkpoint file at {source}")
-    data = source.read_bytes()
+    try:
+        data = source.read_bytes()
+    except OSError as error:
+        raise SurgeryError(f"cannot read {source}: {error.strerror or error}") from error
     if len(data) < 8:
         raise SurgeryError(f"{source} is not a safetensors file: {len(data)} bytes is shorter than its header")
     (header_size,) = struct.unpack("<Q", data[:8])

@@ -11,14 +11,21 @@ state_dict names; its ``__metadata__`` holds one key, ``petl_surgery``, whose va
      "head": ["head.weight", "head.bias"],                      # the classifier head's tensors
      "fingerprint": "<sha256 of the base state_dict's names and shapes>",
      "fingerprint_without_head": "<the same, head left out>",
-     "tensors_sha256": "<sha256 of the tensors' names, dtypes, shapes and bytes>"}
+     "fingerprint_outside_blocks": "<the same, head and every block left out>",
+     "block_fingerprints": ["<the same for block 0's tensors, named from the block>", ...],
+     "tensors_sha256": "<sha256 of the tensors' names, dtypes, shapes and bytes>",
+     "checksum": "<sha256 of all of the above as canonical JSON>"}
+
+``decode`` checks the checksum and every entry's type and range, as strictly as ``apply`` checks its
+arguments (the methods' options are checked by the methods themselves when the surgery is planned).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Dict, List, Mapping, Optional, Set
+import re
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 import torch
 from torch import nn
@@ -38,6 +45,29 @@ def base_shapes(model: nn.Module, delta: Set[str]) -> Dict[str, list]:
 def fingerprint(shapes: Mapping[str, list]) -> str:
     text = ";".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in sorted(shapes.items()))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def block_fingerprints(shapes: Mapping[str, list], block_paths: Sequence[str]) -> List[str]:
+    """Per block, the fingerprint of its tensors named from the block (``attn.qkv.weight``), so that a
+    block can be compared with a block at another path."""
+    prints = []
+    for path in block_paths:
+        prefix = path + "."
+        prints.append(fingerprint({n[len(prefix) :]: s for n, s in shapes.items() if n.startswith(prefix)}))
+    return prints
+
+
+def outside_blocks(shapes: Mapping[str, list], block_paths: Sequence[str]) -> Dict[str, list]:
+    """The shapes of the tensors outside every block."""
+    prefixes = tuple(path + "." for path in block_paths)
+    return {n: s for n, s in shapes.items() if not n.startswith(prefixes)}
+
+
+def metadata_checksum(metadata: Mapping[str, Any]) -> str:
+    """SHA-256 of the metadata as canonical JSON, its ``checksum`` entry left out. The metadata holds
+    ``tensors_sha256``, so this covers the tensors too."""
+    body = {key: value for key, value in metadata.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -62,46 +92,91 @@ def model_description(model: nn.Module, block_paths: List[str]) -> Dict[str, Any
 
 
 def encode(metadata: Mapping[str, Any]) -> Dict[str, str]:
-    return {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+    """The file's ``__metadata__``: the metadata with its checksum, as JSON."""
+    sealed = {**metadata, "checksum": metadata_checksum(metadata)}
+    return {METADATA_KEY: json.dumps(sealed, sort_keys=True, allow_nan=False)}
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number petl_surgery writes")
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # not a bool, not a float such as 1.0
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def decode(raw: Optional[Mapping[str, str]], path: str) -> Dict[str, Any]:
-    """Parse and check a file's metadata; raises SurgeryError for anything not ours or too new."""
+    """Parse and check a file's metadata; raises SurgeryError for anything not ours, too new, edited
+    after saving (checksum) or malformed."""
     if not raw or METADATA_KEY not in raw:
         raise SurgeryError(f"{path} is a safetensors file but not a petl_surgery delta checkpoint (no metadata)")
     try:
-        metadata = json.loads(raw[METADATA_KEY])
-    except json.JSONDecodeError as error:
+        metadata = json.loads(raw[METADATA_KEY], parse_constant=_refuse_constant)
+    except ValueError as error:  # json.JSONDecodeError is a ValueError
         raise SurgeryError(f"{path}: the petl_surgery metadata is not valid JSON ({error})") from None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
-        raise SurgeryError(f"{path} is not a petl_surgery delta checkpoint (format {metadata.get('format')!r})")
+        found = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
+        raise SurgeryError(f"{path} is not a petl_surgery delta checkpoint (format {found!r})")
     version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
+    if not _is_int(version) or version != FORMAT_VERSION:
         raise SurgeryError(
             f"{path} has delta format version {version!r}; this petl_surgery reads version {FORMAT_VERSION}"
         )
-    for key, kind in (
-        ("methods", list),
-        ("model", dict),
-        ("head", list),
-        ("fingerprint", str),
-        ("fingerprint_without_head", str),
-        ("tensors_sha256", str),
-    ):
-        if not isinstance(metadata.get(key), kind):
-            raise SurgeryError(f"{path}: the petl_surgery metadata lacks a valid {key!r} entry")
-    if metadata.get("statistics", "frozen") not in ("frozen", "adapt"):
+    if not isinstance(metadata.get("checksum"), str) or metadata["checksum"] != metadata_checksum(metadata):
         raise SurgeryError(
-            f"{path}: the petl_surgery metadata has statistics {metadata['statistics']!r}; expected 'frozen' or 'adapt'"
+            f"{path} is corrupt: its metadata does not match the checksum recorded when it was saved (or it "
+            "was written by a petl_surgery that recorded none: save it again)"
         )
-    if not isinstance(metadata["model"].get("block_paths"), list):
-        raise SurgeryError(f"{path}: the petl_surgery metadata lacks the model's block paths")
-    for call in metadata["methods"]:
+    _check_entries(metadata, path)
+    return metadata
+
+
+def _check_entries(metadata: Mapping[str, Any], path: str) -> None:
+    def refuse(what: str) -> SurgeryError:
+        return SurgeryError(f"{path}: the petl_surgery metadata has an invalid {what}")
+
+    for key in ("fingerprint", "fingerprint_without_head", "fingerprint_outside_blocks", "tensors_sha256"):
+        if not isinstance(metadata.get(key), str) or not _HEX64.fullmatch(metadata[key]):
+            raise refuse(f"{key!r} entry")
+    if metadata.get("statistics") not in ("frozen", "adapt"):
+        raise refuse(f"'statistics' entry {metadata.get('statistics')!r} (expected 'frozen' or 'adapt')")
+    if not _is_str_list(metadata.get("head")):
+        raise refuse("'head' entry")
+    model = metadata.get("model")
+    if not (
+        isinstance(model, dict)
+        and isinstance(model.get("class"), str)
+        and (model.get("timm_name") is None or isinstance(model.get("timm_name"), str))
+        and _is_str_list(model.get("block_paths"))
+        and _is_int(model.get("blocks"))
+        and model["blocks"] == len(model["block_paths"])
+    ):
+        raise refuse("'model' entry (class, timm name, block count and block paths)")
+    prints = metadata.get("block_fingerprints")
+    if not (_is_str_list(prints) and len(prints) == model["blocks"] and all(_HEX64.fullmatch(p) for p in prints)):
+        raise refuse("'block_fingerprints' entry")
+    calls = metadata.get("methods")
+    if not isinstance(calls, list) or not calls:
+        raise refuse("'methods' entry (a non-empty list)")
+    for call in calls:
         if not (
             isinstance(call, dict)
-            and isinstance(call.get("method"), str)
-            and isinstance(call.get("options"), dict)
-            and isinstance(call.get("blocks"), list)
+            and set(call) == {"method", "options", "blocks"}
+            and isinstance(call["method"], str)
+            and isinstance(call["options"], dict)
+            and isinstance(call["blocks"], list)
+            and call["blocks"]
+            and all(_is_int(b) and 0 <= b < model["blocks"] for b in call["blocks"])
+            and len(set(call["blocks"])) == len(call["blocks"])
         ):
-            raise SurgeryError(f"{path}: the petl_surgery metadata has a malformed method entry {call!r}")
-    return metadata
+            raise SurgeryError(
+                f"{path}: the petl_surgery metadata has a malformed method entry {call!r} (a method name, "
+                f"its options, and distinct block indices in 0..{model['blocks'] - 1})"
+            )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
@@ -163,9 +164,15 @@ def check_positive_int(method: str, option: str, value: Any) -> None:
 
 
 def check_number(method: str, option: str, value: Any, *, low: float = float("-inf"), high: float = float("inf")) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+    """A finite int or float (not a bool) in ``[low, high]``; infinity and NaN are refused."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
         raise SurgeryError(
-            f"option {option!r} of method {method!r} must be a number in [{low}, {high}]; got {value!r}"
+            f"option {option!r} of method {method!r} must be a finite number in [{low}, {high}]; got {value!r}"
         )
 
 

@@ -1,0 +1,171 @@
+"""A delta checkpoint cannot be altered without a check noticing, and a load takes all of it or nothing:
+the metadata is under the checksum and validated as strictly as apply's arguments, block_map keeps the
+architecture check, nothing recorded is skipped and nothing unrecorded is dropped, and wrong argument
+types are SurgeryErrors. Every refusal leaves the model as it was."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import timm
+import torch
+from conftest import assert_same_snapshot, make_family, make_vit, snapshot
+from safetensors.torch import load_file, save_file
+from test_checkpoints import header_of, refuses, rewrite
+
+import petl_surgery as ps
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = ps.apply(make_vit(), "bapat")
+    path = tmp_path / "delta.safetensors"
+    ps.save(model, path)
+    return path
+
+
+def metadata_of(path) -> dict:
+    return json.loads(header_of(path)[1]["__metadata__"]["petl_surgery"])
+
+
+def edited(path, target, change):
+    """``path`` with its metadata changed by ``change(metadata)`` and nothing resealed."""
+    metadata = metadata_of(path)
+    change(metadata)
+    save_file(load_file(path), target, metadata={"petl_surgery": json.dumps(metadata)})
+    return target
+
+
+def set_option(name, value):
+    def change(metadata):
+        metadata["methods"][0]["options"][name] = value
+
+    return change
+
+
+@pytest.mark.parametrize("name, value", [("position", "sequential"), ("patt_scale", 0.1), ("adapter_scale", 3.0)])
+def test_edited_options_are_refused_by_the_checksum(saved, tmp_path, name, value):
+    assert name in metadata_of(saved)["methods"][0]["options"]
+    path = edited(saved, tmp_path / "edited.safetensors", set_option(name, value))
+    refuses(make_vit(), path, "metadata does not match the checksum")
+
+
+def test_swapped_block_paths_are_refused_by_the_checksum(saved, tmp_path):
+    def swap(metadata):
+        paths = metadata["model"]["block_paths"]
+        paths[0], paths[1] = paths[1], paths[0]
+
+    refuses(make_vit(), edited(saved, tmp_path / "swapped.safetensors", swap), "metadata does not match the checksum")
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"format_version": True}, "format version True"),
+        ({"format_version": 1.0}, "format version 1.0"),
+        ({"statistics": "thawed"}, "invalid 'statistics' entry"),
+        ({"head": "head.weight"}, "invalid 'head' entry"),
+        ({"fingerprint": "abc"}, "invalid 'fingerprint' entry"),
+    ],
+)
+def test_resealed_metadata_of_the_wrong_type_is_refused(saved, tmp_path, entry, message):
+    refuses(make_vit(), rewrite(saved, tmp_path / "v.safetensors", metadata=entry), message)
+
+
+@pytest.mark.parametrize("blocks", [[True, 0], [0, 0], [], [0.0]])
+def test_recorded_blocks_must_be_distinct_ints_in_range(saved, tmp_path, blocks):
+    calls = metadata_of(saved)["methods"]
+    calls[0]["blocks"] = blocks
+    refuses(make_vit(), rewrite(saved, tmp_path / "v.safetensors", metadata={"methods": calls}), "malformed method entry")
+
+
+def test_an_infinite_option_in_a_file_is_refused(saved, tmp_path):
+    calls = metadata_of(saved)["methods"]
+    calls[0]["options"]["adapter_scale"] = math.inf  # json writes Infinity
+    path = rewrite(saved, tmp_path / "v.safetensors", metadata={"methods": calls}, digest=False)
+    refuses(make_vit(), path, "not valid JSON.*Infinity")
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_apply_refuses_a_non_finite_scale_before_any_change(value):
+    model = make_vit()
+    before = snapshot(model)
+    with pytest.raises(ps.SurgeryError, match="must be a finite number"):
+        ps.apply(model, "patt", scale=value)
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_block_map_keeps_the_architecture_check(saved):
+    # an identity map of two blocks from a ViT into a distilled DeiT (its distillation token differs)
+    model = make_family("deit_distilled")
+    before = snapshot(model)
+    with pytest.raises(ps.SurgeryError, match="outside its blocks"):
+        ps.load(model, saved, block_map={0: 0, 1: 1}, head=False)
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_block_map_refuses_pairs_of_blocks_of_other_shapes(tmp_path):
+    model = ps.apply(make_family("swin"), "patt", layers=[0])
+    path = tmp_path / "swin.safetensors"
+    ps.save(model, path)
+    target = make_family("swin")
+    before = snapshot(target)
+    with pytest.raises(ps.SurgeryError, match=r"saved block 0 -> block 4"):
+        ps.load(target, path, block_map={0: 4})  # stage 0 (width 32) into stage 2 (width 128)
+    assert_same_snapshot(before, snapshot(target))
+
+
+def test_block_map_between_depths_of_one_architecture_still_loads(saved):
+    deeper = make_vit(depth=6)
+    ps.load(deeper, saved, block_map={0: 2, 1: 3})
+    assert sorted(ps.summary(deeper).per_block) == [2, 3]
+
+
+def efficientformer_v2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("efficientformerv2_s0", num_classes=5).eval()
+
+
+def test_a_recorded_block_the_method_cannot_operate_on_is_refused(tmp_path):
+    model = ps.apply(efficientformer_v2(), "adapter", skip_unsupported=True)
+    path = tmp_path / "skipping.safetensors"
+    ps.save(model, path)
+    calls = metadata_of(path)["methods"]
+    assert 2 not in calls[0]["blocks"]  # stages.3.downsample has no MLP
+    calls[0]["blocks"] = sorted(calls[0]["blocks"] + [2])
+    forged = rewrite(path, tmp_path / "forged.safetensors", metadata={"methods": calls})
+    refuses(efficientformer_v2(), forged, r"records method 'adapter' on block 2, which this model's block cannot take")
+
+
+def test_tensors_of_an_unrecorded_method_are_refused(saved, tmp_path):
+    tensors = load_file(saved)
+    tensors["blocks.0.attn.petl_lora.q.lora_A"] = torch.zeros(8, 64)
+    path = rewrite(saved, tmp_path / "v.safetensors", tensors=tensors)
+    refuses(make_vit(), path, r"tensors of a method its metadata does not record: blocks.0.attn.petl_lora.q.lora_A")
+
+
+@pytest.mark.parametrize(
+    "keywords, message",
+    [
+        ({"blocks": 1}, "blocks must be a list"),
+        ({"blocks": [True]}, "blocks must be a list of saved block indices"),
+        ({"block_map": {"0": 0}}, "block_map must map saved block indices"),
+        ({"head": 123}, "head must be True, False or None"),
+        ({"methods": "bapat"}, "methods must be a list of method names"),
+    ],
+)
+def test_load_arguments_of_the_wrong_type_are_surgery_errors(saved, keywords, message):
+    model = make_vit()
+    before = snapshot(model)
+    with pytest.raises(ps.SurgeryError, match=message):
+        ps.load(model, saved, **keywords)
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_load_and_save_without_a_path_are_surgery_errors():
+    with pytest.raises(ps.SurgeryError, match="expected a file path"):
+        ps.load(make_vit(), None)
+    with pytest.raises(ps.SurgeryError, match="expected a file path"):
+        ps.save(ps.apply(make_vit(), "patt"), None)
