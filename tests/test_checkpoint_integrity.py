@@ -169,3 +169,25 @@ def test_load_and_save_without_a_path_are_surgery_errors():
         ps.load(make_vit(), None)
     with pytest.raises(ps.SurgeryError, match="expected a file path"):
         ps.save(ps.apply(make_vit(), "patt"), None)
+
+
+@pytest.mark.parametrize("method, option, value", [("patt", "mid_dim", 300_000), ("lora", "rank", 10**6)])
+def test_recorded_sizes_are_checked_before_anything_is_allocated(tmp_path, monkeypatch, method, option, value):
+    from petl_surgery.checkpoints import delta
+    from petl_surgery.methods import base
+
+    path = tmp_path / "small.safetensors"
+    ps.save(ps.apply(make_vit(), method), path)
+    calls = metadata_of(path)["methods"]
+    calls[0]["options"][option] = value
+    forged = rewrite(path, tmp_path / "large.safetensors", metadata={"methods": calls})
+    planned_on = []
+    real_plan = delta._plan_recorded
+
+    def spy(*args, **kwargs):
+        planned_on.append("meta" if base._planning_on_meta[-1] else "model's device")
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(delta, "_plan_recorded", spy)
+    refuses(make_vit(), forged, "wrong shape")
+    assert planned_on == ["meta"]

@@ -17,7 +17,7 @@ from ..errors import SurgeryError
 from ..freezing import head_parameter_names, set_trainable
 from ..inventory import delta_names, inserted_modules, surgery_record
 from ..methods import Insertion, get_method
-from ..methods.base import CHILD_PREFIX
+from ..methods.base import CHILD_PREFIX, sizes_only
 from ..sites import discover
 from ..statistics import DEFAULT_MODE, adapted_names, mode_of, resolve_mode, statistics_names
 from .files import PathLike, check_path, read, write_atomic
@@ -366,10 +366,11 @@ def load_delta(
             )
         expected = {name: list(t.shape) for name, t in _unique_state(model).items() if name in delta_now}
     else:
-        planned = _plan_recorded(model, path, calls)
+        with sizes_only():  # the recorded options' sizes, checked against the file before any allocation
+            sized = _plan_recorded(model, path, calls)
         expected = {
             f"{insertion.path}.{key}": list(tensor.shape)
-            for insertions in planned
+            for insertions in sized
             for insertion in insertions
             for key, tensor in insertion.module.state_dict().items()
         }
@@ -399,6 +400,8 @@ def load_delta(
     if wrong:
         raise SurgeryError(f"{path} has tensors of the wrong shape: {', '.join(wrong[:5])}")
 
+    if not current:
+        planned = _plan_recorded(model, path, calls)  # sizes now known to be the file's
     for insertions in planned:
         commit(model, insertions, statistics)
     targets = model.state_dict(keep_vars=True)

@@ -4,10 +4,11 @@ inserted-module base class lives in :mod:`petl_surgery.inserted`, below site dis
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -176,13 +177,29 @@ def check_number(method: str, option: str, value: Any, *, low: float = float("-i
         )
 
 
+_planning_on_meta = [False]
+
+
+@contextlib.contextmanager
+def sizes_only() -> Iterator[None]:
+    """Inserted modules planned inside this block are built on the meta device: their shapes without
+    their memory (``load`` checks the sizes a file records before it allocates them)."""
+    _planning_on_meta.append(True)
+    try:
+        yield
+    finally:
+        _planning_on_meta.pop()
+
+
 def factory_kwargs(*references: nn.Module) -> Dict[str, Any]:
     """Device and dtype of the first parameter of the first of ``references`` that has one (a producer
-    added by a site's patches holds none: the attention behind it does), for building layers beside it."""
+    added by a site's patches holds none: the attention behind it does), for building layers beside it;
+    the meta device inside :func:`sizes_only`."""
     for reference in references:
         parameter = next(reference.parameters(), None)
         if parameter is not None:
-            return {"device": parameter.device, "dtype": parameter.dtype}
+            device = torch.device("meta") if _planning_on_meta[-1] else parameter.device
+            return {"device": device, "dtype": parameter.dtype}
     raise SurgeryError(f"{type(references[0]).__name__} has no parameters to take a device and dtype from")
 
 
