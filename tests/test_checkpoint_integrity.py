@@ -191,3 +191,32 @@ def test_recorded_sizes_are_checked_before_anything_is_allocated(tmp_path, monke
     monkeypatch.setattr(delta, "_plan_recorded", spy)
     refuses(make_vit(), forged, "wrong shape")
     assert planned_on == ["meta"]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_values_in_a_delta_are_refused(saved, tmp_path, value):
+    tensors = load_file(saved)
+    tensors["blocks.1.attn.petl_bapat.up.weight"][0, 0] = value
+    path = rewrite(saved, tmp_path / "v.safetensors", tensors=tensors)
+    refuses(make_vit(), path, r"NaN or infinite values in: blocks.1.attn.petl_bapat.up.weight")
+
+
+def test_values_that_overflow_a_half_model_are_refused(saved, tmp_path):
+    tensors = load_file(saved)
+    tensors["blocks.1.attn.petl_bapat.up.weight"][0, 0] = 1e6  # float16 holds up to 65504
+    path = rewrite(saved, tmp_path / "v.safetensors", tensors=tensors)
+    refuses(make_vit().half(), path, r"blocks.1.attn.petl_bapat.up.weight overflow the model's dtype torch.float16")
+
+
+def test_a_load_that_casts_says_so(saved):
+    model = make_vit().to(torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"casts \d+ tensor\(s\) to the model's dtype \(float32 -> bfloat16\)"):
+        ps.load(model, saved)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_load_into_a_meta_device_model_is_refused(saved):
+    model = make_vit().to("meta")
+    with pytest.raises(ps.SurgeryError, match="meta device"):
+        ps.load(model, saved)
+    assert not ps.summary(model).rows

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set
 
@@ -171,6 +172,30 @@ def _block_mapping(
     return mapping
 
 
+def _check_values(path: PathLike, tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, Optional[torch.dtype]]) -> None:
+    """Refuse NaN or infinity in the delta, and values that the model's dtype cannot hold (a float32
+    delta overflowing a float16 model); warn, naming the tensors, when loading casts to another dtype."""
+    bad = sorted(n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if bad:
+        raise SurgeryError(f"{path} holds NaN or infinite values in: {', '.join(bad[:5])}")
+    cast = {n: (t.dtype, dtypes[n]) for n, t in tensors.items() if dtypes.get(n) is not None and t.dtype != dtypes[n]}
+    overflow = sorted(
+        n for n, (_, to) in cast.items() if to.is_floating_point and not torch.isfinite(tensors[n].to(to)).all()
+    )
+    if overflow:
+        raise SurgeryError(
+            f"{path}: values of {', '.join(overflow[:5])} overflow the model's dtype "
+            f"{cast[overflow[0]][1]}; load into a model of the checkpoint's dtype"
+        )
+    if cast:
+        pairs = sorted({f"{str(a).replace('torch.', '')} -> {str(b).replace('torch.', '')}" for a, b in cast.values()})
+        warnings.warn(
+            f"loading {path} casts {len(cast)} tensor(s) to the model's dtype ({', '.join(pairs)}), e.g. "
+            f"{', '.join(sorted(cast)[:3])}",
+            stacklevel=3,
+        )
+
+
 def _check_mapped_architecture(
     path: PathLike,
     metadata: Mapping[str, Any],
@@ -298,6 +323,11 @@ def load_delta(
     is changed.
     """
     _check_arguments(model, path, head, methods, blocks)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise SurgeryError(
+            f"{type(model).__name__} is on the meta device (tensors without values): loaded values would be "
+            "dropped. Materialise it first (model.to_empty(device=...) and its weights), then load"
+        )
     tensors, raw_metadata = read(path)
     metadata = decode(raw_metadata, str(path))
     if tensors_digest(tensors) != metadata["tensors_sha256"]:
@@ -365,11 +395,18 @@ def load_delta(
                 f"{calls}; remove it first or load into a fresh model"
             )
         expected = {name: list(t.shape) for name, t in _unique_state(model).items() if name in delta_now}
+        dtypes = {}
     else:
         with sizes_only():  # the recorded options' sizes, checked against the file before any allocation
             sized = _plan_recorded(model, path, calls)
         expected = {
             f"{insertion.path}.{key}": list(tensor.shape)
+            for insertions in sized
+            for insertion in insertions
+            for key, tensor in insertion.module.state_dict().items()
+        }
+        dtypes = {
+            f"{insertion.path}.{key}": tensor.dtype
             for insertions in sized
             for insertion in insertions
             for key, tensor in insertion.module.state_dict().items()
@@ -399,6 +436,9 @@ def load_delta(
     ]
     if wrong:
         raise SurgeryError(f"{path} has tensors of the wrong shape: {', '.join(wrong[:5])}")
+
+    state = model.state_dict()
+    _check_values(path, chosen, {name: dtypes.get(name, state[name].dtype if name in state else None) for name in chosen})
 
     if not current:
         planned = _plan_recorded(model, path, calls)  # sizes now known to be the file's
