@@ -143,3 +143,16 @@ def test_inspect_refuses_a_file_that_is_not_a_delta(tmp_path, capsys):
     bad.write_bytes(b"\x00" * 4)
     assert cli.main(["inspect", str(bad)]) == 1
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "model, method, patched",
+    [
+        ("beit_base_patch16_224", "patt", "sets qkv_bias_separate on blocks.0.attn"),
+        ("swinv2_tiny_window8_256", "patt", "sets qkv_bias_separate on layers.0.blocks.0.attn"),
+        ("vit_small_patch16_224", "prefix", "sets forward on blocks.0.attn"),
+    ],
+)
+def test_plan_names_the_patches_a_site_needs(capsys, model, method, patched):
+    assert cli.main(["plan", model, "--method", method, "--layers", "0"]) == 0
+    assert patched in capsys.readouterr().out

@@ -133,7 +133,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"{hook.kind.replace('_', '-')} hook on {names.get(id(hook.target), type(hook.target).__name__) or '(model)'}"
             for hook in insertion.hooks
         )
-        patched = f"; sets {', '.join(insertion.patches)} on {insertion.host_path}" if insertion.patches else ""
+        patched = "".join(
+            f"; sets {patch.name} on {names.get(id(patch.target), type(patch.target).__name__) or '(model)'}"
+            for patch in insertion.patches
+        )
         count = sum(p.numel() for p in insertion.module.parameters())
         rows.append((str(insertion.block), insertion.path, type(insertion.module).__name__, f"{count:,}", hooks + patched))
     _table(("block", "inserted module", "class", "parameters", "acts through"), rows, right={0, 3})
