@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import images, make_swin, make_vit, randomize
+from conftest import assert_same_snapshot, images, make_swin, make_vit, randomize, snapshot
 
 import petl_surgery as ps
 from petl_surgery.methods import PetlModule
@@ -57,3 +57,12 @@ def test_methods_sharing_a_projection_both_act_on_it():
     both = model(x)
     without_lora = ps.remove(model, "lora")(x)
     assert not torch.allclose(both, without_lora)
+
+
+@pytest.mark.parametrize("first, second, component", [("bapat", "patt", "patt"), ("bapat", "adapter", "adapter"), ("patt", "bapat", "patt")])
+def test_a_second_branch_of_the_same_kind_on_a_projection_is_refused(first, second, component):
+    model = ps.apply(make_vit(), first)
+    before = snapshot(model)
+    with pytest.raises(ps.SurgeryError, match=rf"already carries a {component} branch from method '{first}'"):
+        ps.apply(model, second)
+    assert_same_snapshot(before, snapshot(model))

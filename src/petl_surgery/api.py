@@ -102,10 +102,27 @@ def plan(
                     f"method {method!r} is already applied to block {index} ({insertion.host_path!r}); "
                     f"remove it first or choose other layers"
                 )
+            twin = _same_component(insertion)
+            if twin is not None:
+                raise SurgeryError(
+                    f"block {index} ({insertion.host_path!r}) already carries a {twin.component} branch from method "
+                    f"{twin.method!r}; a {method!r} one would stack a second {twin.component} on the same "
+                    "projections. Remove it first or choose other layers"
+                )
             insertions.append(insertion)
     if not insertions:
         raise SurgeryError(f"method {method!r} can operate on none of the chosen blocks: {skipped[0]}")
     return insertions
+
+
+def _same_component(insertion: Insertion) -> Optional[PetlModule]:
+    """An inserted module of the host that is of the same kind as the planned one (BAPAT's PATT half
+    beside a PATT), if any."""
+    component = insertion.module.component
+    for child in insertion.host.children():
+        if isinstance(child, PetlModule) and component and child.component == component:
+            return child
+    return None
 
 
 def commit(model: nn.Module, insertions: Sequence[Insertion], statistics: str) -> None:
