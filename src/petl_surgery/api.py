@@ -26,27 +26,11 @@ from .sites import Block, discover
 from .statistics import give_back_statistics, resolve_mode, take_statistics
 from .summary import Summary, summarize
 from .verification import forget_removed, start_run_check
+from .wrappers import inner
 
 
 # methods whose branches cast their input to their own dtype (apply's ``branch_dtype``)
 BRANCH_DTYPE_METHODS = ("patt", "adapter", "bapat", "lora", "ssf")
-
-
-def _check_model(model: object, changes: bool = True) -> nn.Module:
-    """``model`` itself; for a torch.compile'd wrapper, a clear refusal when surgery would change it (its
-    compiled code would not see the new hooks), and the original module when only reading it."""
-    if not isinstance(model, nn.Module):
-        raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    original = getattr(model, "_orig_mod", None)
-    if type(model).__name__ == "OptimizedModule" and isinstance(original, nn.Module):
-        if changes:
-            raise SurgeryError(
-                f"the model is a torch.compile wrapper (OptimizedModule of {type(original).__name__}): code it "
-                "has compiled would not see the surgery. Operate on the original module (model._orig_mod, or "
-                "the model before torch.compile), run one forward, then compile it"
-            )
-        return original
-    return model
 
 
 def blocks(model: nn.Module) -> List[Block]:
@@ -55,7 +39,7 @@ def blocks(model: nn.Module) -> List[Block]:
     Each :class:`Block` names its ``path`` and its ``attention`` and ``mlp`` sites (with their module
     paths). A model with no recognised block gives an empty list.
     """
-    return discover(_check_model(model, changes=False)).blocks
+    return discover(inner(model, changes=False)).blocks
 
 
 def plan(
@@ -68,7 +52,7 @@ def plan(
     """The insertions ``apply`` would make, built without changing the model."""
     method_type = get_method(method)
     parsed = method_type.parse_options(options)
-    found = discover(_check_model(model))
+    found = discover(inner(model))
     if found.unsupported and not skip_unsupported:
         listed = "; ".join(f"{u.path!r} ({u.class_name}): {u.reason}" for u in found.unsupported[:5])
         raise SurgeryError(
@@ -198,7 +182,7 @@ def apply(
             raise SurgeryError(
                 f"branch_dtype is supported by methods {', '.join(BRANCH_DTYPE_METHODS)}; not by {method!r}"
             )
-    mode = resolve_mode(_check_model(model), statistics)
+    mode = resolve_mode(inner(model), statistics)
     insertions = plan(model, method, layers, skip_unsupported, **options)
     if branch_dtype is not None:
         for insertion in insertions:
@@ -220,7 +204,7 @@ def remove(model: nn.Module, method: Optional[str] = None) -> nn.Module:
     outputs, state_dict (running statistics included), requires_grad flags and train/eval modes are
     exactly those it had before the first apply (the modes as last set by ``train()``/``eval()``).
     """
-    present = inserted_modules(_check_model(model))
+    present = inserted_modules(inner(model))
     if not present:
         raise SurgeryError(f"{type(model).__name__} carries no petl_surgery method to remove")
     if method is not None:
@@ -262,7 +246,7 @@ def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
     its outputs equal the unmerged model's up to floating-point rounding (statistics adapted with
     ``statistics="adapt"`` stay in the merged model).
     """
-    present = inserted_modules(_check_model(model))
+    present = inserted_modules(inner(model))
     mergeable = sorted(
         [(path, module) for path, module in present if isinstance(module, MergeableModule)], key=lambda item: item[1].order
     )
@@ -308,4 +292,4 @@ def _kept_before(module: MergeableModule, host: nn.Module, merged: Set[int]) -> 
 
 def summary(model: nn.Module) -> Summary:
     """A table of trainable parameters per method and per block, with totals and share of the model."""
-    return summarize(_check_model(model, changes=False))
+    return summarize(inner(model, changes=False))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..version import __version__
+from ..wrappers import inner
 from ..api import commit, plan
 from ..errors import SurgeryError
 from ..freezing import head_parameter_names, set_trainable
@@ -44,8 +45,7 @@ def save(model: nn.Module, path: PathLike) -> None:
     their state_dict names, and metadata describing the surgery (see
     :mod:`petl_surgery.checkpoints.format`). No pickle is involved.
     """
-    if not isinstance(model, nn.Module):
-        raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    model = inner(model, changes=False)  # a compile or DDP wrapper's keys would load nowhere
     check_path(path)
     if not inserted_modules(model):
         raise SurgeryError(f"{type(model).__name__} carries no petl_surgery method: there is no delta to save")
@@ -278,8 +278,7 @@ def _method_of(name: str) -> Optional[str]:
 
 def _check_arguments(model: Any, path: Any, head: Any, methods: Any, blocks: Any) -> None:
     """load_delta's arguments, before anything is read: wrong types are SurgeryErrors naming them."""
-    if not isinstance(model, nn.Module):
-        raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    inner(model)  # a plain module: surgery on a compile/DDP/FSDP wrapper is refused
     check_path(path)
     if not isinstance(head, bool):
         raise SurgeryError(f"head must be True or False; got {head!r}")

@@ -57,6 +57,7 @@ from ..inventory import delta_names, inserted_modules
 from ..methods.lora import LowRankAdapter
 from ..methods.targets import FUSED_QKV, TARGETS, foldable_weight, fused_qkv
 from ..sites import Block, Projection, discover
+from ..wrappers import inner
 from .common import Call, group_calls, install
 from .files import load_pickle, state_dict_of
 
@@ -379,8 +380,7 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
     module, trainable base parameters that belong to no submodule or that PEFT's name matching would
     confuse with others, different dropouts.
     """
-    if not isinstance(model, nn.Module):
-        raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    model = inner(model, changes=False)  # PEFT would find no module under a wrapper's key prefixes
     modules, dropout = _lora_modules(model)
     targets = sorted(modules)
     owners = _modules_to_save(model, targets)
