@@ -569,3 +569,21 @@ def test_adaptformer_parameter_count_on_vit_base():
         model = timm.create_model("vit_base_patch16_224", pretrained=False)
     ps.apply(model, "adapter")
     assert ps.summary(model).per_method == {"adapter": 1_189_632}
+
+
+@pytest.mark.parametrize("order", [("patt", "lora"), ("lora", "patt")], ids=["patt_lora", "lora_patt"])
+@pytest.mark.parametrize("name", ["tv_vit", "encoder_bf_prenorm", "user_mha"])
+def test_patt_and_lora_through_the_stand_in_projections_round_trip_in_either_order(name, order, tmp_path, standard_path):
+    build, make_input = MODELS[name]
+    model = build().eval()
+    for method in order:
+        ps.apply(model, method)
+    randomize_inserted(model)
+    x = make_input()
+    with torch.no_grad():
+        expected = model(x)
+    ps.save(model, tmp_path / "both.safetensors")
+    fresh = ps.load(build().eval(), tmp_path / "both.safetensors")
+    assert list(ps.summary(fresh).per_method) == list(order)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)

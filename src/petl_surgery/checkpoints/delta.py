@@ -14,7 +14,7 @@ from torch import nn
 
 from ..version import __version__
 from ..wrappers import inner
-from ..api import commit, plan
+from ..api import commit, plan, remove
 from ..errors import SurgeryError
 from ..freezing import head_parameter_names, set_trainable
 from ..inventory import delta_names, inserted_modules, surgery_record
@@ -268,6 +268,24 @@ def _plan_recorded(model: nn.Module, path: PathLike, calls: List[Dict[str, Any]]
     return planned
 
 
+def _apply_recorded(model: nn.Module, path: PathLike, calls: List[Dict[str, Any]], statistics: str) -> List[List[Insertion]]:
+    """Plan and commit the recorded calls one after the other, as the user's apply calls were made: a
+    later call then finds what an earlier one installed (the hookable stand-in projections of
+    nn.MultiheadAttention, shared by PATT and LoRA). Every check has passed on the sizes-only plan, so
+    nothing should refuse here; if something does, the model is given back as it was."""
+    committed: List[List[Insertion]] = []
+    try:
+        for call in calls:
+            insertions = _plan_recorded(model, path, [call])[0]
+            commit(model, insertions, statistics)
+            committed.append(insertions)
+    except BaseException:
+        if committed:
+            remove(model)
+        raise
+    return committed
+
+
 def _method_of(name: str) -> Optional[str]:
     """The method whose inserted module holds the tensor ``name`` (``...petl_<method>...``), if any."""
     for part in name.split("."):
@@ -440,9 +458,7 @@ def load_delta(
     _check_values(path, chosen, {name: dtypes.get(name, state[name].dtype if name in state else None) for name in chosen})
 
     if not current:
-        planned = _plan_recorded(model, path, calls)  # sizes now known to be the file's
-    for insertions in planned:
-        commit(model, insertions, statistics)
+        planned = _apply_recorded(model, path, calls, statistics)
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for name, tensor in chosen.items():
