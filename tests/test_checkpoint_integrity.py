@@ -220,3 +220,21 @@ def test_load_into_a_meta_device_model_is_refused(saved):
     with pytest.raises(ps.SurgeryError, match="meta device"):
         ps.load(model, saved)
     assert not ps.summary(model).rows
+
+
+def test_an_unrecognised_pickle_names_its_format_problem(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(ps.SurgeryError, match=r"cannot tell the format of .*weights.pth: it is not a safetensors file"):
+        ps.load(make_vit(), path)
+
+
+def test_a_delta_without_its_head_into_a_model_with_another_head_suggests_head_false(tmp_path):
+    path = tmp_path / "headless.safetensors"
+    ps.save(ps.apply(make_vit(), "patt", train_head=False), path)
+    refuses(make_vit(num_classes=7), path, r"the head in .* does not fit this model \(head.bias: checkpoint \[5\], model \[7\].*pass head=False")
+    assert ps.summary(ps.load(make_vit(num_classes=7), path, head=False)).per_method
+
+
+def test_another_width_names_the_tensors_that_differ(saved):
+    refuses(make_vit(embed_dim=96, num_heads=2), saved, r"tensors of other shapes: .*checkpoint \[\d+(, \d+)*\], model")

@@ -16,6 +16,7 @@ from .checkpoints.delta import load_delta
 from .checkpoints.files import PathLike, check_path
 from .errors import SurgeryError
 from .interop import FORMATS, detect, is_adapter_directory, load_any
+from .interop.files import safetensors_header
 
 
 def load(
@@ -46,6 +47,11 @@ def load(
     chosen = format
     if chosen is None and source.exists():
         chosen = "peft" if is_adapter_directory(source) is not None else detect(source)
+        if chosen is None and source.suffix != ".safetensors" and safetensors_header(source) is None:
+            raise SurgeryError(
+                f"cannot tell the format of {source}: it is not a safetensors file, nor a checkpoint of one of "
+                f"{', '.join(FORMATS)} (pass format= if it is one)"
+            )
     if chosen not in (None, "petl_surgery"):
         given = {"methods": methods, "blocks": blocks, "block_map": block_map}
         only_ours = [name for name, value in given.items() if value is not None]

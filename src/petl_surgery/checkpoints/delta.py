@@ -69,6 +69,7 @@ def save(model: nn.Module, path: PathLike) -> None:
         "statistics": mode_of(model),
         "model": model_description(model, block_paths),
         "head": sorted(heads),
+        "base_shapes": shapes,
         "fingerprint": fingerprint(shapes),
         "fingerprint_without_head": fingerprint(without_head),
         "fingerprint_outside_blocks": fingerprint(outside_blocks(without_head, block_paths)),
@@ -94,14 +95,18 @@ def _architecture_mismatch(
 ) -> SurgeryError:
     saved = metadata["model"]
     here = model_description(model, [block.path for block in discover(model).blocks])
-    differing = [
-        name for name, tensor in tensors.items() if name in shapes and list(tensor.shape) != shapes[name]
-    ]
-    listed = ", ".join(f"{n}: checkpoint {list(tensors[n].shape)}, model {shapes[n]}" for n in differing[:5])
-    if differing and set(differing) <= set(metadata["head"]):
+    recorded = metadata["base_shapes"]  # the saved base's names and shapes, the head included
+    differing = [name for name in recorded if name in shapes and recorded[name] != shapes[name]]
+    listed = ", ".join(f"{n}: checkpoint {recorded[n]}, model {shapes[n]}" for n in differing[:5])
+    model_head = head_parameter_names(model)
+    head_only = set(differing) | (set(recorded) ^ set(shapes)) <= set(metadata["head"]) | model_head
+    if head_only and fingerprint(
+        {n: s for n, s in shapes.items() if n not in model_head}
+    ) == metadata["fingerprint_without_head"]:
+        detail = f" ({listed})" if differing else ""
         return SurgeryError(
-            f"the head in {path} does not fit this model ({listed}); pass head=False to load the rest and "
-            "keep the model's own head"
+            f"the head in {path} does not fit this model{detail}; pass head=False to load the rest and keep "
+            "the model's own head"
         )
     message = f"{path} does not fit this model: it was saved from another base architecture"
     if (saved.get("class"), saved.get("timm_name")) != (here["class"], here["timm_name"]):
@@ -118,7 +123,13 @@ def _architecture_mismatch(
     elif differing:
         message += "; tensors of other shapes: " + listed
     else:
-        message += "; the names or shapes of its parameters differ from the model's"
+        only_saved = sorted(set(recorded) - set(shapes))
+        only_here = sorted(set(shapes) - set(recorded))
+        message += "; the names of its base tensors differ from the model's"
+        if only_saved:
+            message += f" (only in the checkpoint's base: {', '.join(only_saved[:5])})"
+        if only_here:
+            message += f" (only in this model: {', '.join(only_here[:5])})"
     return SurgeryError(message)
 
 

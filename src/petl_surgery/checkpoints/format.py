@@ -9,6 +9,7 @@ state_dict names; its ``__metadata__`` holds one key, ``petl_surgery``, whose va
      "model": {"class": "timm.models...VisionTransformer", "timm_name": "vit_...", "blocks": 12,
                "block_paths": ["blocks.0", ...]},
      "head": ["head.weight", "head.bias"],                      # the classifier head's tensors
+     "base_shapes": {"patch_embed.proj.weight": [768, 3, 16, 16], ...},  # the base state_dict's
      "fingerprint": "<sha256 of the base state_dict's names and shapes>",
      "fingerprint_without_head": "<the same, head left out>",
      "fingerprint_outside_blocks": "<the same, head and every block left out>",
@@ -145,6 +146,12 @@ def _check_entries(metadata: Mapping[str, Any], path: str) -> None:
     for key in ("fingerprint", "fingerprint_without_head", "fingerprint_outside_blocks", "tensors_sha256"):
         if not isinstance(metadata.get(key), str) or not _HEX64.fullmatch(metadata[key]):
             raise refuse(f"{key!r} entry")
+    shapes = metadata.get("base_shapes")
+    if not (
+        isinstance(shapes, dict)
+        and all(isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape) for shape in shapes.values())
+    ):
+        raise refuse("'base_shapes' entry (tensor name -> list of sizes)")
     if metadata.get("statistics") not in ("frozen", "adapt"):
         raise refuse(f"'statistics' entry {metadata.get('statistics')!r} (expected 'frozen' or 'adapt')")
     if not _is_str_list(metadata.get("head")):
