@@ -38,18 +38,20 @@ def randomize_inserted(model: nn.Module, std: float = 0.05) -> None:
 
 def revive(model: nn.Module) -> nn.Module:
     """Give ``model`` weights as trained ones would be, deterministically (seeded, in parameter order):
-    every all-zero parameter gets values (norm weights around 1, others small), so that a zero-init norm
-    (LeViT's ``bn_weight_init=0``, SwinV2's post-norms) or head (torchvision's) cannot hide a branch; and
+    every (near-)zero parameter gets values (norm weights and layer scales around 1, others small), so
+    that a zero-init norm (LeViT's ``bn_weight_init=0``, SwinV2's post-norms), a 1e-5 layer scale or a
+    zero head (torchvision's) cannot hide a branch; and
     running statistics get a mean and variance other than 0 and 1. Returns ``model``."""
     generator = torch.Generator().manual_seed(4)
     norms = {id(m) for m in model.modules() if "norm" in type(m).__name__.lower() or "bn" in type(m).__name__.lower()}
     with torch.no_grad():
         for module in model.modules():
             for name, parameter in module.named_parameters(recurse=False):
-                if parameter.is_floating_point() and parameter.numel() and not parameter.any():
+                # (near-)zero at init: zero-init norms and heads, and layer scales of 1e-5 or 1e-6
+                if parameter.is_floating_point() and parameter.numel() and parameter.abs().max() < 1e-4:
                     noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
-                    value = 1 + 0.1 * noise if id(module) in norms and name == "weight" else 0.02 * noise
-                    parameter.copy_(value)
+                    scale_like = (id(module) in norms and name == "weight") or name.split("_")[-1] in ("gamma", "scale")
+                    parameter.copy_(1 + 0.1 * noise if scale_like else 0.02 * noise)
         for _, module in statistics_modules(model):
             for name in ("running_mean", "running_var"):
                 buffer = module._buffers.get(name)
