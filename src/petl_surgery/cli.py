@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
@@ -249,78 +247,11 @@ def _group_of(name: str, head: set) -> str:
 # -- train ----------------------------------------------------------------------------------------------
 
 
-class Progress:
-    """A plain-text progress bar on stderr: redrawn in place on a terminal, one line per epoch otherwise."""
-
-    def __init__(self, total: int, label: str, stream: Any = None) -> None:
-        self.total, self.label = max(total, 1), label
-        self.stream = stream or sys.stderr
-        self.live = getattr(self.stream, "isatty", lambda: False)()
-        self.started = time.perf_counter()
-
-    def text(self, done: int, extra: str) -> str:
-        width = 24
-        filled = int(width * done / self.total)
-        elapsed = time.perf_counter() - self.started
-        return f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {extra} {elapsed:.0f}s"
-
-    def update(self, done: int, extra: str) -> None:
-        if self.live:
-            self.stream.write("\r" + self.text(done, extra))
-            self.stream.flush()
-
-    def close(self, extra: str) -> None:
-        self.stream.write(("\r" if self.live else "") + self.text(self.total, extra) + "\n")
-        self.stream.flush()
-
-
-def _datasets(args: argparse.Namespace, size: int, mean: Sequence[float], std: Sequence[float]) -> Tuple[Any, Any, List[str]]:
-    import torch
-    from torchvision import datasets, transforms
-
-    for folder in [args.data] + ([args.val] if args.val else []):
-        if not Path(folder).is_dir():
-            raise UsageError(f"no image folder at {folder}")
-    transform = transforms.Compose(
-        [transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(mean, std)]
-    )
-    try:
-        train = datasets.ImageFolder(args.data, transform=transform)
-        val = datasets.ImageFolder(args.val, transform=transform) if args.val else None
-    except (FileNotFoundError, RuntimeError) as error:
-        raise UsageError(str(error).splitlines()[0]) from None
-    classes = list(train.classes)
-    if val is not None and list(val.classes) != classes:
-        raise UsageError(f"--val has classes {val.classes}, --data has {classes}")
-    if val is None and args.val_split > 0:
-        n_val = int(round(len(train) * args.val_split))
-        if n_val < 1 or n_val >= len(train):
-            raise UsageError(f"--val-split {args.val_split} leaves no training or no validation images of {len(train)}")
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        train, val = torch.utils.data.Subset(train, order[n_val:]), torch.utils.data.Subset(train, order[:n_val])
-    return train, val, classes
-
-
-def _evaluate(model: Any, loader: Any) -> Tuple[float, float]:
-    import torch
-    import torch.nn.functional as F
-
-    model.eval()
-    loss, correct, count = 0.0, 0, 0
-    with torch.no_grad():
-        for x, y in loader:
-            logits = model(x)
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-            count += len(y)
-    return loss / max(count, 1), correct / max(count, 1)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
-    import torch.nn.functional as F
 
     import petl_surgery as ps
+    from petl_surgery.training import DataError, EpochRecord, fit, image_folder_splits
 
     if args.method is None and args.resume is None:
         raise UsageError("give --method (a new delta) or --resume DELTA (continue one)")
@@ -346,7 +277,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config.to_dict() if config is not None else {}
     size = args.image_size or cfg.get("input_size", (3, 224, 224))[-1]
     mean, std = cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
-    train_set, val_set, classes = _datasets(args, size, mean, std)
+    if args.val and args.val_split:
+        raise UsageError("--val and --val-split exclude each other: give a validation folder or a fraction of --data")
+    try:
+        train_set, val_set, classes = image_folder_splits(args.data, args.val, args.val_split, args.seed, size, mean, std)
+    except DataError as error:
+        raise UsageError(str(error)) from None
     model = create_model(args.model, pretrained=args.pretrained, num_classes=len(classes), **model_args)  # head from the classes
     options = parse_options(args.option)
     if args.resume:
@@ -360,19 +296,12 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"({100 * summary.share:.2f}%); {len(classes)} classes, {len(train_set)} training"
           + (f" and {len(val_set)} validation" if val_set is not None else "") + " images", file=sys.stderr)
 
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
-                                         num_workers=args.workers, generator=torch.Generator().manual_seed(args.seed))
-    val_loader = (torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, num_workers=args.workers)
-                  if val_set is not None else None)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)
-    steps = args.epochs * len(loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     log: Dict[str, Any] = {
         "model": args.model,
         "pretrained": args.pretrained,
         "method": args.method,
         "options": options,
+        "statistics": summary.statistics,
         "resumed_from": args.resume,
         "data": str(args.data),
         "val": str(args.val) if args.val else (f"{args.val_split:.0%} of --data" if val_set is not None else None),
@@ -385,32 +314,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         "history": [],
         "delta": str(out),
     }
-    for epoch in range(1, args.epochs + 1):
-        model.train()
-        progress = Progress(len(loader), f"epoch {epoch}/{args.epochs}")
-        loss_sum, correct, count = 0.0, 0, 0
-        started = time.perf_counter()
-        for i, (x, y) in enumerate(loader, 1):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            count += len(y)
-            progress.update(i, f"loss {loss_sum / count:.4f} acc {correct / count:.3f}")
-        entry = {"epoch": epoch, "train_loss": loss_sum / count, "train_accuracy": correct / count}
-        text = f"loss {entry['train_loss']:.4f} acc {entry['train_accuracy']:.3f}"
-        if val_loader is not None:
-            entry["val_loss"], entry["val_accuracy"] = _evaluate(model, val_loader)
-            text += f" | val loss {entry['val_loss']:.4f} acc {entry['val_accuracy']:.3f}"
-        entry["seconds"] = round(time.perf_counter() - started, 3)
-        progress.close(text)
-        log["history"].append(entry)
+
+    def after_epoch(record: EpochRecord) -> None:
+        log["history"].append(record.as_dict())
         ps.save(model, out)  # after every epoch: an interrupted run keeps its last delta
         log_path.write_text(json.dumps(log, indent=2) + "\n")
+
+    fit(
+        model, train_set, val_set, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, workers=args.workers, seed=args.seed, after_epoch=after_epoch,
+    )
     print(f"saved the delta to {out} ({out.stat().st_size / 1024:.1f} KiB) and the log to {log_path}")
     return 0
 

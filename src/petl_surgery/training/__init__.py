@@ -1,0 +1,7 @@
+"""Training a delta on images, apart from the command line that calls it: the data (``data``), the
+loop and evaluation (``loop``), and a progress display (``progress``)."""
+
+from .data import DataError, image_folder_splits
+from .loop import EpochRecord, evaluate, fit
+
+__all__ = ["DataError", "EpochRecord", "evaluate", "fit", "image_folder_splits"]

@@ -1,0 +1,52 @@
+"""Image data for training: torchvision ImageFolder directories, resized and normalised, with an
+optional seeded validation split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import SurgeryError
+
+
+class DataError(SurgeryError):
+    """The data cannot be read as asked: a missing folder, classes that do not match, an empty split."""
+
+
+def image_folder_splits(
+    data: str,
+    val: Optional[str],
+    val_split: float,
+    seed: int,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Tuple[Any, Optional[Any], List[str]]:
+    """(train, validation or None, class names) from ImageFolder directories: images resized to
+    ``size`` x ``size`` and normalised with ``mean``/``std``. Without ``val``, a ``val_split`` fraction of
+    ``data`` (drawn with ``seed``) validates."""
+    from torchvision import datasets, transforms
+
+    for folder in [data] + ([val] if val else []):
+        if not Path(folder).is_dir():
+            raise DataError(f"no image folder at {folder}")
+    transform = transforms.Compose(
+        [transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(mean, std)]
+    )
+    try:
+        train = datasets.ImageFolder(data, transform=transform)
+        validation = datasets.ImageFolder(val, transform=transform) if val else None
+    except (FileNotFoundError, RuntimeError) as error:
+        raise DataError(str(error).splitlines()[0]) from None
+    classes = list(train.classes)
+    if validation is not None and list(validation.classes) != classes:
+        raise DataError(f"the validation folder has classes {validation.classes}, the training folder {classes}")
+    if validation is None and val_split > 0:
+        n_val = int(round(len(train) * val_split))
+        if n_val < 1 or n_val >= len(train):
+            raise DataError(f"a validation split of {val_split} leaves no training or no validation images of {len(train)}")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        train, validation = torch.utils.data.Subset(train, order[n_val:]), torch.utils.data.Subset(train, order[:n_val])
+    return train, validation, classes
