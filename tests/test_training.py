@@ -63,3 +63,69 @@ def test_train_refuses_val_with_val_split(image_folder, tmp_path, capsys):
     assert cli.main(argv) == 2
     assert "--val and --val-split exclude each other" in capsys.readouterr().err
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_gradient_accumulation_equals_one_larger_batch(image_folder):
+    data, _, _ = image_folder_splits(str(image_folder), None, 0.0, 0, **NORMAL)
+    data = torch.utils.data.Subset(data, list(range(16)))
+    models = []
+    for batch, accum in ((8, 1), (4, 2)):
+        model = ps.apply(tiny_vit(), "lora")
+        fit(model, data, epochs=2, lr=1e-2, batch_size=batch, grad_accum=accum, seed=5)
+        models.append(model)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bfloat16_training_keeps_the_delta_in_float32(image_folder):
+    data, val, _ = image_folder_splits(str(image_folder), None, 0.25, 0, **NORMAL)
+    model = ps.apply(tiny_vit(), "patt", mid_dim=8)
+    records = fit(model, data, val, epochs=1, batch_size=8, precision="bf16")
+    assert records[0].train_loss == records[0].train_loss  # finite, not NaN
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name, message", [("tpu", "unknown device 'tpu'"), ("cuda", "not available"), ("mps", "not available")])
+def test_an_unavailable_device_is_one_clear_error(image_folder, tmp_path, capsys, name, message):
+    if name == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    mps = getattr(torch.backends, "mps", None)
+    if name == "mps" and mps is not None and mps.is_available():
+        pytest.skip("this machine has MPS")
+    argv = ["train", "vit_small_patch16_224", "--data", str(image_folder), "--method", "patt", "--device", name,
+            "--out", str(tmp_path / "d.safetensors"), *TINY]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_auto_chooses_the_cpu_without_an_accelerator():
+    from petl_surgery.training import choose_device
+
+    mps = getattr(torch.backends, "mps", None)
+    if torch.cuda.is_available() or (mps is not None and mps.is_available()):
+        pytest.skip("this machine has an accelerator")
+    assert choose_device("auto") == torch.device("cpu")
+
+
+def test_train_with_bf16_records_device_precision_and_versions(image_folder, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "d.safetensors"
+    argv = ["train", "vit_small_patch16_224", "--data", str(image_folder), "--method", "patt", "-o", "mid_dim=8",
+            "--device", "cpu", "--amp", "bf16", "--grad-accum", "2", "--epochs", "1", "--batch-size", "4",
+            "--image-size", "32", "--out", str(out), *TINY]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    log = json.loads(out.with_suffix(".json").read_text())
+    assert (log["device"], log["precision"], log["grad_accum"]) == ("cpu", "bf16", 2)
+    assert log["versions"]["torch"] == torch.__version__
+
+
+def test_python_dash_m_runs_the_command_line():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "petl_surgery", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "plan" in result.stdout and "train" in result.stdout

@@ -247,11 +247,20 @@ def _group_of(name: str, head: set) -> str:
 # -- train ----------------------------------------------------------------------------------------------
 
 
+def _versions() -> Dict[str, str]:
+    import timm
+    import torch
+
+    import petl_surgery
+
+    return {"petl_surgery": petl_surgery.__version__, "torch": torch.__version__, "timm": timm.__version__}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     import petl_surgery as ps
-    from petl_surgery.training import DataError, EpochRecord, fit, image_folder_splits
+    from petl_surgery.training import DataError, EpochRecord, choose_device, fit, image_folder_splits
 
     if args.method is None and args.resume is None:
         raise UsageError("give --method (a new delta) or --resume DELTA (continue one)")
@@ -259,7 +268,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError("--method and --resume exclude each other: a resumed delta brings its own surgery")
     if args.resume is not None and not Path(args.resume).is_file():
         raise UsageError(f"no delta checkpoint at {args.resume}")
-    for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+    try:
+        device = choose_device(args.device)
+    except ps.SurgeryError as error:
+        raise UsageError(str(error)) from None
+    for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)):
         if value < 1:
             raise UsageError(f"{name} must be at least 1; got {value}")
     if args.threads:
@@ -310,6 +323,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         "epochs": args.epochs,
         "lr": args.lr,
         "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "device": str(device),
+        "precision": args.amp,
+        "seed": args.seed,
+        "versions": _versions(),
         "trainable_parameters": summary.trainable,
         "history": [],
         "delta": str(out),
@@ -322,7 +340,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     fit(
         model, train_set, val_set, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-        batch_size=args.batch_size, workers=args.workers, seed=args.seed, after_epoch=after_epoch,
+        batch_size=args.batch_size, workers=args.workers, seed=args.seed, device=device, precision=args.amp,
+        grad_accum=args.grad_accum, after_epoch=after_epoch,
     )
     print(f"saved the delta to {out} ({out.stat().st_size / 1024:.1f} KiB) and the log to {log_path}")
     return 0
@@ -391,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU; default), cpu, cuda, cuda:N, mps")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="mixed precision: autocast in bf16 or fp16 (with a gradient scaler); default none")
+    p.add_argument("--grad-accum", type=int, default=1, help="batches whose gradients make one step (default 1)")
     p.add_argument("--out", default="delta.safetensors", help="where the delta goes (default delta.safetensors)")
     p.add_argument("--log", help="the JSON log (default: --out with .json)")
     p.set_defaults(run=cmd_train)

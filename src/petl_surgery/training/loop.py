@@ -3,6 +3,7 @@ entropy) and its evaluation."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SurgeryError
 from .progress import Progress
 
 
@@ -35,13 +37,51 @@ class EpochRecord:
         return entry
 
 
-def evaluate(model: nn.Module, loader: Any) -> Tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy of ``model`` (in eval mode, no gradients) over ``loader``."""
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("none", "bf16", "fp16")
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    """``"auto"``: CUDA, then MPS, then the CPU; ``"cuda"`` (or ``"cuda:N"``) and ``"mps"`` must be
+    available, else a SurgeryError saying so."""
+    kind = name.split(":")[0]
+    if kind not in DEVICES:
+        raise SurgeryError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)} (or cuda:N)")
+    mps = getattr(torch.backends, "mps", None)
+    mps_ready = mps is not None and mps.is_available()
+    if kind == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_ready else "cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SurgeryError(f"device {name!r} is not available: this torch sees no CUDA device")
+    if kind == "mps" and not mps_ready:
+        raise SurgeryError("device 'mps' is not available on this machine")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str) -> Any:
+    """The autocast context of ``precision`` on ``device`` (a no-op context for ``"none"``)."""
+    if precision not in PRECISIONS:
+        raise SurgeryError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def evaluate(
+    model: nn.Module, loader: Any, device: Optional[torch.device] = None, precision: str = "none"
+) -> Tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy of ``model`` (in eval mode, no gradients) over ``loader``,
+    on ``device`` (default: where the model is) under ``precision``'s autocast."""
+    device = device or next(model.parameters()).device
     model.eval()
     loss, correct, count = 0.0, 0, 0
     with torch.no_grad():
         for x, y in loader:
-            logits = model(x)
+            x, y = x.to(device), y.to(device)
+            with autocast_for(device, precision):
+                logits = model(x)
+            logits = logits.float()
             loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
             count += len(y)
@@ -59,14 +99,26 @@ def fit(
     batch_size: int = 32,
     workers: int = 0,
     seed: int = 0,
+    device: Optional[torch.device] = None,
+    precision: str = "none",
+    grad_accum: int = 1,
     after_epoch: Optional[Callable[[EpochRecord], None]] = None,
 ) -> List[EpochRecord]:
     """Train ``model``'s trainable parameters (those surgery left trainable) on ``train_set``, in place.
 
     Defaults (those of ``petl-surgery train``): AdamW with ``lr`` 1e-3 and ``weight_decay`` 1e-4, a
     cosine decay of the learning rate to zero over all steps, batches of 32 shuffled with ``seed``.
-    After each epoch (validated on ``val_set`` when given) ``after_epoch`` receives its record, e.g. to
-    save the delta. Returns the records of every epoch."""
+    The model is moved to ``device`` (default: where it is). ``precision`` ``"bf16"`` or ``"fp16"``
+    runs forwards under autocast (fp16 with a gradient scaler, as mixed precision needs); the trainable
+    weights stay in their dtype. ``grad_accum`` sums the gradients of that many batches (each loss
+    divided by it) before one optimizer step. After each epoch (validated on ``val_set`` when given)
+    ``after_epoch`` receives its record, e.g. to save the delta. Returns the records of every epoch."""
+    if type(grad_accum) is not int or grad_accum < 1:
+        raise SurgeryError(f"grad_accum must be a positive int; got {grad_accum!r}")
+    device = device or next(model.parameters()).device
+    autocast_for(device, precision)  # checks the name before anything runs
+    model.to(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
         generator=torch.Generator().manual_seed(seed),
@@ -76,7 +128,7 @@ def fit(
     )
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    steps = epochs * len(loader)
+    steps = epochs * math.ceil(len(loader) / grad_accum)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     records: List[EpochRecord] = []
     for epoch in range(1, epochs + 1):
@@ -84,13 +136,18 @@ def fit(
         progress = Progress(len(loader), f"epoch {epoch}/{epochs}")
         loss_sum, correct, count = 0.0, 0, 0
         started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
         for i, (x, y) in enumerate(loader, 1):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            x, y = x.to(device), y.to(device)
+            with autocast_for(device, precision):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            scaler.scale(loss / grad_accum).backward()
+            if i % grad_accum == 0 or i == len(loader):
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             count += len(y)
@@ -98,7 +155,7 @@ def fit(
         record = EpochRecord(epoch, loss_sum / count, correct / count)
         text = f"loss {record.train_loss:.4f} acc {record.train_accuracy:.3f}"
         if val_loader is not None:
-            record.val_loss, record.val_accuracy = evaluate(model, val_loader)
+            record.val_loss, record.val_accuracy = evaluate(model, val_loader, device, precision)
             text += f" | val loss {record.val_loss:.4f} acc {record.val_accuracy:.3f}"
         record.seconds = time.perf_counter() - started
         progress.close(text)
