@@ -129,3 +129,29 @@ def test_python_dash_m_runs_the_command_line():
 
     result = subprocess.run([sys.executable, "-m", "petl_surgery", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "plan" in result.stdout and "train" in result.stdout
+
+
+def test_evaluate_command_prints_and_writes_top1_top5_and_per_class(image_folder, tmp_path, capsys):
+    import json
+
+    delta = tmp_path / "d.safetensors"
+    assert cli.main(["train", "vit_small_patch16_224", "--data", str(image_folder), "--method", "patt", "-o",
+                     "mid_dim=8", "--epochs", "1", "--batch-size", "8", "--image-size", "32", "--out", str(delta),
+                     *TINY]) == 0
+    capsys.readouterr()
+    result = tmp_path / "result.json"
+    assert cli.main(["evaluate", "vit_small_patch16_224", str(delta), "--data", str(image_folder),
+                     "--image-size", "32", "--batch-size", "5", "--json", str(result), *TINY]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(result.read_text())
+    # an independent computation over the same images
+    data, _, classes = image_folder_splits(str(image_folder), None, 0.0, 0, **NORMAL)
+    model = ps.load(tiny_vit(), delta).eval()
+    with torch.no_grad():
+        logits = model(torch.stack([data[i][0] for i in range(len(data))]))
+    labels = torch.tensor([data[i][1] for i in range(len(data))])
+    top1 = (logits.argmax(1) == labels)
+    assert report["images"] == 18 and report["k"] == 3 and report["top5"] == 1.0
+    assert report["top1"] == top1.sum().item() / 18
+    assert report["per_class"] == {name: top1[labels == c].sum().item() / 6 for c, name in enumerate(classes)}
+    assert f"top-1 {100 * report['top1']:.1f}%" in out

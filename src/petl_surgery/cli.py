@@ -1,8 +1,9 @@
-"""The ``petl-surgery`` command line: plan, inspect, train, demo.
+"""The ``petl-surgery`` command line: plan, inspect, train, evaluate, demo.
 
     petl-surgery plan vit_base_patch16_224 --method patt --layers 6:12 --option mid_dim=64
     petl-surgery inspect delta.safetensors
     petl-surgery train vit_small_patch16_224 --data images/ --method lora --epochs 5 --out delta.safetensors
+    petl-surgery evaluate vit_small_patch16_224 delta.safetensors --data test_images/ --json result.json
     petl-surgery demo --out petl_demo
 
 Errors print one line (``petl-surgery: error: ...``) and exit with status 1 (2 for bad arguments);
@@ -256,6 +257,53 @@ def _versions() -> Dict[str, str]:
     return {"petl_surgery": petl_surgery.__version__, "torch": torch.__version__, "timm": timm.__version__}
 
 
+def _input_config(model_name: str, image_size: Optional[int]) -> Tuple[int, Sequence[float], Sequence[float]]:
+    """Input size, mean and std from timm's pretrained config of ``model_name`` (``image_size`` wins)."""
+    import timm
+
+    config = timm.get_pretrained_cfg(model_name)
+    cfg = config.to_dict() if config is not None else {}
+    size = image_size or cfg.get("input_size", (3, 224, 224))[-1]
+    return size, cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    import petl_surgery as ps
+    from petl_surgery.training import DataError, accuracy_report, choose_device, image_folder_splits
+
+    if not Path(args.delta).is_file():
+        raise UsageError(f"no delta checkpoint at {args.delta}")
+    try:
+        device = choose_device(args.device)
+    except ps.SurgeryError as error:
+        raise UsageError(str(error)) from None
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1; got {args.batch_size}")
+    model_args = parse_options(args.model_arg)
+    if args.image_size:
+        model_args.setdefault("img_size", args.image_size)
+    size, mean, std = _input_config(args.model, args.image_size)
+    try:
+        data, _, classes = image_folder_splits(args.data, None, 0.0, 0, size, mean, std)
+    except DataError as error:
+        raise UsageError(str(error)) from None
+    torch.manual_seed(args.seed)  # a base built without weights is the one `train --seed` built
+    model = create_model(args.model, pretrained=args.pretrained, num_classes=len(classes), **model_args)
+    ps.load(model, args.delta)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size)
+    report = accuracy_report(model.to(device), loader, classes, device, args.amp)
+    report.update(model=args.model, delta=str(args.delta), data=str(args.data), device=str(device), precision=args.amp)
+    print(f"{args.model} + {args.delta} on {args.data}: {report['images']} images, top-1 {100 * report['top1']:.1f}%, "
+          f"top-{report['k']} {100 * report['top5']:.1f}%")
+    for name, value in report["per_class"].items():
+        print(f"  {name:<24} {'-' if value is None else f'{100 * value:.1f}%'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -284,12 +332,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.image_size:
         model_args.setdefault("img_size", args.image_size)
 
-    import timm
-
-    config = timm.get_pretrained_cfg(args.model)
-    cfg = config.to_dict() if config is not None else {}
-    size = args.image_size or cfg.get("input_size", (3, 224, 224))[-1]
-    mean, std = cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
+    size, mean, std = _input_config(args.model, args.image_size)
     if args.val and args.val_split:
         raise UsageError("--val and --val-split exclude each other: give a validation folder or a fraction of --data")
     try:
@@ -386,6 +429,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="a delta checkpoint's metadata and tensors")
     p.add_argument("file", metavar="FILE")
     p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("evaluate", help="top-1, top-5 and per-class accuracy of a model with a delta")
+    p.add_argument("model", metavar="MODEL", help="timm model name")
+    p.add_argument("delta", metavar="DELTA", help="a delta checkpoint (ps.load)")
+    p.add_argument("--data", required=True, help="ImageFolder directory (one sub-directory per class)")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="a keyword for timm.create_model")
+    p.add_argument("--image-size", type=int, help="input size (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast precision")
+    p.add_argument("--json", help="also write the numbers as JSON here (top1 and top5 as fractions)")
+    p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs hub access)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="without --pretrained, the seed the base was built with by train (default 0, as train's)")
+    p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("train", help="train a method on an ImageFolder directory and save the delta")
     p.add_argument("model", metavar="MODEL", help="timm model name")

@@ -88,6 +88,39 @@ def evaluate(
     return loss / max(count, 1), correct / max(count, 1)
 
 
+def accuracy_report(
+    model: nn.Module, loader: Any, classes: List[str], device: Optional[torch.device] = None, precision: str = "none"
+) -> dict:
+    """Top-1 and top-k (k = 5, or the number of classes if fewer) accuracy as fractions, and top-1 per
+    class, of ``model`` in eval mode over ``loader``: ``{"images", "top1", "top5", "k", "per_class"}``.
+    Deterministic: no gradients, no randomness, ties broken by ``torch.topk``'s order."""
+    device = device or next(model.parameters()).device
+    k = min(5, len(classes))
+    model.eval()
+    hits1 = hitsk = count = 0
+    per_class = {name: [0, 0] for name in classes}  # correct, seen
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            with autocast_for(device, precision):
+                logits = model(x)
+            top = logits.float().topk(k, dim=1).indices
+            first = top[:, 0] == y
+            hits1 += int(first.sum())
+            hitsk += int((top == y[:, None]).any(1).sum())
+            count += len(y)
+            for label, correct in zip(y.tolist(), first.tolist()):
+                per_class[classes[label]][0] += int(correct)
+                per_class[classes[label]][1] += 1
+    return {
+        "images": count,
+        "top1": hits1 / max(count, 1),
+        "top5": hitsk / max(count, 1),
+        "k": k,
+        "per_class": {name: (c / n if n else None) for name, (c, n) in per_class.items()},
+    }
+
+
 def fit(
     model: nn.Module,
     train_set: Any,
