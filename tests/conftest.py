@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Dict
 
 import pytest
@@ -134,3 +135,18 @@ def vit() -> nn.Module:
 def swin() -> nn.Module:
     return make_swin()
 
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """A generated ImageFolder: 3 classes of 6 PNGs (a dominant colour each)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    generator = torch.Generator().manual_seed(0)
+    for k, name in enumerate(["red", "green", "blue"]):
+        (root / name).mkdir()
+        for i in range(6):
+            pixels = torch.rand(20, 20, 3, generator=generator) * 80
+            pixels[..., k] += 150
+            Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / name / f"{i}.png")
+    return root

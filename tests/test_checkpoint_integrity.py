@@ -52,6 +52,11 @@ def test_edited_options_are_refused_by_the_checksum(saved, tmp_path, name, value
     refuses(make_vit(), path, "metadata does not match the checksum")
 
 
+def test_an_edited_statistics_entry_is_refused_by_the_checksum(saved, tmp_path):
+    path = edited(saved, tmp_path / "edited.safetensors", lambda metadata: metadata.update(statistics="adapt"))
+    refuses(make_vit(), path, "metadata does not match the checksum")
+
+
 def test_swapped_block_paths_are_refused_by_the_checksum(saved, tmp_path):
     def swap(metadata):
         paths = metadata["model"]["block_paths"]

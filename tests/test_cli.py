@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
 
 import petl_surgery as ps
 from petl_surgery import cli
 
 TINY = ["--model-arg", "img_size=32", "--model-arg", "patch_size=8", "--model-arg", "embed_dim=32",
         "--model-arg", "depth=2", "--model-arg", "num_heads=2"]
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    """A generated ImageFolder: 3 classes of 6 PNGs (a dominant colour each)."""
-    root = tmp_path_factory.mktemp("images")
-    generator = torch.Generator().manual_seed(0)
-    for k, name in enumerate(["red", "green", "blue"]):
-        (root / name).mkdir()
-        for i in range(6):
-            pixels = torch.rand(20, 20, 3, generator=generator) * 80
-            pixels[..., k] += 150
-            Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / name / f"{i}.png")
-    return root
 
 
 def test_plan_prints_insertions_and_counts(capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cli import TINY, image_folder  # noqa: F401  (the generated ImageFolder fixture)
+from test_cli import TINY
 
 import petl_surgery as ps
 from petl_surgery import cli
@@ -86,26 +86,27 @@ def test_bfloat16_training_keeps_the_delta_in_float32(image_folder):
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
+@pytest.fixture
+def no_accelerator(monkeypatch):
+    """A machine without CUDA or MPS, whatever this one has: the errors for devices that are absent."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if getattr(torch.backends, "mps", None) is not None:
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
 @pytest.mark.parametrize("name, message", [("tpu", "unknown device 'tpu'"), ("cuda", "not available"), ("mps", "not available")])
-def test_an_unavailable_device_is_one_clear_error(image_folder, tmp_path, capsys, name, message):
-    if name == "cuda" and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    mps = getattr(torch.backends, "mps", None)
-    if name == "mps" and mps is not None and mps.is_available():
-        pytest.skip("this machine has MPS")
+def test_an_unavailable_device_is_one_clear_error(image_folder, tmp_path, capsys, no_accelerator, name, message):
     argv = ["train", "vit_small_patch16_224", "--data", str(image_folder), "--method", "patt", "--device", name,
             "--out", str(tmp_path / "d.safetensors"), *TINY]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "d.safetensors").exists()
 
 
-def test_auto_chooses_the_cpu_without_an_accelerator():
+def test_auto_chooses_the_cpu_without_an_accelerator(no_accelerator):
     from petl_surgery.training import choose_device
 
-    mps = getattr(torch.backends, "mps", None)
-    if torch.cuda.is_available() or (mps is not None and mps.is_available()):
-        pytest.skip("this machine has an accelerator")
     assert choose_device("auto") == torch.device("cpu")
 
 

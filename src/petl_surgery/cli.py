@@ -267,18 +267,26 @@ def _input_config(model_name: str, image_size: Optional[int]) -> Tuple[int, Sequ
     return size, cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
 
 
+def _device(name: str) -> Any:
+    """The torch device ``--device`` names; an unavailable or unknown one is a usage error."""
+    import petl_surgery as ps
+    from petl_surgery.training import choose_device
+
+    try:
+        return choose_device(name)
+    except ps.SurgeryError as error:
+        raise UsageError(str(error)) from None
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     import petl_surgery as ps
-    from petl_surgery.training import DataError, accuracy_report, choose_device, image_folder_splits
+    from petl_surgery.training import DataError, accuracy_report, image_folder_splits
 
     if not Path(args.delta).is_file():
         raise UsageError(f"no delta checkpoint at {args.delta}")
-    try:
-        device = choose_device(args.device)
-    except ps.SurgeryError as error:
-        raise UsageError(str(error)) from None
+    device = _device(args.device)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1; got {args.batch_size}")
     model_args = parse_options(args.model_arg)
@@ -308,7 +316,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     import petl_surgery as ps
-    from petl_surgery.training import DataError, EpochRecord, choose_device, fit, image_folder_splits
+    from petl_surgery.training import DataError, EpochRecord, fit, image_folder_splits
 
     if args.method is None and args.resume is None:
         raise UsageError("give --method (a new delta) or --resume DELTA (continue one)")
@@ -316,10 +324,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError("--method and --resume exclude each other: a resumed delta brings its own surgery")
     if args.resume is not None and not Path(args.resume).is_file():
         raise UsageError(f"no delta checkpoint at {args.resume}")
-    try:
-        device = choose_device(args.device)
-    except ps.SurgeryError as error:
-        raise UsageError(str(error)) from None
+    device = _device(args.device)
     for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)):
         if value < 1:
             raise UsageError(f"{name} must be at least 1; got {value}")

@@ -28,7 +28,7 @@ from torch import nn
 
 from .errors import SurgeryError
 from .hooks import owned_hooks, remove_hooks_of
-from .methods import PetlModule
+from .inventory import delta_names, inserted_modules
 
 MODES = ("frozen", "adapt")
 DEFAULT_MODE = "frozen"
@@ -49,13 +49,9 @@ def check_mode(value: Any) -> str:
     return value
 
 
-def _inserted_ids(model: nn.Module) -> Set[int]:
-    return {id(m) for module in model.modules() if isinstance(module, PetlModule) for m in module.modules()}
-
-
 def statistics_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """The base modules (not inserted ones) that keep running statistics, with their paths."""
-    inserted = _inserted_ids(model)
+    inserted = {id(m) for _, module in inserted_modules(model) for m in module.modules()}
     return [
         (path, module)
         for path, module in model.named_modules()
@@ -188,13 +184,9 @@ class FirstTrainingForwardGuard:
         self.done = False
 
     def _watched(self) -> Dict[str, torch.Tensor]:
-        inserted = {id(t) for module in self.model.modules() if isinstance(module, PetlModule) for t in module.buffers()}
-        skip = adapted_names(self.model)
-        return {
-            name: buffer
-            for name, buffer in self.model.named_buffers()
-            if name not in skip and id(buffer) not in inserted
-        }
+        """The base buffers outside the delta (inserted modules' buffers and adapted statistics)."""
+        skip = delta_names(self.model) | adapted_names(self.model)
+        return {name: buffer for name, buffer in self.model.named_buffers() if name not in skip}
 
     # Not under torch.compile: the check copies and compares buffers in eager mode (compiled code skips it).
     def before(self, model: nn.Module, args: Any) -> None:

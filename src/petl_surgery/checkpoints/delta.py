@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set
 
 import torch
@@ -21,7 +20,7 @@ from ..inventory import delta_names, inserted_modules, surgery_record
 from ..methods import Insertion, get_method
 from ..methods.base import CHILD_PREFIX, sizes_only
 from ..sites import discover
-from ..statistics import DEFAULT_MODE, adapted_names, mode_of, resolve_mode, statistics_names
+from ..statistics import adapted_names, mode_of, resolve_mode, statistics_names
 from .files import PathLike, check_path, read, write_atomic
 from .format import (
     FORMAT_NAME,
@@ -360,7 +359,7 @@ def load_delta(
     metadata = decode(raw_metadata, str(path))
     if tensors_digest(tensors) != metadata["tensors_sha256"]:
         raise SurgeryError(f"{path} is corrupt: its tensors do not match the checksum recorded when it was saved")
-    statistics = resolve_mode(model, metadata.get("statistics", DEFAULT_MODE))
+    statistics = resolve_mode(model, metadata["statistics"])  # decode checked it
     delta_now = delta_names(model)
     shapes = base_shapes(model, delta_now)
     saved_head: Set[str] = set(metadata["head"])
@@ -427,18 +426,14 @@ def load_delta(
     else:
         with sizes_only():  # the recorded options' sizes, checked against the file before any allocation
             sized = _plan_recorded(model, path, calls)
-        expected = {
-            f"{insertion.path}.{key}": list(tensor.shape)
+        planned_tensors = {
+            f"{insertion.path}.{key}": tensor
             for insertions in sized
             for insertion in insertions
             for key, tensor in insertion.module.state_dict().items()
         }
-        dtypes = {
-            f"{insertion.path}.{key}": tensor.dtype
-            for insertions in sized
-            for insertion in insertions
-            for key, tensor in insertion.module.state_dict().items()
-        }
+        expected = {name: list(tensor.shape) for name, tensor in planned_tensors.items()}
+        dtypes = {name: tensor.dtype for name, tensor in planned_tensors.items()}
     if statistics == "adapt" and blocks is None and block_map is None:
         # the whole delta: every running statistic of the base was trained and saved (a choice of blocks
         # takes those it finds and leaves the model's own elsewhere)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
+from ..statistics import MODES as STATISTICS_MODES
 
 FORMAT_NAME = "petl_surgery.delta"
 FORMAT_VERSION = 1
@@ -152,8 +153,9 @@ def _check_entries(metadata: Mapping[str, Any], path: str) -> None:
         and all(isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape) for shape in shapes.values())
     ):
         raise refuse("'base_shapes' entry (tensor name -> list of sizes)")
-    if metadata.get("statistics") not in ("frozen", "adapt"):
-        raise refuse(f"'statistics' entry {metadata.get('statistics')!r} (expected 'frozen' or 'adapt')")
+    if metadata.get("statistics") not in STATISTICS_MODES:
+        expected = " or ".join(map(repr, STATISTICS_MODES))
+        raise refuse(f"'statistics' entry {metadata.get('statistics')!r} (expected {expected})")
     if not _is_str_list(metadata.get("head")):
         raise refuse("'head' entry")
     model = metadata.get("model")
