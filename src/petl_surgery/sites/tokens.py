@@ -11,7 +11,7 @@ reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple, Type
+from typing import Callable, Dict, Optional, Sequence, Tuple, Type
 
 from torch import nn
 
@@ -190,11 +190,31 @@ def timm_flat_layout(model: nn.Module, blocks: Sequence[Block]) -> TokenLayout:
     )
 
 
+TokenLayoutDescriber = Callable[[nn.Module, Sequence[Block]], TokenLayout]
+# Model classes (matched exactly, like the site registry) whose token layout a describer outside this
+# file knows: the site layouts of other model zoos register theirs here when their package imports.
+TOKEN_LAYOUTS: Dict[Type[nn.Module], TokenLayoutDescriber] = {}
+
+
+def register_token_layout(cls: Type[nn.Module], describer: TokenLayoutDescriber) -> None:
+    """Teach prompt tuning the flat token layout of a model class: ``describer(model, blocks)`` returns
+    its TokenLayout or raises SurgeryError (use ``refuse``) naming why an instance does not fit."""
+    TOKEN_LAYOUTS[cls] = describer
+
+
+def refuse(model: nn.Module, reason: str) -> SurgeryError:
+    """The error a token-layout describer raises for a model whose tokens do not fit, naming it."""
+    return _refuse(model, reason)
+
+
 def token_layout(model: nn.Module, blocks: Sequence[Block]) -> TokenLayout:
     """The token layout of ``model`` given its discovered ``blocks``; raises SurgeryError naming the
     reason for a model whose tokens are not one flat sequence petl_surgery knows."""
     if type(model) in _timm_flat_classes():
         return timm_flat_layout(model, blocks)
+    describer = TOKEN_LAYOUTS.get(type(model))
+    if describer is not None:
+        return describer(model, blocks)
     reason = REFUSALS.get(type(model).__name__)
     if reason is None:
         reason = (
