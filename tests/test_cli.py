@@ -89,7 +89,7 @@ def test_demo_command(tmp_path, capsys, monkeypatch):
     assert cli.main(["demo", "--out", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
     assert "identical" in out and (tmp_path / "d" / "pvp_fewshot.csv").is_file()
-    assert sorted(p.name for p in (tmp_path / "d").glob("*.safetensors")) == ["pvp_adapter.safetensors", "pvp_lora.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "d").glob("*.safetensors")) == ["pvp_lora.safetensors", "pvp_patt.safetensors"]
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -404,9 +404,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = demo.FULL if args.full else demo.REDUCED
     report = demo.run(config, Path(args.out), threads=args.threads, plot=not args.no_plot)
     identical = all(report.reload_identical.values())
-    print(f"outputs in {args.out}: {report.files['csv'].name}, {report.files['runs_csv'].name}"
-          + (f", {report.files['plot'].name}" if report.files.get("plot") else "")
-          + f", delta checkpoints {', '.join(p.name for p in report.checkpoints.values())}")
+    written = [path.name for path in report.files.values() if path is not None]
+    print(f"outputs in {args.out}: {', '.join(written)}, delta checkpoints "
+          f"{', '.join(p.name for p in report.checkpoints.values())}")
     print(f"delta checkpoints saved and reloaded into fresh models: outputs "
           f"{'identical' if identical else 'NOT identical'}")
     return 0 if identical else 1

@@ -8,7 +8,12 @@
 3. For every target task, shots per class and seed: a fresh model with the frozen backbone and a new head
    gets the method's modules either at random (``ps.apply``) or from the source checkpoint
    (``ps.load(..., head=False)``), and modules and head are tuned on the few-shot set with the same
-   steps, learning rate and head init; test accuracy is recorded.
+   steps, learning rate and head init; test accuracy is recorded. The targets are generated images and
+   one task of real images, scikit-learn's handwritten digits (:mod:`.digits`).
+4. The V-PETL view: on the trade-off target, random-init modules of every method in all blocks and in the
+   upper half of the blocks, accuracy against trainable parameters.
+
+The gain of the pre-trained init is reported with a 95% interval over seeds (:mod:`.stats`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from torch import nn
 
 import petl_surgery as ps
 
-from .tasks import BACKBONE_TASK, IMAGE_SIZE, SOURCE_TASK, Task, few_shot_split, make_images, tasks_by_name
+from .digits import digits_available
+from .targets import targets_by_name
+from .tasks import BACKBONE_TASK, IMAGE_SIZE, SOURCE_TASK, make_images
 
 # Module sizes for a width-96 ViT (the library's defaults are sized for ViT-B, width 768).
 METHOD_OPTIONS: Dict[str, Dict[str, Any]] = {
@@ -34,8 +41,10 @@ METHOD_OPTIONS: Dict[str, Dict[str, Any]] = {
     "lora": {"rank": 8, "targets": ["q", "v"]},
     "adapter": {"bottleneck": 16},
     "patt": {"mid_dim": 16},
+    "bapat": {"mid_dim": 16, "bottleneck": 16},
 }
 INITS = ("random", "pretrained")
+POSITIONS = ("all", "upper half")  # the V-PETL trade-off's positions of the trainable parameters
 
 
 @dataclass(frozen=True)
@@ -43,10 +52,12 @@ class DemoConfig:
     """Sizes of one run of the demonstration."""
 
     name: str = "full"
-    methods: Tuple[str, ...] = ("vpt", "lora", "adapter", "patt")
-    targets: Tuple[str, ...] = ("texture", "novel", "quadrant")
+    methods: Tuple[str, ...] = ("vpt", "lora", "adapter", "patt", "bapat")
+    targets: Tuple[str, ...] = ("digits", "texture", "novel", "quadrant")
     shots: Tuple[int, ...] = (1, 2, 4, 8, 16)
     seeds: Tuple[int, ...] = (0, 1, 2)
+    # the V-PETL trade-off: random-init modules at POSITIONS on this target, at the largest shot count
+    tradeoff_target: Optional[str] = "digits"
     # the backbone
     patch_size: int = 8
     embed_dim: int = 96
@@ -71,29 +82,36 @@ class DemoConfig:
         """The configured methods that this petl_surgery provides (VPT may be absent)."""
         return [m for m in self.methods if m in ps.METHODS]
 
+    def target_list(self) -> List[str]:
+        """The configured targets that can run here: the digits need scikit-learn."""
+        return [t for t in self.targets if t != "digits" or digits_available()]
+
+    def upper_half(self) -> List[int]:
+        """The blocks of the trade-off's "upper half" position."""
+        return list(range(self.depth // 2, self.depth))
+
 
 FULL = DemoConfig()
 REDUCED = replace(
     FULL,
     name="reduced",
-    methods=("vpt", "lora", "adapter"),
-    targets=("texture", "novel"),
+    targets=("digits", "novel"),
     shots=(1, 4, 16),
-    seeds=(0, 1),
+    seeds=(0, 1, 2),
     backbone_images=3000,
     backbone_steps=150,
     source_images=2000,
-    source_steps=150,
-    fewshot_steps=25,
+    source_steps=100,
+    fewshot_steps=20,
     test_per_class=30,
 )
 MICRO = replace(
     FULL,
     name="micro",
-    methods=("lora", "adapter"),
-    targets=("texture",),
+    methods=("lora", "patt"),
+    targets=("digits", "texture"),
     shots=(1, 2),
-    seeds=(0,),
+    seeds=(0, 1),
     patch_size=8,
     embed_dim=32,
     depth=2,
@@ -110,12 +128,18 @@ MICRO = replace(
 
 @dataclass
 class Result:
+    """One few-shot run: ``data`` says whether the target's images are ``"real"`` or ``"generated"``;
+    ``position`` where the modules sit (``"all"`` blocks, or ``"upper half"`` in the trade-off runs)."""
+
     target: str
+    data: str
     method: str
     init: str
     shots: int
     seed: int
     accuracy: float
+    position: str = "all"
+    parameters: int = 0  # trainable parameters of the inserted modules (the head not counted)
 
 
 @dataclass
@@ -219,24 +243,28 @@ def pretrain_modules(
 def fewshot_run(
     config: DemoConfig,
     backbone: Mapping[str, torch.Tensor],
-    task: Task,
+    task: Any,
     method: str,
     init: str,
     checkpoint: Path,
     train: Tuple[torch.Tensor, torch.Tensor],
     test: Tuple[torch.Tensor, torch.Tensor],
     seed: int,
-) -> float:
-    """Tune one model on a few-shot set; both inits get the same head init, data, steps and learning rate."""
+    layers: Optional[Sequence[int]] = None,
+) -> Tuple[float, int]:
+    """Tune one model on a few-shot set; both inits get the same head init, data, steps and learning rate.
+    Returns the test accuracy and the inserted modules' parameter count. ``layers`` (random init only):
+    the blocks that get modules (default all)."""
     model = model_with_backbone(config, backbone, task.num_classes, seed=1000 + seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(2000 + seed)
         if init == "random":
-            ps.apply(model, method, **METHOD_OPTIONS[method])
+            ps.apply(model, method, layers=layers, **METHOD_OPTIONS[method])
         else:
             ps.load(model, checkpoint, head=False)  # the modules from the source task, our own new head
+    parameters = ps.summary(model).per_method.get(method, 0)
     _train(model, *train, config.fewshot_steps, config.fewshot_batch, config.fewshot_lr, seed)
-    return accuracy(model, *test)
+    return accuracy(model, *test), parameters
 
 
 def set_threads(threads: Optional[int] = None) -> int:
@@ -257,7 +285,7 @@ def run(
     threads: Optional[int] = None,
 ) -> DemoReport:
     """Run the demonstration of size ``config``; write checkpoints, the CSV files and the plot to ``out``."""
-    from .report import format_table, summarize, write_csv, write_plot
+    from .report import format_report, gain_rows, summarize, tradeoff_rows, write_csv, write_plot
 
     previous_threads = torch.get_num_threads()
     used = set_threads(threads)
@@ -268,16 +296,21 @@ def run(
     report.skipped_methods = [m for m in config.methods if m not in methods]
     if not methods:
         raise ps.SurgeryError(f"none of the demo's methods ({', '.join(config.methods)}) is available")
-    targets = tasks_by_name(config.targets)
+    targets = targets_by_name(config.target_list())
+    left_out = [t for t in config.targets if t not in targets]
+    tradeoff = config.tradeoff_target if config.tradeoff_target in targets else None
     started = time.perf_counter()
     try:
         log(f"PVP demonstration ({config.name}): {len(methods)} methods ({', '.join(methods)}), "
-            f"{len(targets)} target tasks, shots {list(config.shots)}, seeds {list(config.seeds)}; "
-            f"{used} CPU threads")
+            f"{len(targets)} target tasks ({', '.join(f'{name} ({task.kind})' for name, task in targets.items())}), "
+            f"shots {list(config.shots)}, seeds {list(config.seeds)}; {used} CPU threads")
         if report.skipped_methods:
             log(f"  not available in this petl_surgery, left out: {', '.join(report.skipped_methods)}")
+        if left_out:
+            log(f"  scikit-learn is not installed, so the real-image target is left out: {', '.join(left_out)} "
+                f"(pip install 'petl_surgery[demo]')")
 
-        log(f"[1/3] pre-training the backbone (ViT, {IMAGE_SIZE} px, patch {config.patch_size}, width "
+        log(f"[1/4] pre-training the backbone (ViT, {IMAGE_SIZE} px, patch {config.patch_size}, width "
             f"{config.embed_dim}, depth {config.depth}) on '{BACKBONE_TASK.name}' ({BACKBONE_TASK.description}), "
             f"{config.backbone_steps} steps")
         stage = time.perf_counter()
@@ -286,7 +319,7 @@ def run(
         log(f"      test accuracy {report.backbone_accuracy:.3f} (chance {1 / BACKBONE_TASK.num_classes:.3f}), "
             f"{report.timings['backbone']:.0f} s; the backbone is frozen from here on")
 
-        log(f"[2/3] pre-training PETL modules on the source task '{SOURCE_TASK.name}' ({SOURCE_TASK.description}), "
+        log(f"[2/4] pre-training PETL modules on the source task '{SOURCE_TASK.name}' ({SOURCE_TASK.description}), "
             f"{config.source_steps} steps each, backbone frozen")
         stage = time.perf_counter()
         for method in methods:
@@ -300,40 +333,69 @@ def run(
         report.timings["source"] = time.perf_counter() - stage
 
         total = len(targets) * len(config.shots) * len(config.seeds) * len(methods) * len(INITS)
-        log(f"[3/3] few-shot tuning: {total} runs of {config.fewshot_steps} steps "
+        log(f"[3/4] few-shot tuning: {total} runs of {config.fewshot_steps} steps "
             f"(random-init modules via ps.apply vs pre-trained via ps.load(..., head=False))")
         stage = time.perf_counter()
         done = 0
         for task in targets.values():
-            test = make_images(task, config.test_per_class, seed=config.seed + 303, per_class=True)
+            test = task.test_set(config.test_per_class, seed=config.seed + 303)
             for shots in config.shots:
                 for seed in config.seeds:
-                    train = few_shot_split(task, shots, seed=10_000 + 100 * shots + seed)
+                    train = task.few_shot(shots, seed=10_000 + 100 * shots + seed)
                     for method in methods:
                         for init in INITS:
-                            acc = fewshot_run(config, backbone, task, method, init, report.checkpoints[method],
-                                              train, test, seed)
-                            report.results.append(Result(task.name, method, init, shots, seed, acc))
+                            acc, parameters = fewshot_run(
+                                config, backbone, task, method, init, report.checkpoints[method], train, test, seed
+                            )
+                            report.results.append(
+                                Result(task.name, task.kind, method, init, shots, seed, acc, "all", parameters)
+                            )
                             done += 1
                 log(f"      {task.name:<9} {shots:>2} shots done ({done}/{total}, "
                     f"{time.perf_counter() - stage:.0f} s)")
         report.timings["fewshot"] = time.perf_counter() - stage
 
+        stage = time.perf_counter()
+        if tradeoff is not None:
+            task, shots, upper = targets[tradeoff], max(config.shots), config.upper_half()
+            log(f"[4/4] the V-PETL trade-off on '{tradeoff}', {shots} shots: random-init modules in all blocks "
+                f"(the runs above) and in the upper half (blocks {upper[0]}..{upper[-1]}), "
+                f"{len(methods) * len(config.seeds)} more runs")
+            test = task.test_set(config.test_per_class, seed=config.seed + 303)
+            for seed in config.seeds:
+                train = task.few_shot(shots, seed=10_000 + 100 * shots + seed)
+                for method in methods:
+                    acc, parameters = fewshot_run(
+                        config, backbone, task, method, "random", report.checkpoints[method], train, test, seed,
+                        layers=upper,
+                    )
+                    report.results.append(
+                        Result(task.name, task.kind, method, "random", shots, seed, acc, POSITIONS[1], parameters)
+                    )
+        else:
+            log("[4/4] no trade-off target configured or available: the V-PETL trade-off is left out")
+        report.timings["tradeoff"] = time.perf_counter() - stage
+
         rows = summarize(report.results)
+        gains = gain_rows(report.results)
+        points = tradeoff_rows(report.results, tradeoff, max(config.shots)) if tradeoff else []
         log("")
-        log(format_table(rows, config, methods, targets))
+        log(format_report(rows, gains, points, config, methods, targets))
         report.files["csv"] = write_csv(rows, out / "pvp_fewshot.csv")
-        report.files["runs_csv"] = write_csv(
-            [asdict(r) for r in report.results], out / "pvp_fewshot_runs.csv"
-        )
+        report.files["gains_csv"] = write_csv(gains, out / "pvp_gains.csv")
+        report.files["tradeoff_csv"] = write_csv(points, out / "vpetl_tradeoff.csv") if points else None
+        report.files["runs_csv"] = write_csv([asdict(r) for r in report.results], out / "pvp_fewshot_runs.csv")
         report.files["plot"] = None
         if plot:
-            report.files["plot"], message = write_plot(rows, config, methods, targets, out / "pvp_fewshot.png")
+            report.files["plot"], message = write_plot(rows, gains, points, config, methods, targets,
+                                                       out / "pvp_fewshot.png")
             log(message)
         report.timings["total"] = time.perf_counter() - started
-        log(f"wrote {report.files['csv']} (mean and spread) and {report.files['runs_csv']} (every run)")
+        written = [p.name for key, p in report.files.items() if key != "plot" and p is not None]
+        log(f"wrote {', '.join(written)} to {out}")
         log(f"timings: backbone {report.timings['backbone']:.0f} s, source modules {report.timings['source']:.0f} s, "
-            f"few-shot {report.timings['fewshot']:.0f} s, total {report.timings['total']:.0f} s")
+            f"few-shot {report.timings['fewshot']:.0f} s, trade-off {report.timings['tradeoff']:.0f} s, "
+            f"total {report.timings['total']:.0f} s")
     finally:
         torch.set_num_threads(previous_threads)
     return report

@@ -62,6 +62,15 @@ class Task:
     attributes: Tuple[str, ...]
     values: Tuple[Optional[Tuple[int, ...]], ...]
     description: str = ""
+    kind: str = "generated"
+
+    def few_shot(self, shots: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A class-balanced training set of ``shots`` images per class (:func:`few_shot_split`)."""
+        return few_shot_split(self, shots, seed)
+
+    def test_set(self, per_class: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``per_class`` test images of every class, drawn by ``seed``."""
+        return make_images(self, per_class, seed, per_class=True)
 
     def value_lists(self) -> Tuple[Tuple[int, ...], ...]:
         return tuple(
@@ -194,10 +203,3 @@ def make_images(
 def few_shot_split(task: Task, shots: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """A class-balanced training set of ``shots`` images per class (the same for every method and init)."""
     return make_images(task, shots, seed, per_class=True)
-
-
-def tasks_by_name(names: Sequence[str]) -> Dict[str, Task]:
-    unknown = [name for name in names if name not in TARGET_TASKS]
-    if unknown:
-        raise ValueError(f"unknown target task {unknown[0]!r}; known: {', '.join(TARGET_TASKS)}")
-    return {name: TARGET_TASKS[name] for name in names}

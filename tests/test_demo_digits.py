@@ -1,0 +1,44 @@
+"""The demonstration's real-image target: scikit-learn's bundled digits, loaded without network."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+from petl_surgery.demo import digits as digits_module  # noqa: E402
+from petl_surgery.demo.digits import DIGITS, TEST_POOL  # noqa: E402
+
+
+def test_digits_load_with_the_network_blocked(monkeypatch):
+    digits_module._digits.cache_clear()
+    digits_module._split.cache_clear()
+
+    def no_network(*args, **kwargs):
+        raise OSError("network blocked in this test")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    images, labels = digits_module._digits()
+    assert images.shape == (1797, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.shape == (1797,) and set(labels.tolist()) == set(range(10))
+    assert images.min() == -1.0 and images.max() == 1.0
+
+
+def test_few_shot_draws_are_class_balanced_and_seeded():
+    x, y = DIGITS.few_shot(3, seed=7)
+    assert torch.equal(y, torch.arange(10).repeat_interleave(3)) and x.shape == (30, 3, 32, 32)
+    again, _ = DIGITS.few_shot(3, seed=7)
+    other, _ = DIGITS.few_shot(3, seed=8)
+    assert torch.equal(x, again) and not torch.equal(x, other)
+
+
+def test_test_images_are_never_drawn_for_training():
+    test_pools, train_pools = digits_module._split()
+    for test, train in zip(test_pools, train_pools):
+        assert len(test) == TEST_POOL and not set(test.tolist()) & set(train.tolist())
+    x, y = DIGITS.test_set(5)
+    assert torch.equal(y, torch.arange(10).repeat_interleave(5)) and DIGITS.kind == "real"
