@@ -13,7 +13,6 @@ self-check, and PATT parity with the V-PETL equations.
 from __future__ import annotations
 
 import copy
-import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +21,15 @@ from typing import Callable, Dict
 
 import pytest
 import torch
-from family_checks import check_layout, check_method, check_patt_parity, first_output, randomize_inserted
+from family_checks import (
+    WORKS,
+    assert_outcome,
+    check_layout,
+    check_method,
+    check_patt_parity,
+    first_output,
+    randomize_inserted,
+)
 from torch import nn
 
 import petl_surgery as ps
@@ -31,7 +38,6 @@ from petl_surgery.sites import registry
 
 transformers = pytest.importorskip("transformers")
 
-WORKS = "works"
 METHODS = ("patt", "adapter", "bapat", "lora", "ssf", "prefix", "vpt")
 FLAT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32, patch_size=8)
 SWINV2 = dict(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 2], window_size=4)
@@ -126,14 +132,6 @@ COSINE = ("swinv2", "swinv2_bare")  # a constant on k does not survive its norma
 COVERAGE = {f"transformers {name}": (model.build, model.make_input) for name, model in MODELS.items()}
 
 
-def assert_outcome(outcome: str, expected: str) -> None:
-    if expected == WORKS:
-        assert outcome == WORKS, outcome
-    else:
-        assert outcome.startswith("refused: "), outcome
-        assert re.search(expected, outcome), f"refusal {outcome!r} does not match {expected!r}"
-
-
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_family_contract(name: str, method: str, tmp_path) -> None:
@@ -176,7 +174,9 @@ def test_legacy_layers_are_described_by_their_own_names(name: str) -> None:
     }
     assert block.attention.output.module == "output.dense"
     assert block.mlp.module is block.module.output.dense and block.mlp.input_module is block.module.intermediate.dense
-    assert {name: p.module for name, p in block.mlp.projections.items()} == {"fc1": "intermediate.dense", "fc2": "output.dense"}
+    assert {target: p.module for target, p in block.mlp.projections.items()} == {
+        "fc1": "intermediate.dense", "fc2": "output.dense"
+    }
 
 
 def test_lora_on_the_mlp_of_a_legacy_layer_is_held_by_the_layer() -> None:
@@ -187,6 +187,14 @@ def test_lora_on_the_mlp_of_a_legacy_layer_is_held_by_the_layer() -> None:
     }
     ps.merge(model)
     assert not any(isinstance(module, PetlModule) for module in model.modules())
+
+
+@pytest.mark.parametrize("name, method", [("data2vec_vision_sdpa", "vpt"), ("videomae_sdpa", "prefix"), ("hiera", "lora")])
+def test_output_objects_pass_through(name: str, method: str) -> None:
+    model = ps.apply(MODELS[name].build(), method)
+    output = model(MODELS[name].make_input())
+    assert isinstance(output, transformers.modeling_outputs.ImageClassifierOutput)
+    assert output.logits.shape == (2, 5)
 
 
 def _adapter_reference(model: nn.Module, trained: nn.Module, position: str) -> nn.Module:

@@ -34,17 +34,35 @@ library neither needs nor imports transformers.
 
 from __future__ import annotations
 
-import functools
 import importlib
-from typing import Callable, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
 from ..errors import SurgeryError
 from .descriptors import AttentionSite, Block, Projection
-from .registry import BlockLayout, register_attention, register_block, register_mlp, register_when_imported
+from .registry import (
+    AttentionDescriber,
+    BlockLayout,
+    MlpDescriber,
+    register_attention,
+    register_block,
+    register_mlp,
+    register_when_imported,
+)
 from .timm_layouts import fused_qkv_in_thirds
-from .tokens import REFUSALS, HIERARCHICAL, TokenBias, TokenLayout, refuse, register_token_layout
+from .timm_vit_like import _linear  # the Linear child a layout names, or the error naming what was found
+from .tokens import (
+    HIERARCHICAL,
+    REFUSALS,
+    TokenBias,
+    TokenLayout,
+    TokenLayoutDescriber,
+    checked_patch_size,
+    refuse,
+    register_token_layout,
+)
 
 MODELS = "transformers.models"
 DATA2VEC = f"{MODELS}.data2vec.modeling_data2vec_vision"
@@ -71,16 +89,6 @@ HIERA_MASK_UNIT = (
 SWINV2_TOKENS = HIERARCHICAL + "; each block re-views its tokens as the (height, width) grid for windowed attention"
 
 
-def _linear(module: nn.Module, path: str, name: str) -> nn.Linear:
-    layer = getattr(module, name, None)
-    if type(layer) is not nn.Linear:
-        raise SurgeryError(
-            f"attention {path!r} ({type(module).__name__}) has no Linear {name!r} where its layout expects one; "
-            f"found {type(layer).__name__}"
-        )
-    return layer
-
-
 def legacy_attention(
     path: str, attention: nn.Module, inner: str, one_sdpa_call: bool, prefix_refusal: Optional[str]
 ) -> AttentionSite:
@@ -89,16 +97,14 @@ def legacy_attention(
     self_attention = getattr(attention, inner, None)
     if self_attention is None:
         raise SurgeryError(f"attention {path!r} ({type(attention).__name__}) has no self-attention {inner!r}")
-    linears = {role: _linear(self_attention, f"{path}.{inner}", name) for role, name in zip("qkv", ("query", "key", "value"))}
+    names = dict(zip("qkv", ("query", "key", "value")))
+    linears = {role: _linear(self_attention, f"{path}.{inner}", name) for role, name in names.items()}
     output = _linear(getattr(attention, "output", None), f"{path}.output", "dense")
     return AttentionSite(
         path=path,
         module=attention,
         in_features=linears["q"].in_features,
-        projections={
-            role: Projection(f"{inner}.{name}", 0, linears[role].out_features)
-            for role, name in zip("qkv", ("query", "key", "value"))
-        },
+        projections={role: Projection(f"{inner}.{name}", 0, linears[role].out_features) for role, name in names.items()},
         has_bias=linears["q"].bias is not None,
         output=Projection("output.dense", 0, output.out_features),
         one_sdpa_call=one_sdpa_call,
@@ -106,8 +112,9 @@ def legacy_attention(
     )
 
 
-def data2vec_attention(path: str, attention: nn.Module, sdpa_class: type) -> AttentionSite:
-    """``Data2VecVisionAttention``: its self-attention is the eager class or ``sdpa_class``, fixed at build."""
+def data2vec_attention(path: str, attention: nn.Module) -> AttentionSite:
+    """``Data2VecVisionAttention``: its self-attention is the eager class or the sdpa class, fixed at build."""
+    sdpa_class = getattr(importlib.import_module(DATA2VEC), "Data2VecVisionSdpaSelfAttention", None)
     sdpa = type(getattr(attention, "attention", None)) is sdpa_class
     return legacy_attention(path, attention, "attention", sdpa, None if sdpa else DATA2VEC_EAGER)
 
@@ -162,19 +169,16 @@ def _encoder_layers(model: nn.Module, backbone: nn.Module, blocks: Sequence[Bloc
 
 
 def _patch_size(model: nn.Module, embeddings: nn.Module) -> Tuple[int, int]:
-    size = getattr(getattr(embeddings, "patch_embeddings", None), "patch_size", None)
-    if isinstance(size, int):
-        size = (size, size)
-    if not (isinstance(size, tuple) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
-        raise refuse(model, f"its patch embedding gives no patch size (found {size!r}), which VPT's init needs")
-    return size
+    return checked_patch_size(model, getattr(getattr(embeddings, "patch_embeddings", None), "patch_size", None))
 
 
 def data2vec_tokens(model: nn.Module, blocks: Sequence[Block]) -> TokenLayout:
     """Data2VecVision: [CLS, patches], the encoder's layers in order, then the pooler (LN of the mean of
     tokens 1:, or token 0). Each self-attention with a relative-position bias gets it padded for the prompts
     (its ``relative_position_bias`` module's forward), and so does the bias the encoder shares between layers
-    (passed to each layer's attention as ``relative_position_bias``)."""
+    (passed to each layer's attention as ``relative_position_bias``). Not with ``interpolate_pos_encoding=True``:
+    the model then resizes its biases to the token count it sees, prompts included, and the forward fails
+    on the mismatched shapes."""
     backbone = _backbone(model, "data2vec_vision")
     layers = _encoder_layers(model, backbone, blocks)
     shared = bool(getattr(backbone.encoder, "has_relative_position_bias", False))
@@ -188,7 +192,8 @@ def data2vec_tokens(model: nn.Module, blocks: Sequence[Block]) -> TokenLayout:
             ((TokenBias(f"{site.path}.attention.relative_position_bias", method="forward"),) if own else ())
             + ((TokenBias(site.path, keyword="relative_position_bias"),) if shared else ())
         )
-    return TokenLayout(1, backbone.config.hidden_size, _patch_size(model, backbone.embeddings), layers[-1], ((),) * len(blocks), tuple(biases))
+    patch = _patch_size(model, backbone.embeddings)
+    return TokenLayout(1, backbone.config.hidden_size, patch, layers[-1], ((),) * len(blocks), tuple(biases))
 
 
 def videomae_tokens(model: nn.Module, blocks: Sequence[Block]) -> TokenLayout:
@@ -196,7 +201,8 @@ def videomae_tokens(model: nn.Module, blocks: Sequence[Block]) -> TokenLayout:
     (``fc_norm``) or token 0. VPT's init bound uses the per-frame patch (VPT defines it for images)."""
     backbone = _backbone(model, "videomae")
     layers = _encoder_layers(model, backbone, blocks)
-    return TokenLayout(0, backbone.config.hidden_size, _patch_size(model, backbone.embeddings), layers[-1], ((),) * len(blocks))
+    patch = _patch_size(model, backbone.embeddings)
+    return TokenLayout(0, backbone.config.hidden_size, patch, layers[-1], ((),) * len(blocks))
 
 
 def refusing(reason: str) -> Callable[[nn.Module, Sequence[Block]], TokenLayout]:
@@ -211,52 +217,62 @@ def refusing(reason: str) -> Callable[[nn.Module, Sequence[Block]], TokenLayout]
 # ---------------------------------------------------------------- registration
 
 
-def _classes(module_name: str, *names: str):
-    module = importlib.import_module(module_name)
-    return [getattr(module, name) for name in names if hasattr(module, name)]
+@dataclass(frozen=True)
+class ZooModule:
+    """The classes of one of transformers' modeling modules that petl_surgery knows, by name (a name the
+    installed module lacks is skipped: no model of it can exist)."""
+
+    module: str
+    attentions: Mapping[str, AttentionDescriber]
+    blocks: Mapping[str, BlockLayout]
+    token_layouts: Mapping[str, TokenLayoutDescriber]
+    mlps: Mapping[str, MlpDescriber] = field(default_factory=dict)
+
+    def register(self) -> None:
+        module = importlib.import_module(self.module)
+        for table, register in (
+            (self.attentions, register_attention),
+            (self.mlps, register_mlp),
+            (self.blocks, register_block),
+            (self.token_layouts, register_token_layout),
+        ):
+            for name, entry in table.items():
+                if hasattr(module, name):
+                    register(getattr(module, name), entry)
 
 
-def _register_data2vec() -> None:
-    for attention, sdpa in zip(*(_classes(DATA2VEC, name) for name in ("Data2VecVisionAttention", "Data2VecVisionSdpaSelfAttention"))):
-        register_attention(attention, functools.partial(data2vec_attention, sdpa_class=sdpa))
-    for layer in _classes(DATA2VEC, "Data2VecVisionLayer"):
-        register_block(layer, LEGACY_LAYER)
-    for model in _classes(DATA2VEC, "Data2VecVisionModel", "Data2VecVisionForImageClassification"):
-        register_token_layout(model, data2vec_tokens)
-
-
-def _register_videomae() -> None:
-    for attention in _classes(VIDEOMAE, "VideoMAEAttention"):
-        register_attention(attention, videomae_attention)
-    for layer in _classes(VIDEOMAE, "VideoMAELayer"):
-        register_block(layer, LEGACY_LAYER)
-    for model in _classes(VIDEOMAE, "VideoMAEModel", "VideoMAEForVideoClassification"):
-        register_token_layout(model, videomae_tokens)
-
-
-def _register_swinv2() -> None:
-    for attention in _classes(SWINV2, "Swinv2Attention"):
-        register_attention(attention, swinv2_attention)
-    for layer in _classes(SWINV2, "Swinv2Layer"):
-        register_block(layer, LEGACY_LAYER)
-    for model in _classes(SWINV2, "Swinv2Model", "Swinv2ForImageClassification", "Swinv2ForMaskedImageModeling"):
-        register_token_layout(model, refusing(SWINV2_TOKENS))
-
-
-def _register_hiera() -> None:
-    for attention in _classes(HIERA, "HieraMaskUnitAttention"):
-        register_attention(attention, hiera_attention)
-    for mlp in _classes(HIERA, "HieraMlp"):
-        register_mlp(mlp, hiera_mlp_features)
-    for layer in _classes(HIERA, "HieraLayer"):
-        register_block(layer, BlockLayout("attn", "mlp"))
-    for model in _classes(HIERA, "HieraModel", "HieraForImageClassification", "HieraForPreTraining"):
-        register_token_layout(model, refusing(REFUSALS["Hiera"]))
+ZOO = (
+    ZooModule(
+        DATA2VEC,
+        {"Data2VecVisionAttention": data2vec_attention},
+        {"Data2VecVisionLayer": LEGACY_LAYER},
+        dict.fromkeys(("Data2VecVisionModel", "Data2VecVisionForImageClassification"), data2vec_tokens),
+    ),
+    ZooModule(
+        VIDEOMAE,
+        {"VideoMAEAttention": videomae_attention},
+        {"VideoMAELayer": LEGACY_LAYER},
+        dict.fromkeys(("VideoMAEModel", "VideoMAEForVideoClassification"), videomae_tokens),
+    ),
+    ZooModule(
+        SWINV2,
+        {"Swinv2Attention": swinv2_attention},
+        {"Swinv2Layer": LEGACY_LAYER},
+        dict.fromkeys(
+            ("Swinv2Model", "Swinv2ForImageClassification", "Swinv2ForMaskedImageModeling"), refusing(SWINV2_TOKENS)
+        ),
+    ),
+    ZooModule(
+        HIERA,
+        {"HieraMaskUnitAttention": hiera_attention},
+        {"HieraLayer": BlockLayout("attn", "mlp")},
+        dict.fromkeys(("HieraModel", "HieraForImageClassification", "HieraForPreTraining"), refusing(REFUSALS["Hiera"])),
+        {"HieraMlp": hiera_mlp_features},
+    ),
+)
 
 
 def register() -> None:
-    """Register each model's layouts once its modeling module is imported (nothing is imported here)."""
-    register_when_imported(DATA2VEC, _register_data2vec)
-    register_when_imported(VIDEOMAE, _register_videomae)
-    register_when_imported(SWINV2, _register_swinv2)
-    register_when_imported(HIERA, _register_hiera)
+    """Register each modeling module's layouts once it is imported (nothing is imported here)."""
+    for zoo in ZOO:
+        register_when_imported(zoo.module, zoo.register)
