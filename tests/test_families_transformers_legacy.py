@@ -104,8 +104,7 @@ def hiera(cls: type) -> Model:
     return Model(built(cls, T.HieraConfig, **HIERA), images, {"prefix": HIERA_MASK_UNIT, "vpt": vpt})
 
 
-# The classification models under every implementation they accept; the bare models under one (their
-# blocks are the same modules: what differs is the output object and the missing head).
+# The classification and the bare models, under every implementation each accepts.
 MODELS: Dict[str, Model] = {
     "data2vec_vision_eager": data2vec(T.Data2VecVisionForImageClassification, "eager"),
     "data2vec_vision_sdpa": data2vec(T.Data2VecVisionForImageClassification, "sdpa"),
@@ -113,7 +112,9 @@ MODELS: Dict[str, Model] = {
     "videomae_sdpa": videomae(T.VideoMAEForVideoClassification, "sdpa"),
     "swinv2": swinv2(T.Swinv2ForImageClassification),
     "hiera": hiera(T.HieraForImageClassification),
+    "data2vec_vision_bare_eager": data2vec(T.Data2VecVisionModel, "eager"),
     "data2vec_vision_bare_sdpa": data2vec(T.Data2VecVisionModel, "sdpa"),
+    "videomae_bare_eager": videomae(T.VideoMAEModel, "eager"),
     "videomae_bare_sdpa": videomae(T.VideoMAEModel, "sdpa"),
     "swinv2_bare": swinv2(T.Swinv2Model),
     "hiera_bare": hiera(T.HieraModel),
