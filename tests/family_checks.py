@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -131,6 +132,16 @@ def first_output(output) -> torch.Tensor:
 
 
 ADD_TOKENS = ("prefix", "vpt")
+WORKS = "works"
+
+
+def assert_outcome(outcome: str, expected: str) -> None:
+    """``outcome`` of :func:`check_method` is ``expected``: "works", or a refusal matching that regex."""
+    if expected == WORKS:
+        assert outcome == WORKS, outcome
+    else:
+        assert outcome.startswith("refused: "), outcome
+        assert re.search(expected, outcome), f"refusal {outcome!r} does not match {expected!r}"
 
 
 def check_method(

@@ -8,7 +8,6 @@ layout self-check on its softmax attentions, and PATT parity with the V-PETL equ
 from __future__ import annotations
 
 import copy
-import re
 from functools import partial
 from dataclasses import dataclass
 from typing import Callable, Dict
@@ -16,7 +15,7 @@ from typing import Callable, Dict
 import pytest
 import timm
 import torch
-from family_checks import check_layout, check_method, check_patt_parity
+from family_checks import assert_outcome, check_layout, check_method, check_patt_parity
 from timm.layers import AttentionRope
 from timm.models import eva, mvitv2, nest, vitamin, volo
 from timm.models.vision_transformer import ParallelScalingBlock
@@ -164,14 +163,6 @@ def patt_works(family: str) -> bool:
 
 # name -> (build, make_input), read by docs/make_coverage.py
 COVERAGE = {f"timm {name}": (partial(build, name), partial(images, name)) for name in FAMILIES}
-
-def assert_outcome(outcome: str, expected: str) -> None:
-    if expected == WORKS:
-        assert outcome == WORKS, outcome
-    else:
-        assert outcome.startswith("refused: "), outcome
-        assert re.search(expected, outcome), f"refusal {outcome!r} does not match {expected!r}"
-
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("method", ["patt", "adapter"])

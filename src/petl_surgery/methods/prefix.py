@@ -21,7 +21,8 @@ hold keys after k-norm and rotary in models that have them), and prefix tokens h
 rotate. Attention with a non-fused path is switched to SDPA (``fused_attn = True``): in every supported
 class both paths compute softmax(q k^T * head_dim^-0.5 + mask) v (outputs of the tiny test models agree to
 1e-14 in float64). A forward in which the attention made no SDPA call, or several, raises instead of
-running without the prefix, and only the classes in ``SDPA_ATTENTION`` are operated on at all.
+running without the prefix, and only the classes in ``SDPA_ATTENTION`` (or attention instances whose
+site layout vouches for one such call, ``AttentionSite.one_sdpa_call``) are operated on at all.
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ def pad_mask(mask: torch.Tensor, tokens: int, length: int) -> torch.Tensor:
 
 def prefix_refusal(site: AttentionSite) -> Optional[str]:
     """Why a prefix cannot be put into ``site``'s attention, or None when it can."""
-    reason = site.unsupported or sdpa_refusal(site.module)
+    reason = site.unsupported or site.prefix_refusal or (None if site.one_sdpa_call else sdpa_refusal(site.module))
     if reason is None and not {"k", "v"} <= set(site.projections):
         reason = f"projects only {', '.join(site.projections)}, and a prefix needs k and v"
     if reason is None and installed(site.module, "forward") is not None:

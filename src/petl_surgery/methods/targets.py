@@ -145,8 +145,10 @@ def resolve_targets(block: Block, names: Sequence[str], method: str) -> List[Hos
         mlp = block.mlp
         if mlp is None:
             raise UnsupportedBlockError(f"method {method!r} needs an MLP in {where}; it has none")
-        targets = _resolve(method, where, mlp.path, mlp.module, mlp_names, dict(mlp.projections), mlp.module.get_submodule, None)
-        hosts.append(HostTargets(mlp.path, mlp.module, mlp.channel_dim, targets, []))
+        # an inline MLP's layers are the block's children: the block holds the inserted module
+        path, host = (block.path, block.module) if mlp.projections_on_block else (mlp.path, mlp.module)
+        targets = _resolve(method, where, path, host, mlp_names, dict(mlp.projections), host.get_submodule, None)
+        hosts.append(HostTargets(path, host, mlp.channel_dim, targets, []))
     return hosts
 
 

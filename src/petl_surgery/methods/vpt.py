@@ -109,7 +109,11 @@ class PromptTokens(PetlModule):
         x, p = args[0], self.num_prefix_tokens
         return (torch.cat([x[:, :p], self(x), x[:, p + self.num_tokens :]], dim=1), *args[1:])
 
-    def drop(self, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+    def drop(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> Any:
+        """The last block's output without the prompt tokens: a tensor, or a tuple whose first item is
+        the tokens (transformers' layers return ``(hidden_states, ...)``)."""
+        if isinstance(output, tuple):
+            return (self.drop(module, args, output[0]), *output[1:])
         p = self.num_prefix_tokens
         return torch.cat([output[:, :p], output[:, p + self.num_tokens :]], dim=1)
 

@@ -54,6 +54,12 @@ class AttentionSite:
         patches: attribute values to set on the attention module while surgery is present (timm's
             ``qkv_bias_separate = True`` makes a module call the ``qkv`` projection it otherwise
             bypasses); the originals come back when the surgery is removed.
+        one_sdpa_call: the layout vouches that this instance's forward makes exactly one
+            ``F.scaled_dot_product_attention`` call on (batch, heads, tokens, head_dim) q/k/v, where prefix
+            tuning puts its keys and values (for classes whose attention implementation is chosen per
+            instance or per config, which the class tables of ``methods.prefix`` cannot tell apart).
+        prefix_refusal: why prefix tuning cannot put keys and values into this instance (a sentence
+            completing "its attention ..."), or None when the class tables or ``one_sdpa_call`` decide.
     """
 
     path: str
@@ -65,6 +71,8 @@ class AttentionSite:
     unsupported: Optional[str] = None
     patches: Mapping[str, Any] = field(default_factory=dict)
     output: Optional[Projection] = None
+    one_sdpa_call: bool = False
+    prefix_refusal: Optional[str] = None
 
     def producer(self, name: str) -> nn.Module:
         """The module that produces a projection: a submodule of the attention, or a module that
@@ -95,6 +103,9 @@ class MlpSite:
         input_module: for an MLP that its block runs inline (``nn.TransformerEncoderLayer``: linear1,
             activation, dropout, linear2), the module whose input is the MLP's input; ``module`` is then
             the module whose output is the MLP's output. None when ``module`` is the whole MLP.
+        projections_on_block: ``projections`` are relative to the block, not to ``module`` (an inline MLP
+            whose first and last Linears are siblings in the block, transformers' ``intermediate.dense``
+            and ``output.dense``): methods that target them hold their modules on the block.
     """
 
     path: str
@@ -106,6 +117,7 @@ class MlpSite:
     residual_output: Optional[nn.Module] = None
     input_module: Optional[nn.Module] = None
     projections: Mapping[str, Projection] = field(default_factory=dict)
+    projections_on_block: bool = False
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import SurgeryError
 from ..inserted import PetlModule
 from .descriptors import AttentionSite, Block, MlpSite, Projection
-from .registry import ATTENTION_LAYOUTS, BLOCK_LAYOUTS, MLP_LAYOUTS, NOT_ATTENTION, BlockLayout
+from .registry import ATTENTION_LAYOUTS, BLOCK_LAYOUTS, MLP_LAYOUTS, NOT_ATTENTION, BlockLayout, run_pending
 
 _ATTENTION_LIKE_NAME = re.compile(r"(Attention|Attn)", re.IGNORECASE)
 
@@ -109,9 +109,14 @@ def _mlp_projections(module: nn.Module) -> Dict[str, Projection]:
 
 def _describe_mlp(path: str, module: nn.Module, layout: Optional[BlockLayout], block: nn.Module) -> MlpSite:
     input_module = None
+    projections = _mlp_projections(module)
     if layout is not None and layout.mlp_input:
         input_module = block.get_submodule(layout.mlp_input)
         in_features, out_features, channel_dim = _inline_mlp_features(input_module, module)
+        projections = {}
+        if layout.inline_fc:  # relative to the block, where both Linears are
+            projections = {"fc1": Projection(layout.mlp_input, 0, input_module.out_features)}
+            projections["fc2"] = Projection(layout.mlp, 0, out_features)
     else:
         in_features, out_features, channel_dim = MLP_LAYOUTS[type(module)](module)
     residual_input = residual_output = None
@@ -127,7 +132,8 @@ def _describe_mlp(path: str, module: nn.Module, layout: Optional[BlockLayout], b
         residual_input=residual_input,
         residual_output=residual_output,
         input_module=input_module,
-        projections=_mlp_projections(module) if input_module is None else {},
+        projections=projections,
+        projections_on_block=bool(layout is not None and layout.inline_fc and input_module is not None),
     )
 
 
@@ -139,6 +145,7 @@ def discover(model: nn.Module) -> Discovery:
     Blocks are numbered in the order ``model.named_modules()`` visits them, which is depth order for
     the sequential and staged models of timm (Swin-T: blocks 0..11 across its four stages).
     """
+    run_pending()  # layouts of model zoos imported since (transformers' modeling modules)
     found = Discovery()
     modules: Dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=True))
     claimed: set[int] = set()

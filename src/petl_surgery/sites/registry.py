@@ -6,8 +6,9 @@ by inheritance: a subclass may override ``forward`` and stop calling the project
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Type, Union
+from typing import Callable, Dict, List, Optional, Tuple, Type, Union
 
 from torch import nn
 
@@ -25,13 +26,16 @@ class BlockLayout:
 
     ``mlp_input`` is for blocks that run their MLP inline, with no module of its own
     (``nn.TransformerEncoderLayer``): the path of the Linear whose input is the MLP's input, while ``mlp``
-    names the Linear whose output is the MLP's output."""
+    names the Linear whose output is the MLP's output. ``inline_fc``: those two Linears are the MLP's
+    input and output layers, the targets "fc1" and "fc2" of LoRA and SSF (transformers' ``intermediate.dense``
+    and ``output.dense``; not so where ``mlp_input`` also produces q/k/v, as in timm's parallel block)."""
 
     attention: str
     mlp: str
     residual_input: Optional[str] = None
     residual_output: Optional[str] = None
     mlp_input: Optional[str] = None
+    inline_fc: bool = False
 
 
 ATTENTION_LAYOUTS: Dict[Type[nn.Module], AttentionDescriber] = {}
@@ -65,3 +69,23 @@ def register_not_attention(cls: Type[nn.Module], what: str) -> None:
     """Tell site discovery that a class whose name looks like attention is not attention (``what`` says
     what it is), so that models holding it are not refused for it."""
     NOT_ATTENTION[cls] = what
+
+
+# Registrars waiting for the module whose classes they register: module name -> registrars.
+PENDING: Dict[str, List[Callable[[], None]]] = {}
+
+
+def register_when_imported(module: str, registrar: Callable[[], None]) -> None:
+    """Run ``registrar`` (which registers the classes of ``module``) once ``module`` is imported, by
+    whoever imports it: no model of its classes can exist before, and importing it here would make every
+    ``import petl_surgery`` pay for it (each of transformers' modeling modules pulls in its whole
+    modeling stack, seconds). Discovery runs the registrars that became due (:func:`run_pending`)."""
+    PENDING.setdefault(module, []).append(registrar)
+    run_pending()
+
+
+def run_pending() -> None:
+    """Run the registrars of :func:`register_when_imported` whose module has been imported."""
+    for module in [name for name in PENDING if name in sys.modules]:
+        for registrar in PENDING.pop(module):
+            registrar()

@@ -147,9 +147,16 @@ def _flat_blocks(model: nn.Module, blocks: Sequence[Block]) -> nn.Module:
 
 
 def _patch_size(model: nn.Module) -> Tuple[int, int]:
-    size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    return checked_patch_size(model, getattr(getattr(model, "patch_embed", None), "patch_size", None))
+
+
+def checked_patch_size(model: nn.Module, size: object) -> Tuple[int, int]:
+    """The patch size a patch embedding of ``model`` gives (an int, or a (height, width) tuple or list) as
+    a pair of positive ints; refuses the model when it is none."""
     if isinstance(size, int):
         size = (size, size)
+    if isinstance(size, list):
+        size = tuple(size)
     if not (isinstance(size, tuple) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
         raise _refuse(model, f"its patch embedding gives no patch size (found {size!r}), which VPT's init needs")
     return size
