@@ -106,7 +106,7 @@ def test_demo_command(tmp_path, capsys, monkeypatch):
         (["plan", "vit_small_patch16_224", "--method", "patt", "--layers", "9", *TINY], "out of range"),
         (["plan", "vit_small_patch16_224", "--method", "patt", "-o", "bad"], "key=value"),
         (["inspect", "/no/such/file.safetensors"], "no checkpoint file"),
-        (["train", "vit_small_patch16_224", "--data", "/no/such/dir", "--method", "lora"], "no image folder"),
+        (["train", "vit_small_patch16_224", "--data", "/no/such/dir", "--method", "lora"], "no data directory at /no/such/dir"),
         (["train", "vit_small_patch16_224", "--data", "."], "--method"),
         (["plan"], "required"),
         (["frobnicate"], "invalid choice"),
