@@ -336,7 +336,7 @@ def run_study(
         writer.writeheader()
         writer.writerows(result.rows)
     if plot:
-        result.plot, message = plot_tradeoff(result.rows, out / "tradeoff.png", title=f"{grid['model']} on {grid['data']}")
+        result.plot, message = plot_tradeoff(result.rows, out / "tradeoff.png", title=f"{grid['model']} on {Path(grid['data']).name}")
         if message:
             result.messages.append(message)
             log(message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from statistics import mean
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -20,7 +21,8 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
     entries = []
     for (method, options, layers, shots), members in groups.items():
         accuracies = [float(m["accuracy"]) for m in members]
-        label = method + ("" if options in ("{}", "") else f" {options}") + ("" if layers in ("all", "") else f" @{layers}")
+        settings = json.loads(options) if options else {}
+        label = " ".join([method, *(f"{k}={v}" for k, v in settings.items())] + ([] if layers in ("all", "") else [f"@{layers}"]))
         entries.append({
             "label": label, "shots": shots, "parameters": int(members[0]["trainable_parameters"]),
             "mean": mean(accuracies), "low": min(accuracies), "high": max(accuracies), "seeds": len(members),
@@ -69,6 +71,7 @@ def plot_tradeoff(rows: Sequence[Mapping[str, Any]], path: Path, title: str = ""
         for e, xi, yi in zip(group, x, y):
             axis.annotate(e["label"], (xi, yi), textcoords="offset points", xytext=(5, 5), fontsize=7)
     axis.set_xscale("log")
+    axis.margins(x=0.2, y=0.1)
     axis.set_xlabel("trainable parameters (log scale)")
     axis.set_ylabel("top-1 accuracy (%)")
     seeds = max(e["seeds"] for e in entries)
