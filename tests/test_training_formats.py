@@ -194,3 +194,18 @@ def listed(folder, fixture, split):
         return [(p, k // 10 - 1) for p, k in json.loads((folder / f"{split}.json").read_text()).items()]
     classes = sorted(d.name for d in folder.iterdir())
     return [(f"{c}/{f.name}", i) for i, c in enumerate(classes) for f in sorted((folder / c).iterdir())]
+
+
+def test_a_vtab_split_naming_fewer_classes_than_the_head_evaluates_over_the_head(vtab_folder, tmp_path, capsys):
+    data = _copy(vtab_folder, tmp_path)
+    for name in ("train800", "val200", "train800val200"):
+        (data / f"{name}.txt").unlink()
+    (data / "test.txt").write_text("images/c0_test_0.png 0\nimages/c1_test_0.png 1\n")
+    delta = tmp_path / "d.safetensors"
+    ps.save(ps.apply(tiny_vit(), "patt", mid_dim=4), delta)
+    result = tmp_path / "r.json"
+    assert cli.main(["evaluate", "vit_small_patch16_224", str(delta), "--data", str(data), "--image-size", "32",
+                     "--json", str(result), *TINY]) == 0
+    capsys.readouterr()
+    report = json.loads(result.read_text())
+    assert report["images"] == 2 and list(report["per_class"]) == ["0", "1", "2"] and report["per_class"]["2"] is None

@@ -119,12 +119,16 @@ class Layout:
         return samples
 
     def check_classes(self, count: int, split: Optional[str]) -> None:
-        """Refuse ``split`` if it has a label outside a model head of ``count`` classes."""
+        """Make the layout's classes those of a model head of ``count`` classes: a label of ``split``
+        outside it is refused; a VTAB-1k layout whose lists name fewer classes gains the missing
+        indices; an ImageFolder or FGVC layout of another class count is refused."""
         for path, label in self.samples(split):
             if label >= count:
-                name = self.classes[label]
-                raise DataError(f"{self.root / path}: label {name} is out of range for the model's {count} classes")
-        if self.format == "imagefolder" and len(self.classes) != count:
+                raise DataError(f"{self.image_root / path}: label {self.classes[label]} is out of range for the "
+                                f"model's {count} classes")
+        if self.format == "vtab":
+            self.classes.extend(str(i) for i in range(len(self.classes), count))
+        elif len(self.classes) != count:
             raise DataError(f"{self.root} has {len(self.classes)} classes, the model's head {count}")
 
 
