@@ -390,7 +390,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "model_args": model_args,
         "pretrained": args.pretrained,
         "method": args.method,
-        "layers": args.layers or "all",
+        "layers": args.layers or (None if args.resume else "all"),  # a resumed delta brings its own
         "options": options,
         "statistics": summary.statistics,
         "resumed_from": args.resume,
