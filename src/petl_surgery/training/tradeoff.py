@@ -68,8 +68,10 @@ def plot_tradeoff(rows: Sequence[Mapping[str, Any]], path: Path, title: str = ""
         front = pareto_front(list(zip(x, y)))
         axis.plot([x[i] for i in front], [y[i] for i in front], "--", color=colour, linewidth=1)
         axis.scatter([x[i] for i in front], [y[i] for i in front], s=140, facecolors="none", edgecolors=colour)
-        for e, xi, yi in zip(group, x, y):
-            axis.annotate(e["label"], (xi, yi), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    for label in dict.fromkeys(e["label"] for e in entries):  # once per run, beside its best data scale
+        best = max((e for e in entries if e["label"] == label), key=lambda e: e["mean"])
+        axis.annotate(label, (best["parameters"], 100 * best["mean"]), textcoords="offset points", xytext=(5, 5),
+                      fontsize=7)
     axis.set_xscale("log")
     axis.margins(x=0.2, y=0.1)
     axis.set_xlabel("trainable parameters (log scale)")
