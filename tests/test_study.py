@@ -114,6 +114,7 @@ def test_without_matplotlib_the_study_says_so_and_writes_the_csv(vtab_folder, tm
         ({"runs": [{"method": "patt", "layers": [5]}]}, "grid key runs[0] (patt): layer 5 is out of range"),
         ({"shots": [7]}, "grid key 'data': class '0' has 6 training images, fewer than --shots 7"),
         ({"eval_split": "val"}, "grid key 'data': unknown vtab split 'val'"),
+        ({"eval_split": "val200"}, "grid key 'eval_split': the evaluation split 'val200' shares 2 images"),
     ],
 )
 def test_a_bad_grid_is_refused_naming_the_key_before_anything_trains(vtab_folder, tmp_path, fits, change, message):

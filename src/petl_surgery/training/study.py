@@ -304,6 +304,13 @@ def run_study(
                 )
     except DataError as error:
         raise StudyError(f"grid key 'data': {error}") from None
+    evaluated = {path for path, _ in evaluation.samples}
+    for data in data_of.values():
+        shared = [path for path, _ in data.train.samples if path in evaluated]
+        if shared:
+            raise StudyError(f"grid key 'eval_split': the evaluation split {eval_split or grid['data']!r} shares "
+                             f"{len(shared)} images with the training split {data.split or grid['data']!r} "
+                             f"(e.g. {shared[0]}); give train_split and eval_split")
     classes = len(layout.classes)
     _check_runs(grid, classes)
     if out.exists() and not out.is_dir():
