@@ -27,6 +27,10 @@ def test_auto_tells_the_formats_apart(image_folder, vtab_folder, fgvc_folder, tm
     shutil.copy(fgvc_folder / "train.json", both / "train.json")
     with pytest.raises(DataError, match="both VTAB-1k lists .* and FGVC files .*give --format"):
         open_layout(str(both))
+    (tmp_path / "lists" / "train.json").parent.mkdir()
+    (tmp_path / "lists" / "train.json").write_text("{}")
+    with pytest.raises(DataError, match="the fgvc files of .* \\(train.json\\) list no images"):
+        open_layout(str(tmp_path / "lists"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="cannot tell the format"):
         open_layout(str(tmp_path / "empty"))

@@ -147,6 +147,8 @@ def open_layout(data: str, format: str = "auto") -> Layout:
     if not lists:
         raise DataError(f"{root} has none of the {kind} files {', '.join(n + suffix for n in names)}")
     labels = {label for path in lists.values() for _, _, label in _read_list(path, kind)}
+    if not labels:
+        raise DataError(f"the {kind} files of {root} ({', '.join(p.name for p in lists.values())}) list no images")
     if kind == "vtab":
         classes = [str(i) for i in range(max(labels) + 1)]
         image_root = root
