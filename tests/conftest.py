@@ -150,3 +150,47 @@ def image_folder(tmp_path_factory) -> Path:
             pixels[..., k] += 150
             Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / name / f"{i}.png")
     return root
+
+
+def _coloured_images(root: Path, counts: Dict[str, int], seed: int = 0) -> Dict[int, list]:
+    """8x8 PNGs under root/images, a dominant colour per class: {class index: [relative paths]}."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    paths: Dict[int, list] = {}
+    for k in range(3):
+        for split, count in counts.items():
+            for i in range(count):
+                pixels = torch.rand(8, 8, 3, generator=generator) * 80
+                pixels[..., k] += 150
+                relative = f"images/c{k}_{split}_{i}.png"
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / relative)
+                paths.setdefault(k, []).append((split, relative))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def vtab_folder(tmp_path_factory) -> Path:
+    """A generated VTAB-1k layout: 3 classes, 4 train800, 2 val200 and 3 test images each."""
+    root = tmp_path_factory.mktemp("vtab")
+    paths = _coloured_images(root, {"train": 4, "val": 2, "test": 3})
+    lists = {"train800": ["train"], "val200": ["val"], "train800val200": ["train", "val"], "test": ["test"]}
+    for name, splits in lists.items():
+        lines = [f"{path} {k}" for k, entries in paths.items() for split, path in entries if split in splits]
+        (root / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fgvc_folder(tmp_path_factory) -> Path:
+    """A generated FGVC layout as VPT's CUB: paths relative to images/, labels 10, 20, 30; 4 train, 2
+    val and 3 test images per class."""
+    import json
+
+    root = tmp_path_factory.mktemp("fgvc")
+    paths = _coloured_images(root, {"train": 4, "val": 2, "test": 3}, seed=1)
+    for split in ("train", "val", "test"):
+        entries = {path[len("images/"):]: 10 * (k + 1) for k, items in paths.items() for s, path in items if s == split}
+        (root / f"{split}.json").write_text(json.dumps(entries))
+    return root

@@ -106,7 +106,7 @@ def test_demo_command(tmp_path, capsys, monkeypatch):
         (["plan", "vit_small_patch16_224", "--method", "patt", "--layers", "9", *TINY], "out of range"),
         (["plan", "vit_small_patch16_224", "--method", "patt", "-o", "bad"], "key=value"),
         (["inspect", "/no/such/file.safetensors"], "no checkpoint file"),
-        (["train", "vit_small_patch16_224", "--data", "/no/such/dir", "--method", "lora"], "no image folder"),
+        (["train", "vit_small_patch16_224", "--data", "/no/such/dir", "--method", "lora"], "no data directory at /no/such/dir"),
         (["train", "vit_small_patch16_224", "--data", "."], "--method"),
         (["plan"], "required"),
         (["frobnicate"], "invalid choice"),
@@ -139,3 +139,80 @@ def test_inspect_refuses_a_file_that_is_not_a_delta(tmp_path, capsys):
 def test_plan_names_the_patches_a_site_needs(capsys, model, method, patched):
     assert cli.main(["plan", model, "--method", method, "--layers", "0"]) == 0
     assert patched in capsys.readouterr().out
+
+
+# -- what a training run records and checks up front (issue 12, item 6) ------------------------------------
+
+def _train_argv(data, out, *extra):
+    return ["train", "vit_small_patch16_224", "--data", str(data), "--epochs", "1", "--batch-size", "6",
+            "--image-size", "32", "--out", str(out), *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def seeded_delta(image_folder, tmp_path_factory):
+    """A PATT delta trained on a base initialised with --seed 3 (no --pretrained)."""
+    out = tmp_path_factory.mktemp("seeded") / "d.safetensors"
+    assert cli.main(_train_argv(image_folder, out, "--method", "patt", "-o", "mid_dim=4", "--layers", "1",
+                                "--seed", "3")) == 0
+    return out
+
+
+def test_the_log_holds_what_rebuilds_the_run(vtab_folder, tmp_path, capsys):
+    import safetensors.torch
+
+    out = tmp_path / "d.safetensors"
+    assert cli.main(_train_argv(vtab_folder, out, "--method", "lora", "-o", "rank=2", "--layers", "0", "--seed", "5",
+                                "--shots", "3", "--format", "vtab", "--split", "train800")) == 0
+    log = json.loads(out.with_suffix(".json").read_text())
+    assert log["model_args"] == {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    assert (log["layers"], log["options"], log["seed"], log["shots"], log["shot_seed"]) == ("0", {"rank": 2}, 5, 3, 5)
+    assert (log["data"], log["format"], log["split"], log["weight_decay"]) == (str(vtab_folder), "vtab", "train800", 1e-4)
+    assert set(log["versions"]) == {"petl_surgery", "torch", "timm"}
+    again = tmp_path / "again.safetensors"
+    argv = list(log["argv"])
+    argv[argv.index("--out") + 1] = str(again)
+    assert cli.main(argv) == 0  # the recorded command line trains the same delta, bit for bit
+    capsys.readouterr()
+    first, second = safetensors.torch.load_file(out), safetensors.torch.load_file(again)
+    assert first.keys() == second.keys() and all(first[k].equal(second[k]) for k in first)
+
+
+@pytest.mark.parametrize("extra, named", [(["--layers", "0"], "--layers"), (["-o", "mid_dim=8"], "-o/--option"),
+                                          (["--statistics", "frozen"], "--statistics")])
+def test_resume_refuses_arguments_it_would_ignore(seeded_delta, image_folder, tmp_path, capsys, extra, named):
+    out = tmp_path / "r.safetensors"
+    assert cli.main(_train_argv(image_folder, out, "--resume", str(seeded_delta), "--seed", "3", *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{named} would be ignored" in err[0] and not out.exists()
+
+
+def test_resume_refuses_another_seed_on_a_randomly_initialised_base(seeded_delta, image_folder, tmp_path, capsys):
+    out = tmp_path / "r.safetensors"
+    assert cli.main(_train_argv(image_folder, out, "--resume", str(seeded_delta))) == 2
+    err = capsys.readouterr().err
+    assert "initialised with --seed 3" in err and "give --seed 3" in err and not out.exists()
+    assert cli.main(_train_argv(image_folder, out, "--resume", str(seeded_delta), "--pretrained", "--seed", "3")) == 2
+    assert "was trained without --pretrained" in capsys.readouterr().err
+    assert cli.main(_train_argv(image_folder, out, "--resume", str(seeded_delta), "--seed", "3")) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "out, log, message",
+    [
+        ("missing/d.safetensors", None, "missing is not a directory"),
+        ("plain.txt/d.safetensors", None, "plain.txt is not a directory"),
+        ("plain.txt", None, "plain.txt exists and is not a petl_surgery delta: not overwriting it"),
+        ("d.safetensors", "plain.txt", "plain.txt exists and is not a petl-surgery training log"),
+        ("d.safetensors", "d.safetensors", "the delta and the log would both be written to"),
+        ("folder", None, "folder is a directory"),
+    ],
+)
+def test_output_paths_are_checked_before_the_first_epoch(image_folder, tmp_path, capsys, out, log, message):
+    (tmp_path / "plain.txt").write_text("keep me\n")
+    (tmp_path / "folder").mkdir()
+    argv = _train_argv(image_folder, tmp_path / out, "--method", "patt") + (["--log", str(tmp_path / log)] if log else [])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err and "epoch" not in err
+    assert (tmp_path / "plain.txt").read_text() == "keep me\n"

@@ -1,9 +1,10 @@
-"""The ``petl-surgery`` command line: plan, inspect, train, evaluate, demo.
+"""The ``petl-surgery`` command line: plan, inspect, train, evaluate, study, demo.
 
     petl-surgery plan vit_base_patch16_224 --method patt --layers 6:12 --option mid_dim=64
     petl-surgery inspect delta.safetensors
     petl-surgery train vit_small_patch16_224 --data images/ --method lora --epochs 5 --out delta.safetensors
     petl-surgery evaluate vit_small_patch16_224 delta.safetensors --data test_images/ --json result.json
+    petl-surgery study grid.json --out study/
     petl-surgery demo --out petl_demo
 
 Errors print one line (``petl-surgery: error: ...``) and exit with status 1 (2 for bad arguments);
@@ -282,7 +283,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     import petl_surgery as ps
-    from petl_surgery.training import DataError, accuracy_report, image_folder_splits
+    from petl_surgery.training import DataError, accuracy_report, evaluation_data
+    from petl_surgery.training.outputs import head_classes
 
     if not Path(args.delta).is_file():
         raise UsageError(f"no delta checkpoint at {args.delta}")
@@ -294,16 +296,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model_args.setdefault("img_size", args.image_size)
     size, mean, std = _input_config(args.model, args.image_size)
     try:
-        data, _, classes = image_folder_splits(args.data, None, 0.0, 0, size, mean, std)
+        data, layout, split = evaluation_data(args.data, size=size, mean=mean, std=std, format=args.format,
+                                              split=args.split, classes=head_classes(Path(args.delta)))
     except DataError as error:
         raise UsageError(str(error)) from None
+    classes = layout.classes
     torch.manual_seed(args.seed)  # a base built without weights is the one `train --seed` built
     model = create_model(args.model, pretrained=args.pretrained, num_classes=len(classes), **model_args)
     ps.load(model, args.delta)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size)
     report = accuracy_report(model.to(device), loader, classes, device, args.amp)
-    report.update(model=args.model, delta=str(args.delta), data=str(args.data), device=str(device), precision=args.amp)
-    print(f"{args.model} + {args.delta} on {args.data}: {report['images']} images, top-1 {100 * report['top1']:.1f}%, "
+    report.update(model=args.model, delta=str(args.delta), data=str(args.data), format=layout.format, split=split,
+                  device=str(device), precision=args.amp)
+    where = f"{args.data}" + (f" ({layout.format} split {split})" if split else "")
+    print(f"{args.model} + {args.delta} on {where}: {report['images']} images, top-1 {100 * report['top1']:.1f}%, "
           f"top-{report['k']} {100 * report['top5']:.1f}%")
     for name, value in report["per_class"].items():
         print(f"  {name:<24} {'-' if value is None else f'{100 * value:.1f}%'}")
@@ -316,7 +322,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     import petl_surgery as ps
-    from petl_surgery.training import DataError, EpochRecord, fit, image_folder_splits
+    from petl_surgery.training import DataError, EpochRecord, fit, training_data
+    from petl_surgery.training.outputs import check_output_paths, check_resume, read_run_log
 
     if args.method is None and args.resume is None:
         raise UsageError("give --method (a new delta) or --resume DELTA (continue one)")
@@ -324,6 +331,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError("--method and --resume exclude each other: a resumed delta brings its own surgery")
     if args.resume is not None and not Path(args.resume).is_file():
         raise UsageError(f"no delta checkpoint at {args.resume}")
+    if args.resume is not None:  # arguments a resumed run would otherwise ignore
+        ignored = [name for name, value in (("--layers", args.layers), ("-o/--option", args.option),
+                                            ("--statistics", args.statistics)) if value is not None]
+        if ignored:
+            raise UsageError(f"--resume takes the surgery from {args.resume}: {', '.join(ignored)} would be ignored; "
+                             "leave it out")
+        try:
+            check_resume(Path(args.resume), read_run_log(Path(args.resume).with_suffix(".json")),
+                         seed=args.seed, pretrained=args.pretrained)
+        except ps.SurgeryError as error:
+            raise UsageError(str(error)) from None
     device = _device(args.device)
     for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)):
         if value < 1:
@@ -333,6 +351,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     log_path = Path(args.log) if args.log else out.with_suffix(".json")
+    try:
+        check_output_paths(out, log_path)  # before any data is read or epoch run
+    except ps.SurgeryError as error:
+        raise UsageError(str(error)) from None
     model_args = parse_options(args.model_arg)
     if args.image_size:
         model_args.setdefault("img_size", args.image_size)
@@ -341,16 +363,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.val and args.val_split:
         raise UsageError("--val and --val-split exclude each other: give a validation folder or a fraction of --data")
     try:
-        train_set, val_set, classes = image_folder_splits(args.data, args.val, args.val_split, args.seed, size, mean, std)
+        data = training_data(
+            args.data, size=size, mean=mean, std=std, format=args.format, split=args.split, val=args.val,
+            val_split=args.val_split, shots=args.shots, seed=args.seed,
+            shot_seed=args.seed if args.shot_seed is None else args.shot_seed,
+        )
     except DataError as error:
         raise UsageError(str(error)) from None
+    train_set, val_set, classes = data.train, data.val, data.classes
     model = create_model(args.model, pretrained=args.pretrained, num_classes=len(classes), **model_args)  # head from the classes
     options = parse_options(args.option)
     if args.resume:
         ps.load(model, args.resume)
         what = f"resumed from {args.resume}"
     else:
-        ps.apply(model, args.method, layers=parse_layers(args.layers), statistics=args.statistics, **options)
+        ps.apply(model, args.method, layers=parse_layers(args.layers), statistics=args.statistics or "frozen", **options)
         what = f"{args.method}" + (f" ({_format_options(options)})" if options else "")
     summary = ps.summary(model)
     print(f"{args.model}: {what}; trainable {summary.trainable:,} of {summary.total:,} parameters "
@@ -358,19 +385,24 @@ def cmd_train(args: argparse.Namespace) -> int:
           + (f" and {len(val_set)} validation" if val_set is not None else "") + " images", file=sys.stderr)
 
     log: Dict[str, Any] = {
+        "argv": getattr(args, "argv", None),
         "model": args.model,
+        "model_args": model_args,
         "pretrained": args.pretrained,
         "method": args.method,
+        "layers": args.layers or (None if args.resume else "all"),  # a resumed delta brings its own
         "options": options,
         "statistics": summary.statistics,
         "resumed_from": args.resume,
-        "data": str(args.data),
-        "val": str(args.val) if args.val else (f"{args.val_split:.0%} of --data" if val_set is not None else None),
+        **data.record(),  # data, format, split, val, shots, shot_seed, train_images (and the drawn shot_images)
+        "val_split": args.val_split,
         "classes": classes,
         "image_size": size,
         "epochs": args.epochs,
         "lr": args.lr,
+        "weight_decay": args.weight_decay,
         "batch_size": args.batch_size,
+        "workers": args.workers,
         "grad_accum": args.grad_accum,
         "device": str(device),
         "precision": args.amp,
@@ -395,6 +427,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- study ----------------------------------------------------------------------------------------------
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    import torch
+
+    from petl_surgery.training import run_study
+
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_study(args.grid, args.out, device=device, plot=not args.no_plot)
+    print(f"{len(result.rows)} runs ({result.trained} trained now, {result.reused} finished before): {result.csv}"
+          + (f", {result.plot}" if result.plot else ""))
+    return 0
+
+
 # -- demo -----------------------------------------------------------------------------------------------
 
 
@@ -413,6 +462,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- main -----------------------------------------------------------------------------------------------
+
+
+def _add_format_arguments(p: argparse.ArgumentParser, split_help: str) -> None:
+    p.add_argument("--format", choices=("auto", "imagefolder", "vtab", "fgvc"), default="auto",
+                   help="the layout of --data: auto (by the files present; default), imagefolder, vtab "
+                        "(train800.txt, val200.txt, train800val200.txt, test.txt), fgvc (train/val/test.json)")
+    p.add_argument("--split", help=split_help + "; for an ImageFolder, a sub-directory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -438,10 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="top-1, top-5 and per-class accuracy of a model with a delta")
     p.add_argument("model", metavar="MODEL", help="timm model name")
     p.add_argument("delta", metavar="DELTA", help="a delta checkpoint (ps.load)")
-    p.add_argument("--data", required=True, help="ImageFolder directory (one sub-directory per class)")
+    p.add_argument("--data", required=True, help="data directory: ImageFolder, VTAB-1k lists or FGVC JSON files")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="a keyword for timm.create_model")
     p.add_argument("--image-size", type=int, help="input size (default: the model's)")
     p.add_argument("--batch-size", type=int, default=64)
+    _add_format_arguments(p, "the split to evaluate (default: test for vtab and fgvc; an ImageFolder's own directory)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast precision")
     p.add_argument("--json", help="also write the numbers as JSON here (top1 and top5 as fractions)")
@@ -453,14 +510,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a method on an ImageFolder directory and save the delta")
     p.add_argument("model", metavar="MODEL", help="timm model name")
     p.add_argument("--data", required=True, help="ImageFolder directory (one sub-directory per class)")
-    p.add_argument("--val", help="validation ImageFolder directory (same classes)")
+    p.add_argument("--val", help="validation data: an ImageFolder directory (same classes), or for vtab and fgvc "
+                                  "a split of --data (val200, val)")
     p.add_argument("--val-split", type=float, default=0.0, help="without --val: this fraction of --data validates")
     p.add_argument("--method", "-m", help="the method to apply (not with --resume)")
     p.add_argument("--layers", "-l", help="blocks: all (default), 3, 0,2,4, 6:12; negative as --layers=-4:")
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     p.add_argument("--resume", metavar="DELTA", help="continue from a delta checkpoint (ps.load)")
     p.add_argument(
-        "--statistics", choices=("frozen", "adapt"), default="frozen",
+        "--statistics", choices=("frozen", "adapt"), default=None,
         help="the base's BatchNorm statistics: frozen (default) or adapted and saved in the delta",
     )
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs hub access)")
@@ -479,7 +537,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1, help="batches whose gradients make one step (default 1)")
     p.add_argument("--out", default="delta.safetensors", help="where the delta goes (default delta.safetensors)")
     p.add_argument("--log", help="the JSON log (default: --out with .json)")
+    _add_format_arguments(p, "the split to train on (default: train800val200 for vtab, train for fgvc; an "
+                             "ImageFolder's own directory)")
+    p.add_argument("--shots", type=int, help="train on K images per class, drawn with --shot-seed")
+    p.add_argument("--shot-seed", type=int, help="the seed of the --shots draw (default: --seed)")
     p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("study", help="a V-PETL study: train every run x shots x seed of a grid, CSV and plot")
+    p.add_argument("grid", metavar="GRID.json", help="the grid (see petl_surgery.training.study.load_grid)")
+    p.add_argument("--out", required=True, help="the study's directory (a finished run in it is not trained again)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-plot", action="store_true", help="skip tradeoff.png")
+    p.set_defaults(run=cmd_study)
 
     p = sub.add_parser("demo", help="the PVP few-shot demonstration (reduced size: a few minutes on a CPU)")
     p.add_argument("--out", default="petl_demo", help="output directory (default ./petl_demo)")
@@ -496,6 +566,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     show_traceback = "--traceback" in argv
     try:
         args = parser.parse_args(argv)
+        args.argv = argv  # recorded in a training log
         if args.command is None:
             parser.print_help()
             return 2

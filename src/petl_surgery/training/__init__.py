@@ -1,7 +1,13 @@
-"""Training a delta on images, apart from the command line that calls it: the data (``data``), the
-loop and evaluation (``loop``), and a progress display (``progress``)."""
+"""Training a delta on images, apart from the command line that calls it: the data (``data``, and the
+VTAB-1k, FGVC and ImageFolder layouts in ``formats``), the loop and evaluation (``loop``), a progress
+display (``progress``), the checks of a run's outputs (``outputs``) and the V-PETL study (``study``,
+``tradeoff``)."""
 
 from .data import DataError, image_folder_splits
+from .formats import FORMATS, TrainingData, draw_shots, evaluation_data, open_layout, training_data
 from .loop import DEVICES, PRECISIONS, EpochRecord, accuracy_report, choose_device, evaluate, fit
+from .study import StudyError, StudyResult, load_grid, run_study
 
-__all__ = ["DEVICES", "PRECISIONS", "DataError", "EpochRecord", "accuracy_report", "choose_device", "evaluate", "fit", "image_folder_splits"]
+__all__ = ["DEVICES", "FORMATS", "PRECISIONS", "DataError", "EpochRecord", "StudyError", "StudyResult", "TrainingData",
+           "accuracy_report", "choose_device", "draw_shots", "evaluate", "evaluation_data", "fit",
+           "image_folder_splits", "load_grid", "open_layout", "run_study", "training_data"]

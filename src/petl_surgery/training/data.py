@@ -44,9 +44,16 @@ def image_folder_splits(
     if validation is not None and list(validation.classes) != classes:
         raise DataError(f"the validation folder has classes {validation.classes}, the training folder {classes}")
     if validation is None and val_split > 0:
-        n_val = int(round(len(train) * val_split))
-        if n_val < 1 or n_val >= len(train):
-            raise DataError(f"a validation split of {val_split} leaves no training or no validation images of {len(train)}")
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-        train, validation = torch.utils.data.Subset(train, order[n_val:]), torch.utils.data.Subset(train, order[:n_val])
+        train_index, val_index = seeded_split(len(train), val_split, seed)
+        train, validation = torch.utils.data.Subset(train, train_index), torch.utils.data.Subset(train, val_index)
     return train, validation, classes
+
+
+def seeded_split(count: int, fraction: float, seed: int) -> Tuple[List[int], List[int]]:
+    """(training indices, validation indices) of ``count`` items: a ``fraction`` of them, rounded,
+    drawn with ``seed`` (``torch.randperm``), validates."""
+    n_val = int(round(count * fraction))
+    if n_val < 1 or n_val >= count:
+        raise DataError(f"a validation split of {fraction} leaves no training or no validation images of {count}")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    return order[n_val:], order[:n_val]
