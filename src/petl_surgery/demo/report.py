@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from ..training.tradeoff import pareto_front
 from .stats import METHOD as INTERVAL_METHOD
 from .stats import paired_interval
 
@@ -85,15 +86,6 @@ def gain_rows(results: Iterable[Any]) -> List[Dict[str, Any]]:
     ]
 
 
-def _pareto(points: Sequence[Tuple[float, float]]) -> List[bool]:
-    """Whether each (parameters, accuracy) point is on the Pareto front: no other point has at most its
-    parameters and at least its accuracy, one of them strictly."""
-    return [
-        not any((q[0] <= p[0] and q[1] >= p[1]) and (q[0] < p[0] or q[1] > p[1]) for q in points)
-        for p in points
-    ]
-
-
 def tradeoff_rows(results: Iterable[Any], target: str, shots: int) -> List[Dict[str, Any]]:
     """The V-PETL view: one row per (method, position) of the random-init runs on ``target`` at ``shots``:
     the inserted modules' trainable parameters (the head, the same for all, not counted), mean and standard
@@ -117,8 +109,9 @@ def tradeoff_rows(results: Iterable[Any], target: str, shots: int) -> List[Dict[
                 "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
             }
         )
-    for row, front in zip(rows, _pareto([(r["parameters"], r["mean"]) for r in rows])):
-        row["pareto"] = front
+    front = set(pareto_front([(r["parameters"], r["mean"]) for r in rows]))
+    for i, row in enumerate(rows):
+        row["pareto"] = i in front
     return rows
 
 
