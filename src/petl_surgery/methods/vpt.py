@@ -127,6 +127,15 @@ class PromptTokens(PetlModule):
             return args, kwargs
         return args, {**kwargs, keyword: pad_token_bias(bias, self.num_prefix_tokens, self.num_tokens)}
 
+    def pad_key_mask(
+        self, keyword: str, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+        """Forward-pre hook: the key-padding mask passed as ``keyword``, padded for the prompts."""
+        mask = kwargs.get(keyword)
+        if mask is None:
+            return args, kwargs
+        return args, {**kwargs, keyword: pad_key_mask(mask, self.num_prefix_tokens, self.num_tokens)}
+
 
 def pad_token_bias(bias: torch.Tensor, at: int, count: int) -> torch.Tensor:
     """``bias`` (..., N, N) with ``count`` zero rows and columns inserted before token ``at``."""
@@ -134,6 +143,23 @@ def pad_token_bias(bias: torch.Tensor, at: int, count: int) -> torch.Tensor:
     bias = torch.cat([bias[..., :at, :], rows, bias[..., at:, :]], dim=-2)
     columns = bias.new_zeros(*bias.shape[:-1], count)
     return torch.cat([bias[..., :at], columns, bias[..., at:]], dim=-1)
+
+
+def pad_key_mask(mask: torch.Tensor, at: int, count: int) -> torch.Tensor:
+    """A key-padding mask (..., queries, N) with ``count`` open keys (True, or additive 0) inserted
+    before key ``at``, and, unless its queries are broadcast (size 1), ``count`` query rows there that
+    copy the first row (a prompt masks the keys every query masks)."""
+    if not isinstance(mask, torch.Tensor):
+        raise SurgeryError(
+            f"prompt tokens need the attention mask as a tensor to pad it; got {type(mask).__name__} (use "
+            "attn_implementation='eager' or 'sdpa')"
+        )
+    columns = (mask.new_ones(()) if mask.dtype == torch.bool else mask.new_zeros(())).expand(*mask.shape[:-1], count)
+    mask = torch.cat([mask[..., :at], columns, mask[..., at:]], dim=-1)
+    if mask.shape[-2] == 1:
+        return mask
+    rows = mask[..., :1, :].expand(*mask.shape[:-2], count, mask.shape[-1])
+    return torch.cat([mask[..., :at, :], rows, mask[..., at:, :]], dim=-2)
 
 
 class PromptPlanner:
@@ -173,7 +199,8 @@ class PromptPlanner:
                 pad = functools.partial(functools.partial, prompts.padded_bias)  # of the method it replaces
                 patches.append(Patch(module, bias.method, update=pad, shared=False))
             else:
-                hooks.append(Hook(module, "forward_pre_kwargs", functools.partial(prompts.pad_keyword, bias.keyword)))
+                pad = prompts.pad_key_mask if bias.key_mask else prompts.pad_keyword
+                hooks.append(Hook(module, "forward_pre_kwargs", functools.partial(pad, bias.keyword)))
         return [Insertion(block.index, block.path, block.module, CHILD_PREFIX + method, prompts, hooks, patches)]
 
 
