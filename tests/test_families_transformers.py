@@ -19,6 +19,7 @@ can be compared bit for bit).
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import subprocess
 import sys
@@ -106,7 +107,8 @@ def _config_for(cls_name: str, config):
     return config.vision_config if cls_name.endswith("VisionModel") else config
 
 
-def build(family: str, implementation: str = "sdpa", which: int = 0) -> nn.Module:
+@functools.lru_cache(maxsize=None)
+def _prototype(family: str, implementation: str, which: int) -> nn.Module:
     spec = FAMILIES[family]
     name = spec.classes[which]
     torch.manual_seed(0)
@@ -114,6 +116,12 @@ def build(family: str, implementation: str = "sdpa", which: int = 0) -> nn.Modul
     if spec.inputs is not None:
         model.register_forward_pre_hook(spec.inputs, with_kwargs=True)
     return model
+
+
+def build(family: str, implementation: str = "sdpa", which: int = 0) -> nn.Module:
+    """The family's tiny model, seeded weights: a copy of one built once (never run), as building takes
+    longer than copying."""
+    return copy.deepcopy(_prototype(family, implementation, which))
 
 
 def images(family: str) -> torch.Tensor:
@@ -159,16 +167,19 @@ def test_family_contract(family: str, method: str, implementation: str, tmp_path
 BARE = [family for family, spec in FAMILIES.items() if len(spec.classes) > 1]
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("family", BARE)
-def test_prompts_on_the_bare_model(family: str, implementation: str, tmp_path) -> None:
-    outcome = check_method(lambda: build(family, implementation, which=1), lambda: images(family), "vpt", tmp_path)
+def test_prompts_on_the_bare_model(family: str, tmp_path) -> None:
+    """VPT's token layout is registered per class: the bare ``*Model`` too (the other methods see the same
+    layers inside the classification class, test_the_bare_model_has_the_same_blocks)."""
+    outcome = check_method(lambda: build(family, "sdpa", which=1), lambda: images(family), "vpt", tmp_path)
     assert_outcome(outcome, expected(family, "vpt"))
 
 
 @pytest.mark.parametrize("family", BARE)
-def test_lora_on_the_bare_model(family: str, tmp_path) -> None:
-    assert check_method(lambda: build(family, "eager", which=1), lambda: images(family), "lora", tmp_path) == WORKS
+def test_the_bare_model_has_the_same_blocks(family: str) -> None:
+    inside, bare = ps.blocks(build(family)), ps.blocks(build(family, which=1))
+    assert [type(b.module) for b in bare] == [type(b.module) for b in inside] and bare
+    assert all(i.path.endswith("." + b.path) for i, b in zip(inside, bare))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -253,8 +264,9 @@ def test_switching_implementation_after_the_prefix_keeps_it_or_refuses() -> None
         model.set_attn_implementation("eager")
         torch.testing.assert_close(first_output(model(x)), sdpa, **tolerance("eager"))
         model.set_attn_implementation("flex_attention")
+        attention = ps.blocks(model)[0].attention.module  # called alone: the model would build a block mask first
         with pytest.raises(ps.SurgeryError, match="attn_implementation is 'flex_attention'"):
-            model(x)
+            attention(torch.randn(BATCH, 17, 64, dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------- VPT: deep prompts by hand
@@ -309,22 +321,23 @@ def test_prompts_see_siglip2_padding_as_its_tokens_do() -> None:
 # --------------------------------------------------------------------------- transformers stays optional
 
 BLOCKED = """
-import sys
-sys.modules["transformers"] = None  # any import of transformers now raises ImportError
+import importlib.abc, sys
+tried = []
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "transformers":
+            tried.append(name)
+            raise ImportError(f"{name} is blocked")
+sys.meta_path.insert(0, Blocker())
 import timm, torch, petl_surgery as ps
 model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3)
 ps.apply(model, "lora")
-print(model(torch.randn(1, 3, 32, 32)).shape[-1], ps.summary(model).trainable > 0)
+print(tried, model(torch.randn(1, 3, 32, 32)).shape[-1], ps.summary(model).trainable > 0)
 """
 
 
-def test_the_library_works_without_transformers() -> None:
-    result = subprocess.run([sys.executable, "-c", BLOCKED], capture_output=True, text=True, timeout=120)
+def test_the_library_imports_and_works_without_transformers() -> None:
+    """With every import of transformers failing, the library imports (trying none) and operates on timm."""
+    result = subprocess.run([sys.executable, "-c", BLOCKED], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["3", "True"]
-
-
-def test_importing_the_library_imports_no_transformers() -> None:
-    code = "import sys, petl_surgery; print(any(m.split('.')[0] == 'transformers' for m in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
+    assert result.stdout.split() == ["[]", "3", "True"]
