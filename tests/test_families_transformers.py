@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import pickle
 import re
 import subprocess
 import sys
@@ -267,6 +268,23 @@ def test_switching_implementation_after_the_prefix_keeps_it_or_refuses() -> None
         attention = ps.blocks(model)[0].attention.module  # called alone: the model would build a block mask first
         with pytest.raises(ps.SurgeryError, match="attn_implementation is 'flex_attention'"):
             attention(torch.randn(BATCH, 17, 64, dtype=torch.float64))
+
+
+def test_a_prefixed_model_copies_and_pickles_with_its_own_prefix() -> None:
+    model = build("vit")
+    ps.apply(model, "prefix", length=LENGTH)
+    x = images("vit")
+    with torch.no_grad():
+        before = first_output(model(x))
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        attention = ps.blocks(twin)[0].attention.module
+        assert attention.config.petl_extend.__self__ is attention.petl_prefix  # the copy's own prefix
+        with torch.no_grad():
+            assert torch.equal(first_output(twin(x)), before)
+            attention.petl_prefix.up.weight.zero_()  # changing the copy's prefix changes the copy only
+            assert not torch.equal(first_output(twin(x)), before) and torch.equal(first_output(model(x)), before)
+    ps.remove(model)
+    assert all(type(b.attention.module.config).__name__ == "ViTConfig" for b in ps.blocks(model))
 
 
 # --------------------------------------------------------------------------- VPT: deep prompts by hand

@@ -119,22 +119,15 @@ class PromptTokens(PetlModule):
         return pad_token_bias(make_bias(*args, **kwargs), self.num_prefix_tokens, self.num_tokens)
 
     def pad_keyword(
-        self, keyword: str, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+        self, keyword: str, key_mask: bool, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
     ) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
-        """Forward-pre hook: the bias passed as ``keyword`` (shared between blocks), padded likewise."""
+        """Forward-pre hook: the bias passed as ``keyword`` (shared between blocks), padded likewise; with
+        ``key_mask``, a key-padding mask there, padded for the prompts (``pad_key_mask``)."""
         bias = kwargs.get(keyword)
         if bias is None:
             return args, kwargs
-        return args, {**kwargs, keyword: pad_token_bias(bias, self.num_prefix_tokens, self.num_tokens)}
-
-    def pad_key_mask(
-        self, keyword: str, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
-    ) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
-        """Forward-pre hook: the key-padding mask passed as ``keyword``, padded for the prompts."""
-        mask = kwargs.get(keyword)
-        if mask is None:
-            return args, kwargs
-        return args, {**kwargs, keyword: pad_key_mask(mask, self.num_prefix_tokens, self.num_tokens)}
+        pad = pad_key_mask if key_mask else pad_token_bias
+        return args, {**kwargs, keyword: pad(bias, self.num_prefix_tokens, self.num_tokens)}
 
 
 def pad_token_bias(bias: torch.Tensor, at: int, count: int) -> torch.Tensor:
@@ -199,8 +192,8 @@ class PromptPlanner:
                 pad = functools.partial(functools.partial, prompts.padded_bias)  # of the method it replaces
                 patches.append(Patch(module, bias.method, update=pad, shared=False))
             else:
-                pad = prompts.pad_key_mask if bias.key_mask else prompts.pad_keyword
-                hooks.append(Hook(module, "forward_pre_kwargs", functools.partial(pad, bias.keyword)))
+                pad = functools.partial(prompts.pad_keyword, bias.keyword, bias.key_mask)
+                hooks.append(Hook(module, "forward_pre_kwargs", pad))
         return [Insertion(block.index, block.path, block.module, CHILD_PREFIX + method, prompts, hooks, patches)]
 
 
