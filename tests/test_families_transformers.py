@@ -183,6 +183,19 @@ def test_the_bare_model_has_the_same_blocks(family: str) -> None:
     assert all(i.path.endswith("." + b.path) for i, b in zip(inside, bare))
 
 
+@pytest.mark.parametrize("family", ["vit", "dinov2", "clip"])
+def test_the_adapter_reads_the_residual_stream_where_the_branch_ends_are_exact(family: str, tmp_path) -> None:
+    assert check_method(lambda: build(family), lambda: images(family), "adapter", tmp_path, input="residual") == WORKS
+
+
+def test_a_dropout_shared_by_both_branches_refuses_the_residual_adapter() -> None:
+    torch.manual_seed(0)
+    model = T.ViTForImageClassification._from_config(T.ViTConfig(**C, hidden_dropout_prob=0.1, num_labels=LABELS))
+    with pytest.raises(ps.SurgeryError, match="input='residual'.*use input='mlp'"):
+        ps.apply(model, "adapter", input="residual")
+    assert ps.apply(model, "adapter") is model
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_sites_are_the_separate_projections(family: str) -> None:
     model = build(family)
