@@ -283,6 +283,17 @@ def test_switching_implementation_after_the_prefix_keeps_it_or_refuses() -> None
             attention(torch.randn(BATCH, 17, 64, dtype=torch.float64))
 
 
+def test_a_causal_call_is_refused_rather_than_cut() -> None:
+    """sdpa_attention_forward cuts keys longer than the queries when is_causal holds: CLIP's text tower
+    calls its attention causally, so its prefix is refused at the call, not silently dropped."""
+    torch.manual_seed(0)
+    config = T.CLIPTextConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    text = T.CLIPTextModel._from_config(config)
+    ps.apply(text, "prefix", length=LENGTH)
+    with pytest.raises(ps.SurgeryError, match="is causal"):
+        text(input_ids=torch.tensor([[1, 2, 3]]))
+
+
 def test_a_prefixed_model_copies_and_pickles_with_its_own_prefix() -> None:
     model = build("vit")
     ps.apply(model, "prefix", length=LENGTH)

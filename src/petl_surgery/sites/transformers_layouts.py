@@ -364,7 +364,10 @@ FAMILIES: Tuple[Family, ...] = (
     ),
     Family(
         "clip", "CLIPAttention", "CLIPEncoderLayer", ENCODER_LAYER, {"CLIPMLP": None},
-        {"CLIPVisionModel": _flat("", "encoder.layers"), "CLIPForImageClassification": _flat("vision_model", "encoder.layers")},
+        {
+            "CLIPVisionModel": _flat("", "encoder.layers"),
+            "CLIPForImageClassification": _flat("vision_model", "encoder.layers"),
+        },
         output="out_proj",
     ),
     Family(
@@ -423,7 +426,8 @@ def register_family(family: Family) -> None:
             register_outside_blocks(getattr(module, name), POOLING_HEAD)
     for name, spec in family.models.items():
         if hasattr(module, name):
-            register_token_layout(getattr(module, name), grid_tokens if spec is None else flat_token_layout(spec, family.mask))
+            describer = grid_tokens if spec is None else flat_token_layout(spec, family.mask)
+            register_token_layout(getattr(module, name), describer)
 
 
 def register() -> None:
