@@ -132,22 +132,17 @@ class PrefixRoutedConfig:
         return function(module, query, key, value, attention_mask, **kwargs)
 
 
-def prefixed_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    **kwargs: Any,
-) -> Any:
-    """The attention function registered as :data:`ROUTE`: the attention's prefix, then its own function."""
+def prefixed_attention(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The attention function registered as :data:`ROUTE` (called as transformers calls attention
+    functions: module, query, key, value, attention_mask, keywords): the attention's prefix, then its own
+    function (:meth:`PrefixRoutedConfig.attend`)."""
     config = getattr(module, "config", None)
     if not isinstance(config, PrefixRoutedConfig):
         raise SurgeryError(
             f"{type(module).__name__} dispatched to petl_surgery's prefix attention ({ROUTE!r}) but carries no "
             "prefix; set the model's attn_implementation to 'eager' or 'sdpa'"
         )
-    return config.attend(module, query, key, value, attention_mask, **kwargs)
+    return config.attend(module, *args, **kwargs)
 
 
 def _prefix_route(path: str, attention: nn.Module, eager: Callable[..., Any], extend: KeyValueExtension) -> Dict[str, Any]:
