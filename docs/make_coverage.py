@@ -25,16 +25,21 @@ TESTS = ROOT / "tests"
 FAMILY_MODULES = ("test_layouts", "test_families_vit_like", "test_families_hierarchical", "test_torch_models")
 
 
+def test_module_coverage(name: str) -> Dict[str, tuple]:
+    """The ``COVERAGE`` of test module ``name`` of tests/."""
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    spec = importlib.util.spec_from_file_location(name, TESTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses in the module look themselves up there
+    spec.loader.exec_module(module)
+    return getattr(module, "COVERAGE")
+
+
 def load_families() -> Dict[str, tuple]:
-    sys.path.insert(0, str(TESTS))
     families: Dict[str, tuple] = {}
     for name in FAMILY_MODULES:
-        path = TESTS / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses in the module look themselves up there
-        spec.loader.exec_module(module)
-        families.update(getattr(module, "COVERAGE"))
+        families.update(test_module_coverage(name))
     return families
 
 
@@ -73,6 +78,34 @@ def registry_lines() -> List[str]:
     ]
 
 
+def family_rows(families: Dict[str, tuple], methods: tuple) -> List[str]:
+    """One table row per family: the outcome of every method (printed as it goes)."""
+    rows = []
+    for family, (build, make_input) in families.items():
+        cells = [outcome(build, make_input, method).replace("|", "\\|") for method in methods]
+        rows.append(f"| {family} | " + " | ".join(cells) + " |")
+        print(family, *cells, sep="\n  ", flush=True)
+    return rows
+
+
+def transformers_lines(methods: tuple) -> List[str]:
+    """The transformers section: each model class of tests/test_families_transformers.py (its
+    ``COVERAGE``) under attn_implementation "eager" and "sdpa", against every method; empty when
+    transformers is not installed."""
+    if importlib.util.find_spec("transformers") is None:
+        return []
+    import transformers
+
+    lines = [
+        "",
+        f"## transformers {transformers.__version__} (attention interface)",
+        "",
+        "| model (attn_implementation) | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    return lines + family_rows(test_module_coverage("test_families_transformers"), methods)
+
+
 def main() -> None:
     import timm
     import torch
@@ -98,10 +131,8 @@ def main() -> None:
         "| family | " + " | ".join(methods) + " |",
         "|---|" + "---|" * len(methods),
     ]
-    for family, (build, make_input) in families.items():
-        cells = [outcome(build, make_input, method).replace("|", "\\|") for method in methods]
-        lines.append(f"| {family} | " + " | ".join(cells) + " |")
-        print(family, *cells, sep="\n  ", flush=True)
+    lines += family_rows(families, methods)
+    lines += transformers_lines(methods)
     lines += ["", "## Registered classes", ""] + registry_lines() + [""]
     (ROOT / "docs" / "coverage.md").write_text("\n".join(lines))
 

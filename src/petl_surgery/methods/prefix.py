@@ -23,6 +23,10 @@ class both paths compute softmax(q k^T * head_dim^-0.5 + mask) v (outputs of the
 1e-14 in float64). A forward in which the attention made no SDPA call, or several, raises instead of
 running without the prefix, and only the classes in ``SDPA_ATTENTION`` (or attention instances whose
 site layout vouches for one such call, ``AttentionSite.one_sdpa_call``) are operated on at all.
+
+Attention whose site names a ``prefix_route`` (transformers' models, whose core attention is the function
+their attention interface dispatches to, eager or sdpa) takes the prefix there instead: the route's
+patches make that call pass its keys, values and mask through :meth:`PrefixTokens.extend`.
 """
 
 from __future__ import annotations
@@ -176,8 +180,22 @@ class PrefixTokens(PetlModule):
         self.ran = True
         return output
 
+    def extend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The keys and values of one attention call with the prefix in front, and its mask padded
+        (the ``extend`` of a site's ``prefix_route``)."""
+        keys, values = self()
+        tokens = key.shape[-2]
+        key = prepend(key, keys, "key", self.where)
+        value = prepend(value, values, "value", self.where)
+        if mask is not None:
+            mask = pad_mask(mask, tokens, keys.shape[0])
+        self.ran = True
+        return key, value, mask
+
     def check_ran(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
-        """Forward hook on the attention: its call went through :meth:`run_prefixed`."""
+        """Forward hook on the attention: its call went through :meth:`run_prefixed` (or :meth:`extend`)."""
         ran, self.ran = self.ran, False
         if not ran:
             raise SurgeryError(
@@ -214,30 +232,31 @@ class PrefixIntoAttention(TorchFunctionMode):
         if call.get("is_causal"):
             raise SurgeryError(f"the attention of {self.where} is causal; a prefix for causal attention is not defined")
         tokens = key.shape[-2]
-        key = self.prepend(key, self.keys, "key")
-        value = self.prepend(value, self.values, "value")
+        key = prepend(key, self.keys, "key", self.where)
+        value = prepend(value, self.values, "value", self.where)
         if call.get("attn_mask") is not None:
             call["attn_mask"] = pad_mask(call["attn_mask"], tokens, self.keys.shape[0])
         return func(query, key, value, **call)
 
-    def prepend(self, tokens: torch.Tensor, prefix: torch.Tensor, role: str) -> torch.Tensor:
-        """``[prefix ; tokens]`` along the token axis: ``prefix`` (L x kv_heads*head_dim) split into heads
-        and expanded over the batch of ``tokens`` (batch, heads, S, head_dim) as a view. With grouped-query
-        attention whose k/v heads the model repeats before SDPA, each prefix head serves its query group
-        as the model's own k/v head does (``repeat_interleave``, the grouping of timm and of SDPA's
-        ``enable_gqa``)."""
-        width = prefix.shape[1]
-        if tokens.dim() != 4 or width % tokens.shape[3] or tokens.shape[1] % (width // tokens.shape[3]):
-            raise SurgeryError(
-                f"the attention of {self.where} calls F.scaled_dot_product_attention with {role} of shape "
-                f"{tuple(tokens.shape)}; the prefix needs (batch, heads, tokens, head_dim) with heads * head_dim "
-                f"a multiple of its width {width}"
-            )
-        batch, heads, _, head_dim = tokens.shape
-        per_head = prefix.to(tokens.dtype).unflatten(-1, (width // head_dim, head_dim)).transpose(0, 1)
-        if per_head.shape[0] != heads:
-            per_head = per_head.repeat_interleave(heads // per_head.shape[0], dim=0)
-        return torch.cat([per_head.expand(batch, -1, -1, -1), tokens], dim=2)
+
+def prepend(tokens: torch.Tensor, prefix: torch.Tensor, role: str, where: str) -> torch.Tensor:
+    """``[prefix ; tokens]`` along the token axis: ``prefix`` (L x kv_heads*head_dim) split into heads
+    and expanded over the batch of ``tokens`` (batch, heads, S, head_dim) as a view. With grouped-query
+    attention whose k/v heads the model repeats before SDPA, each prefix head serves its query group
+    as the model's own k/v head does (``repeat_interleave``, the grouping of timm and of SDPA's
+    ``enable_gqa``)."""
+    width = prefix.shape[1]
+    if tokens.dim() != 4 or width % tokens.shape[3] or tokens.shape[1] % (width // tokens.shape[3]):
+        raise SurgeryError(
+            f"the attention of {where} computes its attention on {role} of shape "
+            f"{tuple(tokens.shape)}; the prefix needs (batch, heads, tokens, head_dim) with heads * head_dim "
+            f"a multiple of its width {width}"
+        )
+    batch, heads, _, head_dim = tokens.shape
+    per_head = prefix.to(tokens.dtype).unflatten(-1, (width // head_dim, head_dim)).transpose(0, 1)
+    if per_head.shape[0] != heads:
+        per_head = per_head.repeat_interleave(heads // per_head.shape[0], dim=0)
+    return torch.cat([per_head.expand(batch, -1, -1, -1), tokens], dim=2)
 
 
 def pad_mask(mask: torch.Tensor, tokens: int, length: int) -> torch.Tensor:
@@ -252,7 +271,9 @@ def pad_mask(mask: torch.Tensor, tokens: int, length: int) -> torch.Tensor:
 
 def prefix_refusal(site: AttentionSite) -> Optional[str]:
     """Why a prefix cannot be put into ``site``'s attention, or None when it can."""
-    reason = site.unsupported or site.prefix_refusal or (None if site.one_sdpa_call else sdpa_refusal(site.module))
+    reason = site.unsupported or site.prefix_refusal or (
+        None if site.prefix_route is not None or site.one_sdpa_call else sdpa_refusal(site.module)
+    )
     if reason is None and not {"k", "v"} <= set(site.projections):
         reason = f"projects only {', '.join(site.projections)}, and a prefix needs k and v"
     if reason is None and installed(site.module, "forward") is not None:
@@ -283,9 +304,14 @@ class Prefix(Method):
     ) -> List[Insertion]:
         site = attention_of(block, method, prefix_refusal)
         prefix = PrefixTokens(site, options, method, block.index, recorded)
-        # the prefix's own forward wraps the attention's: a layer of its own, removed with it
-        patches = [Patch(site.module, "forward", functools.partial(prefix.run_prefixed, site.module.forward), shared=False)]
-        if hasattr(site.module, "fused_attn"):
+        if site.prefix_route is not None:
+            # the function the attention dispatches to takes the prefix (a layer of its own, removed with it)
+            routed = site.prefix_route(prefix.extend)
+            patches = [Patch(site.module, name, value, shared=False) for name, value in routed.items()]
+        else:
+            # the prefix's own forward wraps the attention's: a layer of its own, removed with it
+            patches = [Patch(site.module, "forward", functools.partial(prefix.run_prefixed, site.module.forward), shared=False)]
+        if site.prefix_route is None and hasattr(site.module, "fused_attn"):
             patches.append(Patch(site.module, "fused_attn", True))  # the non-fused path is the same attention
         hooks = [Hook(site.module, "forward", prefix.check_ran)]
         return [Insertion(block.index, site.path, site.module, CHILD_PREFIX + method, prefix, hooks, patches)]

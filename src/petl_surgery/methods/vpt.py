@@ -123,13 +123,15 @@ class PromptTokens(PetlModule):
         return pad_token_bias(make_bias(*args, **kwargs), self.num_prefix_tokens, self.num_tokens)
 
     def pad_keyword(
-        self, keyword: str, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+        self, keyword: str, key_mask: bool, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
     ) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
-        """Forward-pre hook: the bias passed as ``keyword`` (shared between blocks), padded likewise."""
+        """Forward-pre hook: the bias passed as ``keyword`` (shared between blocks), padded likewise; with
+        ``key_mask``, a key-padding mask there, padded for the prompts (``pad_key_mask``)."""
         bias = kwargs.get(keyword)
         if bias is None:
             return args, kwargs
-        return args, {**kwargs, keyword: pad_token_bias(bias, self.num_prefix_tokens, self.num_tokens)}
+        pad = pad_key_mask if key_mask else pad_token_bias
+        return args, {**kwargs, keyword: pad(bias, self.num_prefix_tokens, self.num_tokens)}
 
 
 def pad_token_bias(bias: torch.Tensor, at: int, count: int) -> torch.Tensor:
@@ -138,6 +140,23 @@ def pad_token_bias(bias: torch.Tensor, at: int, count: int) -> torch.Tensor:
     bias = torch.cat([bias[..., :at, :], rows, bias[..., at:, :]], dim=-2)
     columns = bias.new_zeros(*bias.shape[:-1], count)
     return torch.cat([bias[..., :at], columns, bias[..., at:]], dim=-1)
+
+
+def pad_key_mask(mask: torch.Tensor, at: int, count: int) -> torch.Tensor:
+    """A key-padding mask (..., queries, N) with ``count`` open keys (True, or additive 0) inserted
+    before key ``at``, and, unless its queries are broadcast (size 1), ``count`` query rows there that
+    copy the first row (a prompt masks the keys every query masks)."""
+    if not isinstance(mask, torch.Tensor):
+        raise SurgeryError(
+            f"prompt tokens need the attention mask as a tensor to pad it; got {type(mask).__name__} (use "
+            "attn_implementation='eager' or 'sdpa')"
+        )
+    columns = (mask.new_ones(()) if mask.dtype == torch.bool else mask.new_zeros(())).expand(*mask.shape[:-1], count)
+    mask = torch.cat([mask[..., :at], columns, mask[..., at:]], dim=-1)
+    if mask.shape[-2] == 1:
+        return mask
+    rows = mask[..., :1, :].expand(*mask.shape[:-2], count, mask.shape[-1])
+    return torch.cat([mask[..., :at, :], rows, mask[..., at:, :]], dim=-2)
 
 
 class PromptPlanner:
@@ -177,7 +196,8 @@ class PromptPlanner:
                 pad = functools.partial(functools.partial, prompts.padded_bias)  # of the method it replaces
                 patches.append(Patch(module, bias.method, update=pad, shared=False))
             else:
-                hooks.append(Hook(module, "forward_pre_kwargs", functools.partial(prompts.pad_keyword, bias.keyword)))
+                pad = functools.partial(prompts.pad_keyword, bias.keyword, bias.key_mask)
+                hooks.append(Hook(module, "forward_pre_kwargs", pad))
         return [Insertion(block.index, block.path, block.module, CHILD_PREFIX + method, prompts, hooks, patches)]
 
 

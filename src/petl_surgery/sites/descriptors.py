@@ -6,13 +6,17 @@ Methods are written against these descriptions only, never against a model famil
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..patches import installed
 
 ROLES = ("q", "k", "v")
+
+# extend(query, key, value, mask) -> (key, value, mask): keys and values (batch, heads, tokens, head_dim)
+# with extra ones put in front, and the mask (None, or over (..., queries, keys)) padded to match.
+KeyValueExtension = Callable[[Tensor, Tensor, Tensor, Optional[Tensor]], Tuple[Tensor, Tensor, Optional[Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,12 @@ class AttentionSite:
             softmax over tokens, say), or None when they can.
         output: the attention's output projection (``proj`` in timm), when the attention calls it as a
             module; None otherwise.
+        prefix_route: for attention whose core, softmax(q k^T) v, is a function the model looks up on
+            every call (transformers' attention interface): given an ``extend`` (KeyValueExtension),
+            the attribute patches of the attention module that make that call pass its keys, values and
+            mask through ``extend`` while they are present (prefix tuning's keys and values); it raises
+            SurgeryError when the model's attention implementation cannot be routed. None: prefix tuning
+            uses the attention's ``F.scaled_dot_product_attention`` call.
         patches: attribute values to set on the attention module while surgery is present (timm's
             ``qkv_bias_separate = True`` makes a module call the ``qkv`` projection it otherwise
             bypasses); the originals come back when the surgery is removed.
@@ -73,6 +83,7 @@ class AttentionSite:
     output: Optional[Projection] = None
     one_sdpa_call: bool = False
     prefix_refusal: Optional[str] = None
+    prefix_route: Optional[Callable[[KeyValueExtension], Mapping[str, Any]]] = None
 
     def producer(self, name: str) -> nn.Module:
         """The module that produces a projection: a submodule of the attention, or a module that

@@ -12,7 +12,16 @@ from torch import nn
 from ..errors import SurgeryError
 from ..inserted import PetlModule
 from .descriptors import AttentionSite, Block, MlpSite, Projection
-from .registry import ATTENTION_LAYOUTS, BLOCK_LAYOUTS, MLP_LAYOUTS, NOT_ATTENTION, BlockLayout, run_pending
+from .registry import (
+    ATTENTION_LAYOUTS,
+    BLOCK_LAYOUTS,
+    MLP_LAYOUTS,
+    MLP_PROJECTIONS,
+    NOT_ATTENTION,
+    OUTSIDE_BLOCKS,
+    BlockLayout,
+    run_deferred,
+)
 
 _ATTENTION_LIKE_NAME = re.compile(r"(Attention|Attn)", re.IGNORECASE)
 
@@ -103,8 +112,9 @@ def _with_output(site: AttentionSite) -> AttentionSite:
 
 
 def _mlp_projections(module: nn.Module) -> Dict[str, Projection]:
-    widths = {name: _layer_width(getattr(module, name, None)) for name in ("fc1", "fc2")}
-    return {name: Projection(name, 0, width) for name, width in widths.items() if width is not None}
+    names = MLP_PROJECTIONS.get(type(module), {"fc1": "fc1", "fc2": "fc2"})
+    widths = {target: (path, _layer_width(getattr(module, path, None))) for target, path in names.items()}
+    return {target: Projection(path, 0, width) for target, (path, width) in widths.items() if width is not None}
 
 
 def _describe_mlp(path: str, module: nn.Module, layout: Optional[BlockLayout], block: nn.Module) -> MlpSite:
@@ -145,7 +155,7 @@ def discover(model: nn.Module) -> Discovery:
     Blocks are numbered in the order ``model.named_modules()`` visits them, which is depth order for
     the sequential and staged models of timm (Swin-T: blocks 0..11 across its four stages).
     """
-    run_pending()  # layouts of model zoos imported since (transformers' modeling modules)
+    run_deferred()
     found = Discovery()
     modules: Dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=True))
     claimed: set[int] = set()
@@ -154,7 +164,7 @@ def discover(model: nn.Module) -> Discovery:
     for path, module in modules.items():
         if any(path == p or path.startswith(p + ".") for p in skipped_prefixes):
             continue
-        if _is_inserted(module):
+        if _is_inserted(module) or type(module) in OUTSIDE_BLOCKS:
             skipped_prefixes.append(path)
             continue
         layout = _block_layout(module)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Type, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Type, Union
 
 from torch import nn
 
@@ -46,6 +46,15 @@ BLOCK_LAYOUTS: Dict[Type[nn.Module], Union[BlockLayout, Callable[[nn.Module], Bl
 # Classes whose name looks like attention but that are not (a grouped convolution named "ConvAttention"):
 # discovery does not report them as attention it cannot operate on. Class -> what it is instead.
 NOT_ATTENTION: Dict[Type[nn.Module], str] = {}
+# MLP classes whose input and output layers are not named fc1 and fc2: target name -> the layer's path.
+MLP_PROJECTIONS: Dict[Type[nn.Module], Mapping[str, str]] = {}
+# Classes of modules outside the blocks that hold attention as part of the model's head path (an
+# attention-pooling head): discovery leaves them, and everything inside them, out. Class -> what it is.
+OUTSIDE_BLOCKS: Dict[Type[nn.Module], str] = {}
+# Registrations waiting for the module that defines their classes: (module name, register function).
+# They run, once, the first time site discovery finds that module imported, so that registering a
+# model zoo costs nothing until the user has imported its models.
+_DEFERRED: List[Tuple[str, Callable[[], None]]] = []
 
 
 def register_attention(cls: Type[nn.Module], describer: AttentionDescriber) -> None:
@@ -53,10 +62,16 @@ def register_attention(cls: Type[nn.Module], describer: AttentionDescriber) -> N
     ATTENTION_LAYOUTS[cls] = describer
 
 
-def register_mlp(cls: Type[nn.Module], describer: MlpDescriber) -> None:
+def register_mlp(
+    cls: Type[nn.Module], describer: MlpDescriber, projections: Optional[Mapping[str, str]] = None
+) -> None:
     """Teach site discovery the (in_features, out_features, channel_dim) of an MLP class (channel_dim
-    -1 for channels last, 1 for 1x1 convolutions on NCHW)."""
+    -1 for channels last, 1 for 1x1 convolutions on NCHW); ``projections`` names its input and output
+    layers when they are not ``fc1`` and ``fc2`` (``{"fc1": "up_proj", "fc2": "down_proj"}``; a gated
+    MLP whose input is two layers names only ``fc2``)."""
     MLP_LAYOUTS[cls] = describer
+    if projections is not None:
+        MLP_PROJECTIONS[cls] = dict(projections)
 
 
 def register_block(cls: Type[nn.Module], layout: Union[BlockLayout, Callable[[nn.Module], BlockLayout]]) -> None:
@@ -71,21 +86,21 @@ def register_not_attention(cls: Type[nn.Module], what: str) -> None:
     NOT_ATTENTION[cls] = what
 
 
-# Registrars waiting for the module whose classes they register: module name -> registrars.
-PENDING: Dict[str, List[Callable[[], None]]] = {}
+def register_outside_blocks(cls: Type[nn.Module], what: str) -> None:
+    """Tell site discovery that modules of ``cls`` hold attention that is part of the model's head path
+    (``what`` says what they are), not blocks to operate on: it leaves them and their insides out."""
+    OUTSIDE_BLOCKS[cls] = what
 
 
-def register_when_imported(module: str, registrar: Callable[[], None]) -> None:
-    """Run ``registrar`` (which registers the classes of ``module``) once ``module`` is imported, by
-    whoever imports it: no model of its classes can exist before, and importing it here would make every
-    ``import petl_surgery`` pay for it (each of transformers' modeling modules pulls in its whole
-    modeling stack, seconds). Discovery runs the registrars that became due (:func:`run_pending`)."""
-    PENDING.setdefault(module, []).append(registrar)
-    run_pending()
+def register_when_imported(module: str, register: Callable[[], None]) -> None:
+    """Run ``register`` (which registers classes of ``module``) once ``module`` has been imported, at the
+    next site discovery; at once if it is imported already."""
+    _DEFERRED.append((module, register))
+    run_deferred()
 
 
-def run_pending() -> None:
-    """Run the registrars of :func:`register_when_imported` whose module has been imported."""
-    for module in [name for name in PENDING if name in sys.modules]:
-        for registrar in PENDING.pop(module):
-            registrar()
+def run_deferred() -> None:
+    """Run the deferred registrations whose module is imported by now (site discovery calls this)."""
+    for entry in [entry for entry in _DEFERRED if entry[0] in sys.modules]:
+        _DEFERRED.remove(entry)
+        entry[1]()

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from .descriptors import Block
+from .registry import run_deferred
 
 PREFIX_COUNTER = "num_prefix_tokens"
 
@@ -56,11 +57,14 @@ class TokenBias:
     """A token-by-token additive attention bias (relative positions) of one block, which tokens added
     after the prefix must be padded into: ``method`` of the module at ``module`` returns it, or its
     forward receives it as keyword argument ``keyword`` (a bias the model computes once and shares
-    between blocks)."""
+    between blocks). With ``key_mask`` it is a key-padding mask instead (boolean, or additive 0 and a
+    large negative), the same for every query: prompts are open to every query, and each prompt's own
+    row masks the keys the model's queries mask."""
 
     module: str
     method: Optional[str] = None
     keyword: Optional[str] = None
+    key_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -217,6 +221,7 @@ def refuse(model: nn.Module, reason: str) -> SurgeryError:
 def token_layout(model: nn.Module, blocks: Sequence[Block]) -> TokenLayout:
     """The token layout of ``model`` given its discovered ``blocks``; raises SurgeryError naming the
     reason for a model whose tokens are not one flat sequence petl_surgery knows."""
+    run_deferred()
     if type(model) in _timm_flat_classes():
         return timm_flat_layout(model, blocks)
     describer = TOKEN_LAYOUTS.get(type(model))
