@@ -22,6 +22,12 @@ rotate. Attention with a non-fused path is switched to SDPA (``fused_attn = True
 class both paths compute softmax(q k^T * head_dim^-0.5 + mask) v (outputs of the tiny test models agree to
 1e-14 in float64). A forward in which the attention made no SDPA call, or several, raises instead of
 running without the prefix, and only the classes in ``SDPA_ATTENTION`` are operated on at all.
+
+Sites whose replacement forward makes its attention product through a module (``ATTENTION_CALL`` in the
+site's patches: ``nn.MultiheadAttention``, whose own forward runs fused kernels) take the prefix there
+instead: a forward-pre hook on that module prepends it to k and v, and the replacement forward is shared
+with the other methods on the attention (PATT, LoRA), so they compose. A call that took a path without
+that module (``need_weights=True``) raises.
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import SurgeryError
-from ..patches import Patch, installed
+from ..patches import Patch, host_patches, installed
 from ..sites import AttentionSite, Block
+from ..sites.descriptors import ATTENTION_CALL
 from .base import (
     CHILD_PREFIX,
     Hook,
@@ -85,9 +92,6 @@ SDPA_REFUSED = {
     ("timm.models.twins", "LocallyGroupedAttn"): "calls SDPA on 5-d q/k/v (batch, windows, heads, tokens, head_dim)",
     ("timm.models.vision_transformer_sam", "Attention"): "folds the heads into the batch before SDPA",
     ("timm.models.maxxvit", "Attention2d"): "keeps q/k/v channels-first (batch, heads, head_dim, tokens)",
-    ("torch.nn.modules.activation", "MultiheadAttention"): (
-        "runs fused kernels (its fast path, or need_weights=True) that bypass SDPA"
-    ),
 }
 
 
@@ -138,6 +142,13 @@ class PrefixTokens(PetlModule):
         self.value_width = site.projections["v"].width
         self.where = f"block {block} ({type(site.module).__name__} {site.path!r})"
         self.ran = False
+        # why a forward ran without the prefix, for the check after it
+        self.missed = "its forward was replaced after the surgery"
+        if ATTENTION_CALL in site.patches:
+            self.missed = (
+                "its call took a path without the attention product the prefix joins (nn.MultiheadAttention "
+                "with need_weights=True computes explicit weights); call it with need_weights=False"
+            )
         length, width = options.length, self.key_width + self.value_width
         if options.reparam:
             self.embedding = nn.Parameter(torch.empty(length, self.key_width, **kwargs))
@@ -175,14 +186,26 @@ class PrefixTokens(PetlModule):
         self.ran = True
         return output
 
+    def into_call(self, module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+        """Forward-pre hook on a site's ``ATTENTION_CALL`` module, called ``(q, k, v, attn_mask,
+        dropout_p, is_causal)``: the prefix in front of k and v, the mask padded for it."""
+        query, key, value, attn_mask, dropout_p, is_causal = args
+        if is_causal:
+            raise SurgeryError(f"the attention of {self.where} is causal; a prefix for causal attention is not defined")
+        keys, values = self()
+        tokens = key.shape[-2]
+        key = prepend(key, keys, "key", self.where)
+        value = prepend(value, values, "value", self.where)
+        if attn_mask is not None:
+            attn_mask = pad_mask(attn_mask, tokens, keys.shape[0])
+        self.ran = True
+        return (query, key, value, attn_mask, dropout_p, is_causal)
+
     def check_ran(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
-        """Forward hook on the attention: its call went through :meth:`run_prefixed`."""
+        """Forward hook on the attention: its call went through :meth:`run_prefixed` (or :meth:`into_call`)."""
         ran, self.ran = self.ran, False
         if not ran:
-            raise SurgeryError(
-                f"the attention of {self.where} ran without its prefix: its forward was replaced after "
-                "the surgery"
-            )
+            raise SurgeryError(f"the attention of {self.where} ran without its prefix: {self.missed}")
 
 
 class PrefixIntoAttention(TorchFunctionMode):
@@ -213,30 +236,31 @@ class PrefixIntoAttention(TorchFunctionMode):
         if call.get("is_causal"):
             raise SurgeryError(f"the attention of {self.where} is causal; a prefix for causal attention is not defined")
         tokens = key.shape[-2]
-        key = self.prepend(key, self.keys, "key")
-        value = self.prepend(value, self.values, "value")
+        key = prepend(key, self.keys, "key", self.where)
+        value = prepend(value, self.values, "value", self.where)
         if call.get("attn_mask") is not None:
             call["attn_mask"] = pad_mask(call["attn_mask"], tokens, self.keys.shape[0])
         return func(query, key, value, **call)
 
-    def prepend(self, tokens: torch.Tensor, prefix: torch.Tensor, role: str) -> torch.Tensor:
-        """``[prefix ; tokens]`` along the token axis: ``prefix`` (L x kv_heads*head_dim) split into heads
-        and expanded over the batch of ``tokens`` (batch, heads, S, head_dim) as a view. With grouped-query
-        attention whose k/v heads the model repeats before SDPA, each prefix head serves its query group
-        as the model's own k/v head does (``repeat_interleave``, the grouping of timm and of SDPA's
-        ``enable_gqa``)."""
-        width = prefix.shape[1]
-        if tokens.dim() != 4 or width % tokens.shape[3] or tokens.shape[1] % (width // tokens.shape[3]):
-            raise SurgeryError(
-                f"the attention of {self.where} calls F.scaled_dot_product_attention with {role} of shape "
-                f"{tuple(tokens.shape)}; the prefix needs (batch, heads, tokens, head_dim) with heads * head_dim "
-                f"a multiple of its width {width}"
-            )
-        batch, heads, _, head_dim = tokens.shape
-        per_head = prefix.to(tokens.dtype).unflatten(-1, (width // head_dim, head_dim)).transpose(0, 1)
-        if per_head.shape[0] != heads:
-            per_head = per_head.repeat_interleave(heads // per_head.shape[0], dim=0)
-        return torch.cat([per_head.expand(batch, -1, -1, -1), tokens], dim=2)
+
+def prepend(tokens: torch.Tensor, prefix: torch.Tensor, role: str, where: str) -> torch.Tensor:
+    """``[prefix ; tokens]`` along the token axis: ``prefix`` (L x kv_heads*head_dim) split into heads
+    and expanded over the batch of ``tokens`` (batch, heads, S, head_dim) as a view. With grouped-query
+    attention whose k/v heads the model repeats before SDPA, each prefix head serves its query group
+    as the model's own k/v head does (``repeat_interleave``, the grouping of timm and of SDPA's
+    ``enable_gqa``)."""
+    width = prefix.shape[1]
+    if tokens.dim() != 4 or width % tokens.shape[3] or tokens.shape[1] % (width // tokens.shape[3]):
+        raise SurgeryError(
+            f"the attention of {where} calls F.scaled_dot_product_attention with {role} of shape "
+            f"{tuple(tokens.shape)}; the prefix needs (batch, heads, tokens, head_dim) with heads * head_dim "
+            f"a multiple of its width {width}"
+        )
+    batch, heads, _, head_dim = tokens.shape
+    per_head = prefix.to(tokens.dtype).unflatten(-1, (width // head_dim, head_dim)).transpose(0, 1)
+    if per_head.shape[0] != heads:
+        per_head = per_head.repeat_interleave(heads // per_head.shape[0], dim=0)
+    return torch.cat([per_head.expand(batch, -1, -1, -1), tokens], dim=2)
 
 
 def pad_mask(mask: torch.Tensor, tokens: int, length: int) -> torch.Tensor:
@@ -251,6 +275,11 @@ def pad_mask(mask: torch.Tensor, tokens: int, length: int) -> torch.Tensor:
 
 def prefix_refusal(site: AttentionSite) -> Optional[str]:
     """Why a prefix cannot be put into ``site``'s attention, or None when it can."""
+    if ATTENTION_CALL in site.patches:  # the site's own replacement forward, shared with other methods
+        reason = site.unsupported
+        if reason is None and not {"k", "v"} <= set(site.projections):
+            reason = f"projects only {', '.join(site.projections)}, and a prefix needs k and v"
+        return reason
     reason = site.unsupported or sdpa_refusal(site.module)
     if reason is None and not {"k", "v"} <= set(site.projections):
         reason = f"projects only {', '.join(site.projections)}, and a prefix needs k and v"
@@ -282,6 +311,13 @@ class Prefix(Method):
     ) -> List[Insertion]:
         site = attention_of(block, method, prefix_refusal)
         prefix = PrefixTokens(site, options, method, block.index, recorded)
+        if ATTENTION_CALL in site.patches:
+            hooks = [
+                Hook(site.producer(ATTENTION_CALL), "forward_pre", prefix.into_call),
+                Hook(site.module, "forward", prefix.check_ran),
+            ]
+            patches = host_patches(site.module, dict(site.patches))
+            return [Insertion(block.index, site.path, site.module, CHILD_PREFIX + method, prefix, hooks, patches)]
         # the prefix's own forward wraps the attention's: a layer of its own, removed with it
         patches = [Patch(site.module, "forward", functools.partial(prefix.run_prefixed, site.module.forward), shared=False)]
         if hasattr(site.module, "fused_attn"):

@@ -15,7 +15,8 @@ to that. Two cases are equal to float tolerance only: nn.MultiheadAttention's fu
 where PyTorch projects q, k and v with three Linears and the copy keeps one fused projection.
 
 - ``nn.MultiheadAttention``: a parameter-free :class:`FunctionalLinear` child ``petl_in_proj`` computes
-  ``F.linear(x, in_proj_weight, in_proj_bias)``; q, k, v are its thirds. Self-attention only (query, key
+  ``F.linear(x, in_proj_weight, in_proj_bias)``; q, k, v are its thirds. A :class:`FunctionalAttention`
+  child ``petl_sdpa`` makes the ``need_weights=False`` path's SDPA call, where prefix tuning adds keys. Self-attention only (query, key
   and value the same tensor), as PATT is defined; anything else raises at forward time.
 - torchvision Swin V1 and Video Swin: ``qkv`` itself is called (``self.qkv(x)`` is exactly the
   ``F.linear`` the functional computes).
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import SurgeryError
-from .descriptors import AttentionSite, Projection
+from .descriptors import ATTENTION_CALL, AttentionSite, Projection
 from .registry import BlockLayout, register_attention, register_block, register_mlp
 from .timm_layouts import fused_qkv_in_thirds
 
@@ -51,6 +52,15 @@ class FunctionalLinear(nn.Module):
 
     def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.linear(x, weight, bias)
+
+
+class FunctionalAttention(nn.Module):
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)`` as a module (the
+    site's ``ATTENTION_CALL``), so that a forward-pre hook can give it more keys and values (prefix
+    tuning). Owns no tensors."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
 
 
 class InstanceForward:
@@ -103,7 +113,11 @@ def describe_multihead_attention(path: str, mha: nn.Module) -> AttentionSite:
         in_features=width,
         projections={role: Projection(IN_PROJ, i * width, width) for i, role in enumerate("qkv")},
         has_bias=mha.in_proj_bias is not None,
-        patches={IN_PROJ: FunctionalLinear(), "forward": InstanceForward(mha, multihead_self_attention, path)},
+        patches={
+            IN_PROJ: FunctionalLinear(),
+            ATTENTION_CALL: FunctionalAttention(),
+            "forward": InstanceForward(mha, multihead_self_attention, path),
+        },
     )
 
 
@@ -295,7 +309,7 @@ def _attention_sdpa(
     q = q.view(bsz, num_heads, tgt_len, -1)
     k = k.view(bsz, num_heads, src_len, -1)
     v = v.view(bsz, num_heads, src_len, -1)
-    output = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
+    output = getattr(mha, ATTENTION_CALL)(q, k, v, attn_mask, dropout_p, is_causal)
     output = output.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
     output = F.linear(output, mha.out_proj.weight, mha.out_proj.bias)
     return output.view(tgt_len, bsz, output.size(1))
