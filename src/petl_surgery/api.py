@@ -52,6 +52,14 @@ def plan(
     """The insertions ``apply`` would make, built without changing the model."""
     method_type = get_method(method)
     parsed = method_type.parse_options(options)
+    by_name = method_type.plan_modules(inner(model), parsed, method, options_dict(parsed))
+    if by_name is not None:  # layers chosen by name pattern, not blocks
+        if layers is not None:
+            raise SurgeryError(
+                f"method {method!r}: option 'modules' chooses layers by name pattern, and layers= chooses "
+                "blocks; give one of them"
+            )
+        return _checked_once(by_name, method)
     found = discover(inner(model))
     if found.unsupported and not skip_unsupported:
         listed = "; ".join(f"{u.path!r} ({u.class_name}): {u.reason}" for u in found.unsupported[:5])
@@ -96,6 +104,14 @@ def plan(
             insertions.append(insertion)
     if not insertions:
         raise SurgeryError(f"method {method!r} can operate on none of the chosen blocks: {skipped[0]}")
+    return insertions
+
+
+def _checked_once(insertions: List[Insertion], method: str) -> List[Insertion]:
+    """``insertions`` on layers chosen by name, refused when one of those layers carries the method already."""
+    for insertion in insertions:
+        if hasattr(insertion.host, insertion.name):
+            raise SurgeryError(f"method {method!r} is already applied to {insertion.host_path!r}; remove it first")
     return insertions
 
 

@@ -233,7 +233,7 @@ def fold_refusal(host: nn.Module, producers: Sequence[str], *, pointwise: bool, 
         if foldable_weight(layer, pointwise=pointwise) is None:
             return f"its target {producer!r} is a {type(layer).__name__}, not {kinds}"
         if needs_bias and getattr(layer, "bias", None) is None:
-            return f"its target {producer!r} has no bias to fold the shift into"
+            return f"{f'its target {producer!r}' if producer else 'its layer'} has no bias to fold the shift into"
     return None
 
 

@@ -3,13 +3,14 @@
 from .descriptors import ROLES, AttentionSite, Block, MlpSite, Projection
 from .discovery import Discovery, UnsupportedSite, discover
 from .registry import BlockLayout, register_attention, register_block, register_mlp
-from . import open_clip_layouts, timm_hierarchical, timm_vit_like, torch_layouts
+from . import open_clip_layouts, timm_convnets, timm_hierarchical, timm_vit_like, torch_layouts
 from .timm_layouts import register_timm_layouts
 
 register_timm_layouts()
 timm_vit_like.register()
 timm_hierarchical.register()
 torch_layouts.register()
+timm_convnets.register()
 open_clip_layouts.register()  # only when open_clip imports
 
 __all__ = [

@@ -31,12 +31,20 @@ def fused_qkv_in_thirds(path: str, attention: nn.Module, qkv_name: str = "qkv") 
     )
 
 
+def _pointwise_conv(layer: nn.Module) -> bool:
+    return type(layer) is nn.Conv2d and layer.kernel_size == (1, 1) and layer.groups == 1
+
+
 def _linear_mlp_features(mlp: nn.Module) -> tuple[int, int, int]:
+    """Linear projections (channels last), or 1x1 convolutions on NCHW (``Mlp(use_conv=True)``, as
+    ConvNeXt's ``conv_mlp`` blocks build it; channel dim 1)."""
     first = mlp.fc1_x if hasattr(mlp, "fc1_x") else mlp.fc1
+    if _pointwise_conv(first) and _pointwise_conv(mlp.fc2):
+        return first.in_channels, mlp.fc2.out_channels, 1
     if not isinstance(first, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
         raise SurgeryError(
-            f"MLP {type(mlp).__name__} uses {type(first).__name__} projections; only channels-last "
-            "Linear MLPs are supported"
+            f"MLP {type(mlp).__name__} uses {type(first).__name__} projections; only Linear (channels last) "
+            "and 1x1 Conv2d (channels first) MLPs are supported"
         )
     return first.in_features, mlp.fc2.out_features, -1
 
