@@ -142,9 +142,12 @@ def test_the_adapter_is_added_inside_the_layer_scale():
         torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)
 
 
-def test_prefix_refuses_a_call_that_asks_for_attention_weights():
+def test_prefix_weights_cover_the_prefix_keys_and_the_output_is_the_same_with_them():
     model = ps.apply(vision()(), "prefix", length=2)
     attention = model.transformer.resblocks[0].attn
     x = torch.randn(2, 5, 64)
-    with pytest.raises(ps.SurgeryError, match="need_weights=True"):
-        attention(x, x, x)
+    with torch.no_grad():
+        output, weights = attention(x, x, x)  # need_weights=True, PyTorch's default
+        torch.testing.assert_close(output, attention(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-6)
+    assert weights.shape == (2, 5, 2 + 5)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 5))

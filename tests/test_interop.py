@@ -266,11 +266,15 @@ def test_peft_lora_on_a_grouped_convolution_is_refused_by_name(tmp_path):
     assert_same_snapshot(before, snapshot(model))
 
 
-def test_export_refuses_a_dilated_convolution_whose_geometry_peft_leaves_out(tmp_path):
+def test_export_refuses_a_dilated_convolution_and_two_updates_on_one_layer(tmp_path):
     torch.manual_seed(0)
     model = ps.apply(nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2), nn.Flatten(), nn.Linear(4 * 12 * 12, 2)), "lora", modules="0")
     with pytest.raises(ps.SurgeryError, match=r"LoRA on '0' cannot be written for PEFT: the layer is dilated \(dilation=\(2, 2\)\)"):
         ps.export(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    vit = ps.apply(ps.apply(make_vit(), "lora", targets=["fc1"], layers=[0]), "lora", modules=r"blocks\.0\.mlp\.fc1")
+    with pytest.raises(ps.SurgeryError, match=r"two LoRA updates act on 'blocks\.0\.mlp\.fc1'"):
+        ps.export(vit, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -320,6 +320,7 @@ def _lora_modules(model: nn.Module) -> Tuple[Dict[str, Tuple[torch.Tensor, torch
         host = model.get_submodule(host_path)
         dropouts.add(float(adapter.dropout.p))
         if isinstance(adapter, LayerLowRank):  # a layer chosen by name: PEFT's LoRA on that layer
+            _refuse_second(modules, host_path)
             modules[host_path] = layer_entry(host_path, adapter, host)
             continue
         assert isinstance(adapter, LowRankAdapter)
@@ -336,10 +337,19 @@ def _lora_modules(model: nn.Module) -> Tuple[Dict[str, Tuple[torch.Tensor, torch
             a, b = _fused(adapter, producer, weight.shape[0])
             if weight.dim() == 4:
                 a, b = a[:, :, None, None], b[:, :, None, None]
-            modules[f"{host_path}.{producer}" if host_path else producer] = (a, b, adapter.scaling)
+            key = f"{host_path}.{producer}" if host_path else producer
+            _refuse_second(modules, key)
+            modules[key] = (a, b, adapter.scaling)
     if len(dropouts) > 1:
         raise SurgeryError(f"PEFT has one lora_dropout per adapter; this model's LoRA uses {sorted(dropouts)}")
     return modules, dropouts.pop()
+
+
+def _refuse_second(modules: Mapping[str, Any], path: str) -> None:
+    if path in modules:
+        raise SurgeryError(
+            f"two LoRA updates act on {path!r} (by targets and by modules); PEFT holds one LoRA per module"
+        )
 
 
 def _modules_to_save(model: nn.Module, targets: List[str]) -> List[str]:

@@ -26,8 +26,8 @@ running without the prefix, and only the classes in ``SDPA_ATTENTION`` are opera
 Sites whose replacement forward makes its attention product through a module (``ATTENTION_CALL`` in the
 site's patches: ``nn.MultiheadAttention``, whose own forward runs fused kernels) take the prefix there
 instead: a forward-pre hook on that module prepends it to k and v, and the replacement forward is shared
-with the other methods on the attention (PATT, LoRA), so they compose. A call that took a path without
-that module (``need_weights=True``) raises.
+with the other methods on the attention (PATT, LoRA), so they compose. With ``need_weights=True`` the
+attention weights it returns cover the prefix keys too (the first L columns).
 """
 
 from __future__ import annotations
@@ -142,13 +142,7 @@ class PrefixTokens(PetlModule):
         self.value_width = site.projections["v"].width
         self.where = f"block {block} ({type(site.module).__name__} {site.path!r})"
         self.ran = False
-        # why a forward ran without the prefix, for the check after it
-        self.missed = "its forward was replaced after the surgery"
-        if ATTENTION_CALL in site.patches:
-            self.missed = (
-                "its call took a path without the attention product the prefix joins (nn.MultiheadAttention "
-                "with need_weights=True computes explicit weights); call it with need_weights=False"
-            )
+
         length, width = options.length, self.key_width + self.value_width
         if options.reparam:
             self.embedding = nn.Parameter(torch.empty(length, self.key_width, **kwargs))
@@ -188,8 +182,8 @@ class PrefixTokens(PetlModule):
 
     def into_call(self, module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
         """Forward-pre hook on a site's ``ATTENTION_CALL`` module, called ``(q, k, v, attn_mask,
-        dropout_p, is_causal)``: the prefix in front of k and v, the mask padded for it."""
-        query, key, value, attn_mask, dropout_p, is_causal = args
+        dropout_p, is_causal, ...)``: the prefix in front of k and v, the mask padded for it."""
+        query, key, value, attn_mask, dropout_p, is_causal, *rest = args
         if is_causal:
             raise SurgeryError(f"the attention of {self.where} is causal; a prefix for causal attention is not defined")
         keys, values = self()
@@ -199,13 +193,15 @@ class PrefixTokens(PetlModule):
         if attn_mask is not None:
             attn_mask = pad_mask(attn_mask, tokens, keys.shape[0])
         self.ran = True
-        return (query, key, value, attn_mask, dropout_p, is_causal)
+        return (query, key, value, attn_mask, dropout_p, is_causal, *rest)
 
     def check_ran(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
         """Forward hook on the attention: its call went through :meth:`run_prefixed` (or :meth:`into_call`)."""
         ran, self.ran = self.ran, False
         if not ran:
-            raise SurgeryError(f"the attention of {self.where} ran without its prefix: {self.missed}")
+            raise SurgeryError(
+                f"the attention of {self.where} ran without its prefix: its forward was replaced after the surgery"
+            )
 
 
 class PrefixIntoAttention(TorchFunctionMode):
