@@ -159,7 +159,8 @@ def apply(
         model: a timm (or torch) model; its class, parameters and state_dict keys stay as they are.
         method: "patt", "adapter", "bapat", "lora", "prefix", "vpt" or "ssf" (see the README for each).
         layers: which blocks: None (all), an int, an iterable of ints or a slice, over the global block
-            index of :func:`blocks` (negative indices count from the end).
+            index of :func:`blocks` (negative indices count from the end). Not with LoRA's and SSF's
+            ``modules`` option, which chooses layers by name pattern instead (any model, blocks or not).
         train_head: keep the classifier head trainable (default True).
         head: module path(s) of the classifier head; by default timm's ``get_classifier()``, or for
             other models the first of ``heads.head``, ``head``, ``heads``, ``fc``, ``classifier``.
@@ -251,7 +252,8 @@ def _take_out(model: nn.Module, present: Sequence[Tuple[str, PetlModule]], resto
 def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
     """Fold every mergeable method into the base weights and remove it, in place; return the model.
 
-    Mergeable: LoRA (``W += (alpha / r) B A`` on each target's rows of a plain Linear or 1x1 Conv2d) and
+    Mergeable: LoRA (``W += (alpha / r) B A`` on each target's rows of a plain Linear or 1x1 Conv2d, or
+    on the whole weight of a layer chosen by name, a convolution of any kernel included) and
     SSF (``W <- diag(gamma) W``, ``b <- gamma * b + beta`` on each target's rows of a plain Linear or
     convolution that has a bias). Not mergeable: PATT and the adapters (their tanh/ReLU branches depend
     on the input nonlinearly), prefix tuning and VPT (they add tokens). With any of those present, merge
