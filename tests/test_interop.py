@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 
 import pytest
@@ -33,10 +34,11 @@ def close(a, b, tol=1e-5):
 # ------------------------------------------------------------------------------------------ PEFT
 
 
-def peft_adapter(tmp_path, safe=True, **config):
-    """A PEFT LoRA on a tiny timm ViT with every trainable tensor random, saved by PEFT itself
-    (``adapter_model.safetensors``, or the pickled ``adapter_model.bin`` with ``safe=False``)."""
-    peft_model = get_peft_model(make_vit(), LoraConfig(**config))
+def peft_adapter(tmp_path, safe=True, build=make_vit, **config):
+    """A PEFT LoRA on a tiny timm ViT (or the model ``build`` makes) with every trainable tensor random,
+    saved by PEFT itself (``adapter_model.safetensors``, or the pickled ``adapter_model.bin`` with
+    ``safe=False``)."""
+    peft_model = get_peft_model(build(), LoraConfig(**config))
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for parameter in peft_model.parameters():
@@ -219,21 +221,16 @@ CONVNEXT_CONVS = ["stem.0", "stages.1.downsample.1", "stages.3.downsample.1"]
 @pytest.mark.parametrize("conv_mlp", [False, True], ids=["linear_mlp", "conv_mlp"])
 def test_peft_lora_on_convnext_convolutions_loads_with_equal_outputs(tmp_path, conv_mlp):
     targets = CONVNEXT_CONVS + ["stages.2.blocks.0.mlp.fc1"]
-    peft_model = get_peft_model(make_convnext(conv_mlp), LoraConfig(r=4, lora_alpha=8, target_modules=targets, rank_pattern={"stem.0": 2}))
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for parameter in peft_model.parameters():
-            if parameter.requires_grad:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    model = ps.load(make_convnext(conv_mlp), tmp_path / "adapter")
+    build = functools.partial(make_convnext, conv_mlp)
+    peft_model, directory = peft_adapter(tmp_path, build=build, r=4, lora_alpha=8, target_modules=targets, rank_pattern={"stem.0": 2})
+    model = ps.load(build(), directory)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        close(model(x), peft_model.eval()(x))
+        close(model(x), peft_model(x))
     assert model.stem[0].petl_lora.layer.lora_A.shape == (2, 3, 4, 4)
     assert model.stages[2].blocks[0].mlp.petl_lora.fc1.lora_A.shape == (4, 24)  # the block's semantic target fc1
     ps.export(model, tmp_path / "again")
-    original = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    original = load_file(directory / "adapter_model.safetensors")
     again = load_file(tmp_path / "again" / "adapter_model.safetensors")
     assert original.keys() == again.keys() and all(torch.equal(again[k], t) for k, t in original.items())
 

@@ -165,20 +165,26 @@ def test_lora_on_a_timm_resnets_convolutions_holds_to_the_family_contract(tmp_pa
 # ---------------------------------------------------------------------------------------------- ConvNeXt
 
 
-def convnext(**kwargs):
+def convnext(name="convnext_atto", **kwargs):
     def build():
         torch.manual_seed(0)
         return timm.create_model(
-            "convnext_atto", pretrained=False, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=3,
-            ls_init_value=0.5, **kwargs,
+            name, pretrained=False, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=3, ls_init_value=0.5, **kwargs
         )
 
     return build
 
 
-@pytest.mark.parametrize("conv_mlp", [False, True], ids=["channels_last_mlp", "conv_mlp"])
-def test_the_adapter_on_convnext_blocks_holds_to_the_family_contract(conv_mlp, tmp_path):
-    assert check_method(convnext(conv_mlp=conv_mlp), images(32), "adapter", tmp_path, bottleneck=4) == "works"
+CONVNEXTS = {
+    "channels_last_mlp": convnext(),
+    "conv_mlp": convnext(conv_mlp=True),
+    "v2_response_norm_mlp": convnext("convnextv2_atto"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVNEXTS))
+def test_the_adapter_on_convnext_blocks_holds_to_the_family_contract(name, tmp_path):
+    assert check_method(CONVNEXTS[name], images(32), "adapter", tmp_path, bottleneck=4) == "works"
 
 
 def test_lora_on_convnext_convolutions_and_mlps_holds_to_the_family_contract(tmp_path):

@@ -51,13 +51,13 @@ def _linear_mlp_features(mlp: nn.Module) -> tuple[int, int, int]:
 
 def register_timm_layouts() -> None:
     """Add timm's classes to the registry (import timm lazily: the registry works without it)."""
-    from timm.layers import Attention, GatedMlp, GluMlp, Mlp, SwiGLU
+    from timm.layers import Attention, GatedMlp, GlobalResponseNormMlp, GluMlp, Mlp, SwiGLU
     from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
     from timm.models.vision_transformer import Block, ResPostBlock
 
     register_attention(Attention, fused_qkv_in_thirds)
     register_attention(WindowAttention, fused_qkv_in_thirds)
-    for mlp_class in (Mlp, GluMlp, SwiGLU, GatedMlp):
+    for mlp_class in (Mlp, GluMlp, SwiGLU, GatedMlp, GlobalResponseNormMlp):
         register_mlp(mlp_class, _linear_mlp_features)
     # Pre-norm blocks: x = x + drop_path1(ls1(attn(norm1(x)))); x = x + drop_path2(ls2(mlp(norm2(x)))).
     pre_norm = BlockLayout("attn", "mlp", residual_input="norm2", residual_output="drop_path2")
