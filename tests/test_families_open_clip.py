@@ -5,13 +5,31 @@ without layer scale, the custom block type, and equations checked against indepe
 from __future__ import annotations
 
 import re
+import sys
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 from family_checks import check_method, randomize_inserted, revive
+from torch import nn
 
 import petl_surgery as ps
+from petl_surgery.sites.registry import PENDING, register_on_import
+
+
+def test_a_zoos_layouts_register_once_its_module_is_imported(monkeypatch):
+    # how open_clip's layouts register: petl_surgery never imports open_clip itself (seconds of import)
+    calls = []
+    monkeypatch.setattr("petl_surgery.sites.registry.PENDING", list(PENDING))
+    register_on_import("petl_surgery_test_zoo", lambda: calls.append("registered"))
+    ps.blocks(nn.Linear(2, 2))
+    assert calls == []
+    monkeypatch.setitem(sys.modules, "petl_surgery_test_zoo", types.ModuleType("petl_surgery_test_zoo"))
+    ps.blocks(nn.Linear(2, 2))
+    ps.blocks(nn.Linear(2, 2))
+    assert calls == ["registered"]
+
 
 open_clip_transformer = pytest.importorskip("open_clip.transformer")
 
@@ -31,6 +49,12 @@ def images():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
+# name -> (build, make_input), for docs/make_coverage.py (FAMILY_MODULES)
+COVERAGE = {
+    "open_clip VisionTransformer": (vision(), images),
+    "open_clip VisionTransformer, layer scale": (vision(1e-5), images),
+    "open_clip VisionTransformer, block_type='custom'": (vision(0.5, block_type="custom"), images),
+}
 QKV_MLP = ("q", "k", "v", "fc1", "fc2")
 METHODS = {
     "patt": {},

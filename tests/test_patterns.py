@@ -182,6 +182,10 @@ CONVNEXTS = {
 }
 
 
+# name -> (build, make_input), for docs/make_coverage.py (FAMILY_MODULES)
+COVERAGE = {f"timm ConvNeXt, {name}": (build, images(32)) for name, build in CONVNEXTS.items()}
+
+
 @pytest.mark.parametrize("name", list(CONVNEXTS))
 def test_the_adapter_on_convnext_blocks_holds_to_the_family_contract(name, tmp_path):
     assert check_method(CONVNEXTS[name], images(32), "adapter", tmp_path, bottleneck=4) == "works"

@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import SurgeryError
 from ..inserted import PetlModule
 from .descriptors import AttentionSite, Block, MlpSite, Projection
-from .registry import ATTENTION_LAYOUTS, BLOCK_LAYOUTS, MLP_LAYOUTS, NOT_ATTENTION, BlockLayout
+from .registry import ATTENTION_LAYOUTS, BLOCK_LAYOUTS, MLP_LAYOUTS, NOT_ATTENTION, BlockLayout, register_pending
 
 _ATTENTION_LIKE_NAME = re.compile(r"(Attention|Attn)", re.IGNORECASE)
 
@@ -147,6 +147,7 @@ def discover(model: nn.Module) -> Discovery:
     Blocks are numbered in the order ``model.named_modules()`` visits them, which is depth order for
     the sequential and staged models of timm (Swin-T: blocks 0..11 across its four stages).
     """
+    register_pending()
     found = Discovery()
     modules: Dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=True))
     claimed: set[int] = set()

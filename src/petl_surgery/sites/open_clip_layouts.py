@@ -1,4 +1,5 @@
-"""Layouts of open_clip's transformers (``open_clip.transformer``), registered only when open_clip imports.
+"""Layouts of open_clip's transformers (``open_clip.transformer``), registered once open_clip is imported
+(``register_on_import``: importing it takes seconds, so petl_surgery does not import it itself).
 
 - ``ResidualAttentionBlock`` (the default ``block_type``)::
 
@@ -80,11 +81,9 @@ def vision_token_layout(model: nn.Module, blocks: Sequence[Block]) -> TokenLayou
 
 
 def register() -> None:
-    """Add open_clip's classes to the registry; nothing when open_clip is not installed."""
-    try:
-        from open_clip import transformer
-    except ImportError:
-        return
+    """Add open_clip's classes to the registry (called once ``open_clip.transformer`` is imported)."""
+    from open_clip import transformer
+
     register_block(transformer.ResidualAttentionBlock, RESIDUAL_BLOCK)
     register_block(transformer.CustomResidualAttentionBlock, RESIDUAL_BLOCK)
     register_attention(transformer.Attention, describe_custom_attention)

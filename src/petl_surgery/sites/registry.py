@@ -6,8 +6,9 @@ by inheritance: a subclass may override ``forward`` and stop calling the project
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Type, Union
+from typing import Callable, Dict, List, Optional, Tuple, Type, Union
 
 from torch import nn
 
@@ -71,3 +72,23 @@ def register_not_attention(cls: Type[nn.Module], what: str) -> None:
     """Tell site discovery that a class whose name looks like attention is not attention (``what`` says
     what it is), so that models holding it are not refused for it."""
     NOT_ATTENTION[cls] = what
+
+
+# (module name, register function) of the layouts of optional model zoos, registered the first time site
+# discovery runs after that module was imported (by the user, who builds the models from it). So an
+# installed zoo costs nothing when it is not used: importing open_clip takes seconds.
+PENDING: List[Tuple[str, Callable[[], None]]] = []
+
+
+def register_on_import(module: str, register: Callable[[], None]) -> None:
+    """Run ``register()`` (which adds a zoo's classes to the registry) once ``module`` is imported: a
+    model of the zoo can exist only then. Checked each time discovery or prompt planning starts."""
+    PENDING.append((module, register))
+    register_pending()
+
+
+def register_pending() -> None:
+    """Register the layouts of every pending zoo whose module has been imported since."""
+    for entry in [entry for entry in PENDING if entry[0] in sys.modules]:
+        PENDING.remove(entry)
+        entry[1]()

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from .descriptors import Block
+from .registry import register_pending
 
 PREFIX_COUNTER = "num_prefix_tokens"
 
@@ -212,6 +213,7 @@ def token_layout(model: nn.Module, blocks: Sequence[Block]) -> TokenLayout:
     reason for a model whose tokens are not one flat sequence petl_surgery knows."""
     if type(model) in _timm_flat_classes():
         return timm_flat_layout(model, blocks)
+    register_pending()
     describer = TOKEN_LAYOUTS.get(type(model))
     if describer is not None:
         return describer(model, blocks)
