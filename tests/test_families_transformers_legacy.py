@@ -13,7 +13,6 @@ self-check, and PATT parity with the V-PETL equations.
 from __future__ import annotations
 
 import copy
-import sys
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Dict
@@ -33,7 +32,6 @@ from torch import nn
 
 import petl_surgery as ps
 from petl_surgery.methods import PetlModule
-from petl_surgery.sites import registry
 
 transformers = pytest.importorskip("transformers")
 
@@ -250,13 +248,3 @@ def test_videomae_prefix_raises_once_its_attention_stops_calling_sdpa() -> None:
         model(videos())
 
 
-def test_layouts_register_when_their_module_is_imported(monkeypatch) -> None:
-    calls = []
-    monkeypatch.setattr(registry, "_DEFERRED", [])
-    registry.register_when_imported("petl_test_zoo.modeling", lambda: calls.append("registered"))
-    registry.run_deferred()
-    assert calls == []
-    monkeypatch.setitem(sys.modules, "petl_test_zoo.modeling", type(sys)("petl_test_zoo.modeling"))
-    registry.run_deferred()
-    registry.run_deferred()
-    assert calls == ["registered"] and registry._DEFERRED == []

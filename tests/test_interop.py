@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from conftest import assert_same_snapshot, images, make_swin, make_vit, randomize, snapshot
@@ -32,10 +34,11 @@ def close(a, b, tol=1e-5):
 # ------------------------------------------------------------------------------------------ PEFT
 
 
-def peft_adapter(tmp_path, safe=True, **config):
-    """A PEFT LoRA on a tiny timm ViT with every trainable tensor random, saved by PEFT itself
-    (``adapter_model.safetensors``, or the pickled ``adapter_model.bin`` with ``safe=False``)."""
-    peft_model = get_peft_model(make_vit(), LoraConfig(**config))
+def peft_adapter(tmp_path, safe=True, build=make_vit, **config):
+    """A PEFT LoRA on a tiny timm ViT (or the model ``build`` makes) with every trainable tensor random,
+    saved by PEFT itself (``adapter_model.safetensors``, or the pickled ``adapter_model.bin`` with
+    ``safe=False``)."""
+    peft_model = get_peft_model(build(), LoraConfig(**config))
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for parameter in peft_model.parameters():
@@ -200,6 +203,75 @@ def test_export_refuses_what_peft_cannot_hold(tmp_path):
         interop.export(model, tmp_path / "out", format="vpt")
     with pytest.raises(ps.SurgeryError, match="no LoRA"):
         interop.export(make_vit(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def make_convnext(conv_mlp: bool = False) -> nn.Module:
+    """timm's ConvNeXt shrunk: one block per stage, widths 8..32, layer scale 0.5, 3 classes."""
+    torch.manual_seed(0)
+    return timm.create_model(
+        "convnext_atto", pretrained=False, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=3,
+        ls_init_value=0.5, conv_mlp=conv_mlp,
+    ).eval()
+
+
+CONVNEXT_CONVS = ["stem.0", "stages.1.downsample.1", "stages.3.downsample.1"]
+
+
+@pytest.mark.parametrize("conv_mlp", [False, True], ids=["linear_mlp", "conv_mlp"])
+def test_peft_lora_on_convnext_convolutions_loads_with_equal_outputs(tmp_path, conv_mlp):
+    targets = CONVNEXT_CONVS + ["stages.2.blocks.0.mlp.fc1"]
+    build = functools.partial(make_convnext, conv_mlp)
+    peft_model, directory = peft_adapter(tmp_path, build=build, r=4, lora_alpha=8, target_modules=targets, rank_pattern={"stem.0": 2})
+    model = ps.load(build(), directory)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        close(model(x), peft_model(x))
+    assert model.stem[0].petl_lora.layer.lora_A.shape == (2, 3, 4, 4)
+    assert model.stages[2].blocks[0].mlp.petl_lora.fc1.lora_A.shape == (4, 24)  # the block's semantic target fc1
+    ps.export(model, tmp_path / "again")
+    original = load_file(directory / "adapter_model.safetensors")
+    again = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert original.keys() == again.keys() and all(torch.equal(again[k], t) for k, t in original.items())
+
+
+def test_pattern_lora_on_convnext_exports_for_peft_with_equal_outputs(tmp_path):
+    model = ps.apply(make_convnext(), "lora", rank=3, alpha=6, modules=[r"stem\.0", r"stages\.\d\.downsample\.1"])
+    ps.apply(model, "lora", rank=2, targets=["fc1", "fc2"], layers=[1])
+    for module in model.modules():
+        if isinstance(module, PetlModule):
+            randomize(module, std=0.1)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ps.export(model, tmp_path / "exported")
+    config = json.loads((tmp_path / "exported" / "adapter_config.json").read_text())
+    assert "stem.0" in config["target_modules"] and config["modules_to_save"] == ["head.fc"]
+    loaded = PeftModel.from_pretrained(make_convnext(), tmp_path / "exported").eval()
+    with torch.no_grad():
+        expected = model(x)
+        close(loaded(x), expected)
+        close(ps.load(make_convnext(), tmp_path / "exported")(x), expected)
+
+
+@pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups")
+def test_peft_lora_on_a_grouped_convolution_is_refused_by_name(tmp_path):
+    peft_model = get_peft_model(make_convnext(), LoraConfig(r=8, target_modules=["stages.0.blocks.0.conv_dw"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = make_convnext()
+    before = snapshot(model)
+    with pytest.raises(ps.SurgeryError, match=r"'stages\.0\.blocks\.0\.conv_dw', which is a grouped convolution \(groups=8\)"):
+        ps.load(model, tmp_path / "adapter")
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_export_refuses_a_dilated_convolution_and_two_updates_on_one_layer(tmp_path):
+    torch.manual_seed(0)
+    model = ps.apply(nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2), nn.Flatten(), nn.Linear(4 * 12 * 12, 2)), "lora", modules="0")
+    with pytest.raises(ps.SurgeryError, match=r"LoRA on '0' cannot be written for PEFT: the layer is dilated \(dilation=\(2, 2\)\)"):
+        ps.export(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    vit = ps.apply(ps.apply(make_vit(), "lora", targets=["fc1"], layers=[0]), "lora", modules=r"blocks\.0\.mlp\.fc1")
+    with pytest.raises(ps.SurgeryError, match=r"two LoRA updates act on 'blocks\.0\.mlp\.fc1'"):
+        ps.export(vit, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -42,7 +42,10 @@ def test_patt_parity_through_the_layout(family, mode):
     assert check_patt_parity(lambda: make_family(family), lambda: images(family), mode) > 0
 
 
-SWEEPS = ("test_layouts", "test_families_vit_like", "test_families_hierarchical", "test_torch_models")
+SWEEPS = (
+    "test_layouts", "test_families_vit_like", "test_families_hierarchical", "test_torch_models", "test_families_open_clip",
+    "test_patterns",
+)
 if importlib.util.find_spec("transformers") is not None:
     SWEEPS += ("test_families_transformers", "test_families_transformers_legacy")
 

@@ -137,7 +137,7 @@ def test_parameter_count_is_r_times_in_plus_out_per_target():
 def test_alpha_defaults_to_rank_and_is_recorded_resolved():
     lora = ps.apply(make_vit(), "lora", rank=4).blocks[0].attn.petl_lora
     assert lora.scaling == 1.0
-    assert lora.options == {"rank": 4, "alpha": 4.0, "dropout": 0.0, "targets": ("q", "v")}
+    assert lora.options == {"rank": 4, "alpha": 4.0, "dropout": 0.0, "targets": ("q", "v"), "modules": None}
 
 
 @pytest.mark.parametrize(

@@ -199,6 +199,13 @@ def test_family_contract(name, method, tmp_path, standard_path):
     assert check_method(build, make_input, method, tmp_path) == "works"
 
 
+@pytest.mark.parametrize("name", [name for name in MODELS if "swin" not in name])
+def test_prefix_on_multihead_self_attention(name, tmp_path):
+    # through the replacement forward's attention call, need_weights True (user_mha) or False
+    build, make_input = MODELS[name]
+    assert check_method(build, make_input, "prefix", tmp_path, length=3, mid_dim=8) == "works"
+
+
 @pytest.mark.parametrize("name", ["tv_vit", "encoder_bf_prenorm", "encoder_sf_postnorm"])
 def test_adapter_on_the_residual_stream(name, tmp_path, standard_path):
     build, make_input = MODELS[name]

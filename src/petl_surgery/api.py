@@ -52,6 +52,14 @@ def plan(
     """The insertions ``apply`` would make, built without changing the model."""
     method_type = get_method(method)
     parsed = method_type.parse_options(options)
+    by_name = method_type.plan_modules(inner(model), parsed, method, options_dict(parsed))
+    if by_name is not None:  # layers chosen by name pattern, not blocks
+        if layers is not None:
+            raise SurgeryError(
+                f"method {method!r}: option 'modules' chooses layers by name pattern, and layers= chooses "
+                "blocks; give one of them"
+            )
+        return _checked_once(by_name, method)
     found = discover(inner(model))
     if found.unsupported and not skip_unsupported:
         listed = "; ".join(f"{u.path!r} ({u.class_name}): {u.reason}" for u in found.unsupported[:5])
@@ -99,6 +107,14 @@ def plan(
     return insertions
 
 
+def _checked_once(insertions: List[Insertion], method: str) -> List[Insertion]:
+    """``insertions`` on layers chosen by name, refused when one of those layers carries the method already."""
+    for insertion in insertions:
+        if hasattr(insertion.host, insertion.name):
+            raise SurgeryError(f"method {method!r} is already applied to {insertion.host_path!r}; remove it first")
+    return insertions
+
+
 def _same_component(insertion: Insertion) -> Optional[PetlModule]:
     """An inserted module of the host that is of the same kind as the planned one (BAPAT's PATT half
     beside a PATT), if any."""
@@ -143,7 +159,8 @@ def apply(
         model: a timm (or torch) model; its class, parameters and state_dict keys stay as they are.
         method: "patt", "adapter", "bapat", "lora", "prefix", "vpt" or "ssf" (see the README for each).
         layers: which blocks: None (all), an int, an iterable of ints or a slice, over the global block
-            index of :func:`blocks` (negative indices count from the end).
+            index of :func:`blocks` (negative indices count from the end). Not with LoRA's and SSF's
+            ``modules`` option, which chooses layers by name pattern instead (any model, blocks or not).
         train_head: keep the classifier head trainable (default True).
         head: module path(s) of the classifier head; by default timm's ``get_classifier()``, or for
             other models the first of ``heads.head``, ``head``, ``heads``, ``fc``, ``classifier``.
@@ -235,7 +252,8 @@ def _take_out(model: nn.Module, present: Sequence[Tuple[str, PetlModule]], resto
 def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
     """Fold every mergeable method into the base weights and remove it, in place; return the model.
 
-    Mergeable: LoRA (``W += (alpha / r) B A`` on each target's rows of a plain Linear or 1x1 Conv2d) and
+    Mergeable: LoRA (``W += (alpha / r) B A`` on each target's rows of a plain Linear or 1x1 Conv2d, or
+    on the whole weight of a layer chosen by name, a convolution of any kernel included) and
     SSF (``W <- diag(gamma) W``, ``b <- gamma * b + beta`` on each target's rows of a plain Linear or
     convolution that has a bias). Not mergeable: PATT and the adapters (their tanh/ReLU branches depend
     on the input nonlinearly), prefix tuning and VPT (they add tokens). With any of those present, merge

@@ -11,6 +11,9 @@ from torch import nn
 from .hooks import remove_hooks_of
 
 CHILD_PREFIX = "petl_"
+# The block index of a module inserted on a layer chosen by name pattern rather than in a block (LoRA's
+# and SSF's ``modules`` option): such surgery is recorded with blocks ``[OUTSIDE_BLOCKS]``.
+OUTSIDE_BLOCKS = -1
 
 
 class PetlModule(nn.Module):

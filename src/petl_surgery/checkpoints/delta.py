@@ -18,7 +18,7 @@ from ..errors import SurgeryError
 from ..freezing import head_parameter_names, set_trainable
 from ..inventory import delta_names, inserted_modules, surgery_record
 from ..methods import Insertion, get_method
-from ..methods.base import CHILD_PREFIX, sizes_only
+from ..methods.base import CHILD_PREFIX, OUTSIDE_BLOCKS, sizes_only
 from ..sites import discover
 from ..statistics import adapted_names, mode_of, resolve_mode, statistics_names
 from .files import PathLike, check_path, read, write_atomic
@@ -248,13 +248,18 @@ def _renamer(saved_paths: List[str], model_paths: List[str], mapping: Dict[int, 
     return rename
 
 
+def _layers(blocks: List[int]) -> Optional[List[int]]:
+    """The ``layers`` that re-plan recorded blocks: None for surgery on layers chosen by name pattern."""
+    return None if blocks == [OUTSIDE_BLOCKS] else blocks
+
+
 def _plan_recorded(model: nn.Module, path: PathLike, calls: List[Dict[str, Any]]) -> List[List[Insertion]]:
     planned: List[List[Insertion]] = []
     taken = set()
     with torch.random.fork_rng(devices=[]):  # branch inits are overwritten: leave the user's RNG alone
         for call in calls:
             try:
-                insertions = plan(model, call["method"], call["blocks"], True, **call["options"])
+                insertions = plan(model, call["method"], _layers(call["blocks"]), True, **call["options"])
             except SurgeryError as error:
                 raise SurgeryError(f"{path} records surgery this model cannot take: {error}") from None
             placed = {insertion.block for insertion in insertions}
@@ -373,7 +378,9 @@ def load_delta(
 
     calls = _select_calls(path, metadata["methods"], methods, blocks)
     saved_paths = metadata["model"]["block_paths"]
-    beyond = sorted({b for call in metadata["methods"] for b in call["blocks"] if not 0 <= b < len(saved_paths)})
+    beyond = sorted(
+        {b for call in metadata["methods"] for b in call["blocks"] if not 0 <= b < len(saved_paths) and b != OUTSIDE_BLOCKS}
+    )
     if beyond:
         raise SurgeryError(f"{path} records surgery on block {beyond[0]}, but its model had {len(saved_paths)} blocks")
     model_paths = [block.path for block in discover(model).blocks]
@@ -383,7 +390,8 @@ def load_delta(
     if blocks is not None:
         mapping = {saved: target for saved, target in mapping.items() if saved in blocks}
     calls = [
-        {**call, "blocks": sorted(mapping[b] for b in call["blocks"] if b in mapping)} for call in calls
+        {**call, "blocks": sorted(mapping[b] if b in mapping else b for b in call["blocks"] if b in mapping or b == OUTSIDE_BLOCKS)}
+        for call in calls
     ]
     calls = [call for call in calls if call["blocks"]]
     if not calls:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
+from ..inserted import OUTSIDE_BLOCKS
 from ..statistics import MODES as STATISTICS_MODES
 
 FORMAT_NAME = "petl_surgery.delta"
@@ -182,10 +183,14 @@ def _check_entries(metadata: Mapping[str, Any], path: str) -> None:
             and isinstance(call["options"], dict)
             and isinstance(call["blocks"], list)
             and call["blocks"]
-            and all(_is_int(b) and 0 <= b < model["blocks"] for b in call["blocks"])
+            and (
+                call["blocks"] == [OUTSIDE_BLOCKS]  # layers chosen by name pattern
+                or all(_is_int(b) and 0 <= b < model["blocks"] for b in call["blocks"])
+            )
             and len(set(call["blocks"])) == len(call["blocks"])
         ):
             raise SurgeryError(
                 f"{path}: the petl_surgery metadata has a malformed method entry {call!r} (a method name, "
-                f"its options, and distinct block indices in 0..{model['blocks'] - 1})"
+                f"its options, and distinct block indices in 0..{model['blocks'] - 1}, or [{OUTSIDE_BLOCKS}] "
+                "for layers chosen by name)"
             )

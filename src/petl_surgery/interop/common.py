@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from ..errors import SurgeryError
 from ..freezing import find_heads, set_trainable
 from ..inventory import delta_names
 from ..methods import Insertion
+from ..methods.base import OUTSIDE_BLOCKS
 from ..sites import Block
 from ..statistics import resolve_mode
 
@@ -28,7 +29,8 @@ class Call:
     method: str
     blocks: List[int]
     options: Dict[str, Any]
-    tensors: Dict[int, Dict[str, torch.Tensor]] = field(default_factory=dict)
+    # per block, or per layer path for layers chosen by name (blocks ``[OUTSIDE_BLOCKS]``): see tensor_key
+    tensors: Dict[Union[int, str], Dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def group_calls(method: str, items: Iterable[Tuple[int, Dict[str, Any], Dict[str, torch.Tensor]]]) -> List[Call]:
@@ -56,7 +58,8 @@ def install(model: nn.Module, calls: Sequence[Call], base: Mapping[str, torch.Te
     with torch.random.fork_rng(devices=[]):  # initial values are overwritten: leave the user's RNG alone
         for call in calls:
             try:
-                insertions = plan(model, call.method, call.blocks, True, **call.options)
+                layers = None if call.blocks == [OUTSIDE_BLOCKS] else call.blocks  # layers chosen by name
+                insertions = plan(model, call.method, layers, True, **call.options)
             except SurgeryError as error:
                 raise SurgeryError(f"{source}: this model cannot take the surgery the file describes: {error}") from None
             placed = {insertion.block for insertion in insertions}
@@ -91,7 +94,7 @@ def install(model: nn.Module, calls: Sequence[Call], base: Mapping[str, torch.Te
         for call, insertions in planned:
             for insertion in insertions:
                 targets = insertion.module.state_dict(keep_vars=True)
-                for key, tensor in call.tensors[insertion.block].items():
+                for key, tensor in call.tensors[tensor_key(insertion)].items():
                     if key in targets:
                         targets[key].copy_(tensor)
         targets = model.state_dict(keep_vars=True)
@@ -101,10 +104,16 @@ def install(model: nn.Module, calls: Sequence[Call], base: Mapping[str, torch.Te
     return model
 
 
+def tensor_key(insertion: Insertion) -> Union[int, str]:
+    """Where a Call keeps an insertion's tensors: its block, or for a layer chosen by name (outside the
+    blocks) the layer's path."""
+    return insertion.host_path if insertion.block == OUTSIDE_BLOCKS else insertion.block
+
+
 def _check_tensors(call: Call, insertions: Sequence[Insertion], source: str) -> None:
-    expected: Dict[int, Dict[str, Tuple[int, ...]]] = {}
+    expected: Dict[Union[int, str], Dict[str, Tuple[int, ...]]] = {}
     for insertion in insertions:
-        shapes = expected.setdefault(insertion.block, {})
+        shapes = expected.setdefault(tensor_key(insertion), {})
         shapes.update({key: tuple(t.shape) for key, t in insertion.module.state_dict().items()})
     for block, shapes in expected.items():
         given = call.tensors.get(block, {})

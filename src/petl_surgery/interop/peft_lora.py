@@ -22,7 +22,9 @@ and the parameter count is PEFT's. A module that produces some of q, k, v but no
 each with A = the shared A and B = its rows of B: ``B A`` restricted to each slice is exactly that
 (the copies of A then train independently: a superset of the tied parameterisation). Other modules
 map to our targets "proj", "fc1", "fc2" through the model's site descriptions; a LoRA on any other
-module (patch embedding, head) is refused by name. Per-module ranks and alphas (``rank_pattern``,
+module (a CNN's convolutions, a stem, a patch embedding) becomes LoRA's ``modules`` option on that
+layer, PEFT's conv LoRA included (:mod:`.peft_layers`), and one on a module that is not a Linear or a
+convolution of one group (a norm, a grouped convolution) is refused by name. Per-module ranks and alphas (``rank_pattern``,
 ``alpha_pattern``, rsLoRA) are kept exactly: modules of one attention or MLP share one rank (smaller
 ones zero-padded, which stays zero in training: both gradients of a zero row/column pair vanish) and
 one scaling (a differing one is folded into B).
@@ -31,7 +33,8 @@ Export (:func:`export_peft`): the LoRA on each producer is written as one PEFT L
 "qkv" as its own A and B (an import followed by an export gives back PEFT's tensors exactly, when the
 modules of each attention and MLP share one rank and scaling); targets q, k, v on a fused ``qkv``
 that share A as that A with their B's stacked into the output rows (rank r); otherwise their A's
-stacked and their B's block-diagonal (rank: the sum), the rows of untargeted slices zero. Trainable
+stacked and their B's block-diagonal (rank: the sum), the rows of untargeted slices zero; LoRA on a
+layer chosen by name as PEFT's LoRA on that layer (a convolution's A and B as PEFT's conv LoRA). Trainable
 base parameters (the head) are written as ``modules_to_save`` (their whole module).
 ``peft.PeftModel.from_pretrained(fresh_model, directory)`` then computes what the model computes.
 """
@@ -54,12 +57,14 @@ from torch import nn
 from ..checkpoints.files import PathLike, read, write_atomic
 from ..errors import SurgeryError
 from ..inventory import delta_names, inserted_modules
+from ..methods.layer_lora import LayerLowRank
 from ..methods.lora import LowRankAdapter
 from ..methods.targets import FUSED_QKV, TARGETS, foldable_weight, fused_qkv
 from ..sites import Block, Projection, discover
 from ..wrappers import inner
 from .common import Call, group_calls, install
 from .files import load_pickle, state_dict_of
+from .peft_layers import layer_calls, layer_entry
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -230,12 +235,10 @@ def plan_import(
     pairs, base = _split_names(tensors, source)
     index = _site_index(discover(model).blocks)
     hosts: Dict[Tuple[int, str], List[_Wrapped]] = {}
+    outside = {path: pair for path, pair in pairs.items() if path not in index}  # LoRA's ``modules`` option
     for path, pair in sorted(pairs.items()):
-        if path not in index:
-            raise SurgeryError(
-                f"{source}: a LoRA on {path!r}, which is not one of the projections petl_surgery's LoRA "
-                f"targets (q, k, v, proj, fc1, fc2 of a recognised block)"
-            )
+        if path in outside:
+            continue
         block, kind, roles = index[path]
         hosts.setdefault((block.index, kind), []).append(_wrapped(path, pair, config, roles, source))
 
@@ -251,7 +254,13 @@ def plan_import(
         else:
             entries.append((options, local))
     items = [(block, options, local) for block, entries in per_block.items() for options, local in entries]
-    return group_calls("lora", items), base
+
+    def scaling_of(path: str, rank: int) -> Tuple[int, float]:
+        alpha = _pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
+        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        return _pattern_value(config.get("rank_pattern"), path, config["r"]), float(scaling)
+
+    return group_calls("lora", items) + layer_calls(model, outside, scaling_of, dropout, source), base
 
 
 def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
@@ -301,16 +310,20 @@ def _lora_modules(model: nn.Module) -> Tuple[Dict[str, Tuple[torch.Tensor, torch
     present = inserted_modules(model)
     if not present:
         raise SurgeryError(f"{type(model).__name__} carries no LoRA to export")
-    others = sorted({module.method for _, module in present if not isinstance(module, LowRankAdapter)})
+    others = sorted({module.method for _, module in present if not isinstance(module, (LowRankAdapter, LayerLowRank))})
     if others:
         raise SurgeryError(f"PEFT's LoRA format cannot hold method(s) {', '.join(others)}; remove them before exporting")
     modules: Dict[str, Tuple[torch.Tensor, torch.Tensor, float]] = {}
     dropouts = set()
     for path, adapter in present:
-        assert isinstance(adapter, LowRankAdapter)
         host_path = path.rpartition(".")[0]
         host = model.get_submodule(host_path)
         dropouts.add(float(adapter.dropout.p))
+        if isinstance(adapter, LayerLowRank):  # a layer chosen by name: PEFT's LoRA on that layer
+            _refuse_second(modules, host_path)
+            modules[host_path] = layer_entry(host_path, adapter, host)
+            continue
+        assert isinstance(adapter, LowRankAdapter)
         for producer in adapter.producers():
             try:
                 weight = foldable_weight(host.get_submodule(producer), pointwise=True)
@@ -324,10 +337,19 @@ def _lora_modules(model: nn.Module) -> Tuple[Dict[str, Tuple[torch.Tensor, torch
             a, b = _fused(adapter, producer, weight.shape[0])
             if weight.dim() == 4:
                 a, b = a[:, :, None, None], b[:, :, None, None]
-            modules[f"{host_path}.{producer}" if host_path else producer] = (a, b, adapter.scaling)
+            key = f"{host_path}.{producer}" if host_path else producer
+            _refuse_second(modules, key)
+            modules[key] = (a, b, adapter.scaling)
     if len(dropouts) > 1:
         raise SurgeryError(f"PEFT has one lora_dropout per adapter; this model's LoRA uses {sorted(dropouts)}")
     return modules, dropouts.pop()
+
+
+def _refuse_second(modules: Mapping[str, Any], path: str) -> None:
+    if path in modules:
+        raise SurgeryError(
+            f"two LoRA updates act on {path!r} (by targets and by modules); PEFT holds one LoRA per module"
+        )
 
 
 def _modules_to_save(model: nn.Module, targets: List[str]) -> List[str]:

@@ -174,7 +174,7 @@ class Adapter(Method):
                 raise SurgeryError(
                     f"option input='residual' of method {method!r} needs to know where the MLP's residual "
                     f"branch starts and ends in block {block.index} ({type(block.module).__name__}), and "
-                    "that block class is not registered; use input='mlp'"
+                    "the layout of that block class names none; use input='mlp'"
                 )
             hooks = [
                 Hook(site.residual_input, "forward_pre", adapter.read_residual),

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
-from ..inserted import CHILD_PREFIX, PetlModule  # re-exported: methods build on them
+from ..inserted import CHILD_PREFIX, OUTSIDE_BLOCKS, PetlModule  # re-exported: methods build on them
 from ..patches import Patch, apply_patch
 from ..sites import AttentionSite, Block, Projection
 
@@ -125,6 +125,12 @@ class Method:
         with the same ``plan_block``, built from it, and raises SurgeryError for a model it cannot operate
         on; it must not change the model."""
         return cls
+
+    @classmethod
+    def plan_modules(cls, model: nn.Module, options: Any, method: str, recorded: Mapping[str, Any]) -> Optional[List[Insertion]]:
+        """The insertions when ``options`` choose layers by name pattern rather than blocks (LoRA's and
+        SSF's ``modules``), built without touching the model; None (the default) when they do not."""
+        return None
 
     @classmethod
     def plan_block(cls, block: Block, options: Any, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:

@@ -34,6 +34,8 @@ from .base import (
     check_positive_int,
     factory_kwargs,
 )
+from .layer_lora import plan_layers
+from .patterns import exclusive_targets, parse_patterns
 from .targets import HostTargets, fold_refusal, foldable_weight, insertions_per_host, parse_targets, resolve_targets
 
 
@@ -50,13 +52,20 @@ class LoraOptions:
             (default ("q", "v"), the LoRA paper's choice for attention). "qkv" is the whole fused
             ``[q | k | v]`` projection with one A and one B (PEFT's LoRA on timm's ``qkv`` Linear),
             available only where one module produces exactly q, k and v, end to end (not with
-            separate or per-head projections); it cannot be named with "q", "k" or "v".
+            separate or per-head projections); it cannot be named with "q", "k" or "v". None (the
+            default) means ("q", "v"), or nothing when ``modules`` chooses the layers.
+        modules: instead of ``targets``, regular expressions matched against whole module paths
+            (``re.fullmatch``, as PEFT's ``target_modules`` string): every ``nn.Linear``, ``nn.Conv1d``,
+            ``nn.Conv2d`` or ``nn.Conv3d`` (of one group) they match gets an update, in blocks or not
+            (a CNN's convolutions); convolutions get PEFT's conv LoRA (see :mod:`.layer_lora`). None
+            (default): the blocks' ``targets``. ``layers`` cannot be given with it.
     """
 
     rank: int = 8
     alpha: Optional[float] = None
     dropout: float = 0.0
-    targets: Union[str, Sequence[str]] = ("q", "v")
+    targets: Union[None, str, Sequence[str]] = None
+    modules: Union[None, str, Sequence[str]] = None
 
     def __post_init__(self) -> None:
         check_positive_int("lora", "rank", self.rank)
@@ -64,7 +73,9 @@ class LoraOptions:
             object.__setattr__(self, "alpha", float(self.rank))
         check_number("lora", "alpha", self.alpha)
         check_number("lora", "dropout", self.dropout, low=0.0, high=1.0)
-        object.__setattr__(self, "targets", parse_targets("lora", self.targets))
+        object.__setattr__(self, "modules", parse_patterns("lora", self.modules))
+        targets = exclusive_targets("lora", self.targets, self.modules, ("q", "v"))
+        object.__setattr__(self, "targets", None if targets is None else parse_targets("lora", targets))
 
 
 class LowRankPair(nn.Module):
@@ -198,6 +209,10 @@ class LowRankAdapter(MergeableModule):
 class Lora(Method):
     name = "lora"
     Options = LoraOptions
+
+    @classmethod
+    def plan_modules(cls, model: nn.Module, options: LoraOptions, method: str, recorded: Mapping[str, Any]) -> Optional[List[Insertion]]:
+        return None if options.modules is None else plan_layers(model, options.modules, options, method, recorded)
 
     @classmethod
     def plan_block(cls, block: Block, options: LoraOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:

@@ -27,6 +27,12 @@ site layout vouches for one such call, ``AttentionSite.one_sdpa_call``) are oper
 Attention whose site names a ``prefix_route`` (transformers' models, whose core attention is the function
 their attention interface dispatches to, eager or sdpa) takes the prefix there instead: the route's
 patches make that call pass its keys, values and mask through :meth:`PrefixTokens.extend`.
+
+Sites whose replacement forward makes its attention product through a module (``ATTENTION_CALL`` in the
+site's patches: ``nn.MultiheadAttention``, whose own forward runs fused kernels) take the prefix there
+instead: a forward-pre hook on that module prepends it to k and v (:meth:`PrefixTokens.into_call`), and
+the replacement forward is shared with the other methods on the attention (PATT, LoRA), so they compose.
+With ``need_weights=True`` the attention weights it returns cover the prefix keys too (the first L columns).
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import SurgeryError
-from ..patches import Patch, installed
+from ..patches import Patch, host_patches, installed
 from ..sites import AttentionSite, Block
+from ..sites.descriptors import ATTENTION_CALL
 from .base import (
     CHILD_PREFIX,
     Hook,
@@ -90,9 +97,6 @@ SDPA_REFUSED = {
     ("timm.models.twins", "LocallyGroupedAttn"): "calls SDPA on 5-d q/k/v (batch, windows, heads, tokens, head_dim)",
     ("timm.models.vision_transformer_sam", "Attention"): "folds the heads into the batch before SDPA",
     ("timm.models.maxxvit", "Attention2d"): "keeps q/k/v channels-first (batch, heads, head_dim, tokens)",
-    ("torch.nn.modules.activation", "MultiheadAttention"): (
-        "runs fused kernels (its fast path, or need_weights=True) that bypass SDPA"
-    ),
 }
 
 
@@ -143,6 +147,7 @@ class PrefixTokens(PetlModule):
         self.value_width = site.projections["v"].width
         self.where = f"block {block} ({type(site.module).__name__} {site.path!r})"
         self.ran = False
+
         length, width = options.length, self.key_width + self.value_width
         if options.reparam:
             self.embedding = nn.Parameter(torch.empty(length, self.key_width, **kwargs))
@@ -194,13 +199,22 @@ class PrefixTokens(PetlModule):
         self.ran = True
         return key, value, mask
 
+    def into_call(self, module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+        """Forward-pre hook on a site's ``ATTENTION_CALL`` module, called ``(q, k, v, attn_mask,
+        dropout_p, is_causal, ...)``: the prefix in front of k and v, the mask padded for it."""
+        query, key, value, attn_mask, dropout_p, is_causal, *rest = args
+        if is_causal:
+            raise SurgeryError(f"the attention of {self.where} is causal; a prefix for causal attention is not defined")
+        key, value, attn_mask = self.extend(query, key, value, attn_mask)
+        return (query, key, value, attn_mask, dropout_p, is_causal, *rest)
+
     def check_ran(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
-        """Forward hook on the attention: its call went through :meth:`run_prefixed` (or :meth:`extend`)."""
+        """Forward hook on the attention: its call went through :meth:`run_prefixed`, :meth:`extend` or
+        :meth:`into_call`."""
         ran, self.ran = self.ran, False
         if not ran:
             raise SurgeryError(
-                f"the attention of {self.where} ran without its prefix: its forward was replaced after "
-                "the surgery"
+                f"the attention of {self.where} ran without its prefix: its forward was replaced after the surgery"
             )
 
 
@@ -271,6 +285,11 @@ def pad_mask(mask: torch.Tensor, tokens: int, length: int) -> torch.Tensor:
 
 def prefix_refusal(site: AttentionSite) -> Optional[str]:
     """Why a prefix cannot be put into ``site``'s attention, or None when it can."""
+    if ATTENTION_CALL in site.patches:  # the site's own replacement forward, shared with other methods
+        reason = site.unsupported
+        if reason is None and not {"k", "v"} <= set(site.projections):
+            reason = f"projects only {', '.join(site.projections)}, and a prefix needs k and v"
+        return reason
     reason = site.unsupported or site.prefix_refusal or (
         None if site.prefix_route is not None or site.one_sdpa_call else sdpa_refusal(site.module)
     )
@@ -304,6 +323,13 @@ class Prefix(Method):
     ) -> List[Insertion]:
         site = attention_of(block, method, prefix_refusal)
         prefix = PrefixTokens(site, options, method, block.index, recorded)
+        if ATTENTION_CALL in site.patches:
+            hooks = [
+                Hook(site.producer(ATTENTION_CALL), "forward_pre", prefix.into_call),
+                Hook(site.module, "forward", prefix.check_ran),
+            ]
+            patches = host_patches(site.module, dict(site.patches))
+            return [Insertion(block.index, site.path, site.module, CHILD_PREFIX + method, prefix, hooks, patches)]
         if site.prefix_route is not None:
             # the function the attention dispatches to takes the prefix (a layer of its own, removed with it)
             routed = site.prefix_route(prefix.extend)

@@ -14,14 +14,18 @@ into the producer's weight rows and ``gamma * b + beta`` into its bias, leaving 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..sites import Block
+from ..sites import Block, Projection
 from .base import (
+    CHILD_PREFIX,
+    OUTSIDE_BLOCKS,
+    Hook,
     Insertion,
     MergeableModule,
     Method,
@@ -30,7 +34,8 @@ from .base import (
     check_number,
     factory_kwargs,
 )
-from .targets import HostTargets, fold_refusal, insertions_per_host, parse_targets, resolve_targets
+from .patterns import LAYER, channel_dim, exclusive_targets, match_layers, parse_patterns
+from .targets import HostTargets, ResolvedTarget, fold_refusal, insertions_per_host, parse_targets, resolve_targets
 
 INITS = ("identity", "reference")
 
@@ -50,14 +55,22 @@ class SsfOptions:
             the reference's ``init_ssf_scale_shift``.
         std: the standard deviation of the reference init (0.02, the reference's); ignored with
             init "identity".
+        modules: instead of ``targets``, regular expressions matched against whole module paths
+            (``re.fullmatch``): every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d`` they
+            match (grouped and depthwise convolutions too) gets a gamma and a beta per output channel,
+            in blocks or not. None (default): the blocks' ``targets``, whose default is then the six
+            above. ``layers`` cannot be given with it.
     """
 
-    targets: Union[str, Sequence[str]] = ("q", "k", "v", "proj", "fc1", "fc2")
+    targets: Union[None, str, Sequence[str]] = None
     init: str = "identity"
     std: float = 0.02
+    modules: Union[None, str, Sequence[str]] = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "targets", parse_targets("ssf", self.targets))
+        object.__setattr__(self, "modules", parse_patterns("ssf", self.modules))
+        targets = exclusive_targets("ssf", self.targets, self.modules, ("q", "k", "v", "proj", "fc1", "fc2"))
+        object.__setattr__(self, "targets", None if targets is None else parse_targets("ssf", targets))
         check_choice("ssf", "init", self.init, INITS)
         check_number("ssf", "std", self.std, low=0.0)
 
@@ -147,6 +160,20 @@ class FeatureScaleShift(MergeableModule):
 class Ssf(Method):
     name = "ssf"
     Options = SsfOptions
+
+    @classmethod
+    def plan_modules(cls, model: nn.Module, options: SsfOptions, method: str, recorded: Mapping[str, Any]) -> Optional[List[Insertion]]:
+        """One :class:`FeatureScaleShift` per layer the ``modules`` patterns match, hosted by the layer."""
+        if options.modules is None:
+            return None
+        insertions = []
+        for path, layer in match_layers(model, options.modules, method, lambda layer: None):
+            width = layer.weight.shape[0]
+            target = ResolvedTarget(LAYER, Projection("", 0, width), layer, layer.weight.shape[1])
+            module = FeatureScaleShift(HostTargets(path, layer, channel_dim(layer), (target,), []), options, method, OUTSIDE_BLOCKS, recorded)
+            hooks = [Hook(layer, "forward", functools.partial(module.scale_shift, ""))]
+            insertions.append(Insertion(OUTSIDE_BLOCKS, path, layer, CHILD_PREFIX + method, module, hooks))
+        return insertions
 
     @classmethod
     def plan_block(cls, block: Block, options: SsfOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:

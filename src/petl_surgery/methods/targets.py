@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -137,6 +138,8 @@ def resolve_targets(block: Block, names: Sequence[str], method: str) -> List[Hos
                 why[FUSED_QKV] = f"qkv needs q, k and v to be the whole output of one module, but {reason}"
         if site.output is not None:
             available["proj"] = site.output
+        if site.unsupported is not None:  # the registry's reason for an attention without q/k/v
+            why.update({role: f"its attention {site.unsupported}" for role in QKV_ROLES if role not in available})
         targets = _resolve(
             method, where, site.path, site.module, attention_names, available, site.producer, site.in_features, why
         )
@@ -145,10 +148,17 @@ def resolve_targets(block: Block, names: Sequence[str], method: str) -> List[Hos
         mlp = block.mlp
         if mlp is None:
             raise UnsupportedBlockError(f"method {method!r} needs an MLP in {where}; it has none")
-        # an inline MLP's layers are the block's children: the block holds the inserted module
-        path, host = (block.path, block.module) if mlp.projections_on_block else (mlp.path, mlp.module)
-        targets = _resolve(method, where, path, host, mlp_names, dict(mlp.projections), host.get_submodule, None)
-        hosts.append(HostTargets(path, host, mlp.channel_dim, targets, []))
+        host_path, host, available = mlp.path, mlp.module, dict(mlp.projections)
+        if mlp.projections_on_block:
+            # an inline MLP's layers are the block's children: the block holds the inserted module
+            host_path, host = block.path, block.module
+        elif isinstance(mlp.module, nn.Sequential):
+            # a child of an nn.Sequential would run as one more layer of it: the block holds the module
+            inside = mlp.path[len(block.path) + 1 :] if block.path else mlp.path
+            host_path, host = block.path, block.module
+            available = {name: dataclasses.replace(p, module=f"{inside}.{p.module}") for name, p in available.items()}
+        targets = _resolve(method, where, host_path, host, mlp_names, available, host.get_submodule, None)
+        hosts.append(HostTargets(host_path, host, mlp.channel_dim, targets, []))
     return hosts
 
 
@@ -167,7 +177,7 @@ def _resolve(
     with the reasons ``why`` gives for some of them."""
     missing = [name for name in names if name not in available]
     if missing:
-        reasons = [(why or {})[name] for name in missing if name in (why or {})]
+        reasons = list(dict.fromkeys((why or {})[name] for name in missing if name in (why or {})))
         raise UnsupportedBlockError(
             f"targets {', '.join(missing)} of method {method!r} are not available in {where}: "
             f"{host_path!r} ({type(host).__name__}) offers {', '.join(available) or 'none'}"
@@ -226,7 +236,7 @@ def fold_refusal(host: nn.Module, producers: Sequence[str], *, pointwise: bool, 
         if foldable_weight(layer, pointwise=pointwise) is None:
             return f"its target {producer!r} is a {type(layer).__name__}, not {kinds}"
         if needs_bias and getattr(layer, "bias", None) is None:
-            return f"its target {producer!r} has no bias to fold the shift into"
+            return f"{f'its target {producer!r}' if producer else 'its layer'} has no bias to fold the shift into"
     return None
 
 

@@ -13,6 +13,11 @@ from torch import Tensor, nn
 from ..patches import installed
 
 ROLES = ("q", "k", "v")
+# A site whose ``patches`` replace the attention's forward may also add, under this name, the module that
+# forward calls for its attention product: ``call(q, k, v, attn_mask, dropout_p, is_causal)``, computing
+# ``F.scaled_dot_product_attention`` on (batch, heads, tokens, head_dim). Prefix tuning puts its keys and
+# values into that call (nn.MultiheadAttention's replacement forward has one).
+ATTENTION_CALL = "petl_sdpa"
 
 # extend(query, key, value, mask) -> (key, value, mask): keys and values (batch, heads, tokens, head_dim)
 # with extra ones put in front, and the mask (None, or over (..., queries, keys)) padded to match.

@@ -119,8 +119,15 @@ def _mlp_projections(module: nn.Module) -> Dict[str, Projection]:
 
 def _describe_mlp(path: str, module: nn.Module, layout: Optional[BlockLayout], block: nn.Module) -> MlpSite:
     input_module = None
-    projections = _mlp_projections(module)
-    if layout is not None and layout.mlp_input:
+    projections = None
+    if layout is not None and layout.mlp_layers:
+        first, last = (module.get_submodule(name) for name in layout.mlp_layers)
+        in_features, out_features, channel_dim = _inline_mlp_features(first, last)
+        projections = {
+            role: Projection(name, 0, layer.out_features)
+            for role, name, layer in zip(("fc1", "fc2"), layout.mlp_layers, (first, last))
+        }
+    elif layout is not None and layout.mlp_input:
         input_module = block.get_submodule(layout.mlp_input)
         in_features, out_features, channel_dim = _inline_mlp_features(input_module, module)
         projections = {}
@@ -142,7 +149,7 @@ def _describe_mlp(path: str, module: nn.Module, layout: Optional[BlockLayout], b
         residual_input=residual_input,
         residual_output=residual_output,
         input_module=input_module,
-        projections=projections,
+        projections=projections if projections is not None else _mlp_projections(module),
         projections_on_block=bool(layout is not None and layout.inline_fc and input_module is not None),
     )
 
@@ -196,7 +203,9 @@ def discover(model: nn.Module) -> Discovery:
                 found.unsupported.append(UnsupportedSite(attention_path, type(attention_module).__name__, str(error)))
             claimed.add(id(attention_module))
         mlp: Optional[MlpSite] = None
-        if mlp_module is not None and (type(mlp_module) in MLP_LAYOUTS or (layout is not None and layout.mlp_input)):
+        if mlp_module is not None and (
+            type(mlp_module) in MLP_LAYOUTS or (layout is not None and (layout.mlp_input or layout.mlp_layers))
+        ):
             try:
                 mlp = _describe_mlp(_join(path, mlp_name), mlp_module, layout, module)
             except SurgeryError as error:

@@ -28,14 +28,20 @@ class BlockLayout:
     (``nn.TransformerEncoderLayer``): the path of the Linear whose input is the MLP's input, while ``mlp``
     names the Linear whose output is the MLP's output. ``inline_fc``: those two Linears are the MLP's
     input and output layers, the targets "fc1" and "fc2" of LoRA and SSF (transformers' ``intermediate.dense``
-    and ``output.dense``; not so where ``mlp_input`` also produces q/k/v, as in timm's parallel block)."""
+    and ``output.dense``; not so where ``mlp_input`` also produces q/k/v, as in timm's parallel block).
 
-    attention: str
+    ``mlp_layers`` is for an MLP module of no registered class (open_clip's ``Sequential(c_fc, gelu,
+    c_proj)``): the paths, relative to the MLP, of its input and output ``nn.Linear``, which are then its
+    ``"fc1"`` and ``"fc2"``. ``attention`` is None for a block without attention (ConvNeXt's), whose
+    MLP alone is a site."""
+
+    attention: Optional[str]
     mlp: str
     residual_input: Optional[str] = None
     residual_output: Optional[str] = None
     mlp_input: Optional[str] = None
     inline_fc: bool = False
+    mlp_layers: Optional[Tuple[str, str]] = None
 
 
 ATTENTION_LAYOUTS: Dict[Type[nn.Module], AttentionDescriber] = {}

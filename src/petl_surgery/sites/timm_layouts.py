@@ -31,25 +31,33 @@ def fused_qkv_in_thirds(path: str, attention: nn.Module, qkv_name: str = "qkv") 
     )
 
 
+def _pointwise_conv(layer: nn.Module) -> bool:
+    return type(layer) is nn.Conv2d and layer.kernel_size == (1, 1) and layer.groups == 1
+
+
 def _linear_mlp_features(mlp: nn.Module) -> tuple[int, int, int]:
+    """Linear projections (channels last), or 1x1 convolutions on NCHW (``Mlp(use_conv=True)``, as
+    ConvNeXt's ``conv_mlp`` blocks build it; channel dim 1)."""
     first = mlp.fc1_x if hasattr(mlp, "fc1_x") else mlp.fc1
+    if _pointwise_conv(first) and _pointwise_conv(mlp.fc2):
+        return first.in_channels, mlp.fc2.out_channels, 1
     if not isinstance(first, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
         raise SurgeryError(
-            f"MLP {type(mlp).__name__} uses {type(first).__name__} projections; only channels-last "
-            "Linear MLPs are supported"
+            f"MLP {type(mlp).__name__} uses {type(first).__name__} projections; only Linear (channels last) "
+            "and 1x1 Conv2d (channels first) MLPs are supported"
         )
     return first.in_features, mlp.fc2.out_features, -1
 
 
 def register_timm_layouts() -> None:
     """Add timm's classes to the registry (import timm lazily: the registry works without it)."""
-    from timm.layers import Attention, GatedMlp, GluMlp, Mlp, SwiGLU
+    from timm.layers import Attention, GatedMlp, GlobalResponseNormMlp, GluMlp, Mlp, SwiGLU
     from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
     from timm.models.vision_transformer import Block, ResPostBlock
 
     register_attention(Attention, fused_qkv_in_thirds)
     register_attention(WindowAttention, fused_qkv_in_thirds)
-    for mlp_class in (Mlp, GluMlp, SwiGLU, GatedMlp):
+    for mlp_class in (Mlp, GluMlp, SwiGLU, GatedMlp, GlobalResponseNormMlp):
         register_mlp(mlp_class, _linear_mlp_features)
     # Pre-norm blocks: x = x + drop_path1(ls1(attn(norm1(x)))); x = x + drop_path2(ls2(mlp(norm2(x)))).
     pre_norm = BlockLayout("attn", "mlp", residual_input="norm2", residual_output="drop_path2")

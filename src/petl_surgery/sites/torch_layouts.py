@@ -15,7 +15,8 @@ to that. Two cases are equal to float tolerance only: nn.MultiheadAttention's fu
 where PyTorch projects q, k and v with three Linears and the copy keeps one fused projection.
 
 - ``nn.MultiheadAttention``: a parameter-free :class:`FunctionalLinear` child ``petl_in_proj`` computes
-  ``F.linear(x, in_proj_weight, in_proj_bias)``; q, k, v are its thirds. Self-attention only (query, key
+  ``F.linear(x, in_proj_weight, in_proj_bias)``; q, k, v are its thirds. A :class:`FunctionalAttention`
+  child ``petl_sdpa`` computes the attention product of both paths, where prefix tuning adds keys. Self-attention only (query, key
   and value the same tensor), as PATT is defined; anything else raises at forward time.
 - torchvision Swin V1 and Video Swin: ``qkv`` itself is called (``self.qkv(x)`` is exactly the
   ``F.linear`` the functional computes).
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import SurgeryError
-from .descriptors import AttentionSite, Projection
+from .descriptors import ATTENTION_CALL, AttentionSite, Projection
 from .registry import BlockLayout, register_attention, register_block, register_mlp
 from .timm_layouts import fused_qkv_in_thirds
 
@@ -51,6 +52,36 @@ class FunctionalLinear(nn.Module):
 
     def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.linear(x, weight, bias)
+
+
+class FunctionalAttention(nn.Module):
+    """The attention product of ``nn.MultiheadAttention``'s two paths as a module (the site's
+    ``ATTENTION_CALL``), so that a forward-pre hook can give it more keys and values (prefix tuning).
+    Owns no tensors. Called ``(q, k, v, attn_mask, dropout_p, is_causal, need_weights)`` on
+    ``(N, heads, tokens, head_dim)`` q/k/v; returns the output in that layout, and with ``need_weights``
+    the weights ``(N * heads, L, S)``.
+
+    - ``need_weights=False``: ``F.scaled_dot_product_attention`` (a 4-d mask).
+    - ``need_weights=True``: PyTorch's explicit path on ``(N * heads, tokens, head_dim)``, a mask of
+      ``(N * heads or 1, L, S)``: ``softmax(q / sqrt(head_dim) k^T + mask)``, dropout, times v.
+    """
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool, need_weights: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        if not need_weights:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal), None
+        q, k, v = (t.reshape(-1, t.shape[2], t.shape[3]) for t in (q, k, v))
+        q_scaled = q * math.sqrt(1.0 / float(q.shape[-1]))
+        if attn_mask is not None:
+            weights = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
+        else:
+            weights = torch.bmm(q_scaled, k.transpose(-2, -1))
+        weights = F.softmax(weights, dim=-1)
+        if dropout_p > 0.0:
+            weights = F.dropout(weights, p=dropout_p)
+        output = torch.bmm(weights, v)
+        return output, weights
 
 
 class InstanceForward:
@@ -103,7 +134,11 @@ def describe_multihead_attention(path: str, mha: nn.Module) -> AttentionSite:
         in_features=width,
         projections={role: Projection(IN_PROJ, i * width, width) for i, role in enumerate("qkv")},
         has_bias=mha.in_proj_bias is not None,
-        patches={IN_PROJ: FunctionalLinear(), "forward": InstanceForward(mha, multihead_self_attention, path)},
+        patches={
+            IN_PROJ: FunctionalLinear(),
+            ATTENTION_CALL: FunctionalAttention(),
+            "forward": InstanceForward(mha, multihead_self_attention, path),
+        },
     )
 
 
@@ -226,7 +261,7 @@ def multihead_self_attention(
     dropout_p = mha.dropout if mha.training else 0.0
     if need_weights:
         output, weights = _attention_with_weights(mha, q, k, v, attn_mask, dropout_p, is_causal, (tgt_len, bsz, embed_dim))
-        weights = weights.view(bsz, num_heads, tgt_len, src_len)
+        weights = weights.view(bsz, num_heads, tgt_len, -1)  # a prefix adds keys in front
         if average_attn_weights:
             weights = weights.mean(dim=1)
         if not is_batched:
@@ -251,24 +286,19 @@ def _attention_with_weights(
     is_causal: bool,
     shape: Tuple[int, int, int],
 ) -> Tuple[Tensor, Tensor]:
-    """PyTorch's ``need_weights=True`` branch: explicit scaled scores, softmax, dropout; the output
-    ``(L, N, E)`` and the per-head weights ``(N * heads, L, S)``."""
+    """PyTorch's ``need_weights=True`` branch (the product by ``ATTENTION_CALL``, whose keys may be
+    more than the tokens): the output ``(L, N, E)`` and the per-head weights ``(N * heads, L, S)``."""
     tgt_len, bsz, embed_dim = shape
-    q_scaled = q * math.sqrt(1.0 / float(q.shape[-1]))
     if is_causal and attn_mask is None:
         raise RuntimeError(
             "nn.MultiheadAttention with need_weights=True needs an explicit attn_mask with is_causal=True "
             "(as in PyTorch)"
         )
-    if attn_mask is not None:
-        weights = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
-    else:
-        weights = torch.bmm(q_scaled, k.transpose(-2, -1))
-    weights = F.softmax(weights, dim=-1)
-    if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
-    output = torch.bmm(weights, v)
-    output = output.transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
+    heads = mha.num_heads
+    output, weights = getattr(mha, ATTENTION_CALL)(
+        *(t.view(bsz, heads, t.shape[1], -1) for t in (q, k, v)), attn_mask, dropout_p, is_causal, True
+    )
+    output = output.view(bsz * heads, tgt_len, -1).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
     output = F.linear(output, mha.out_proj.weight, mha.out_proj.bias)
     return output.view(tgt_len, bsz, output.size(1)), weights
 
@@ -283,7 +313,8 @@ def _attention_sdpa(
     is_causal: bool,
     shape: Tuple[int, int, int],
 ) -> Tensor:
-    """PyTorch's ``need_weights=False`` branch: ``F.scaled_dot_product_attention``; the output ``(L, N, E)``."""
+    """PyTorch's ``need_weights=False`` branch: ``F.scaled_dot_product_attention`` (by ``ATTENTION_CALL``);
+    the output ``(L, N, E)``."""
     tgt_len, bsz, embed_dim = shape
     num_heads = mha.num_heads
     src_len = k.size(1)
@@ -295,7 +326,7 @@ def _attention_sdpa(
     q = q.view(bsz, num_heads, tgt_len, -1)
     k = k.view(bsz, num_heads, src_len, -1)
     v = v.view(bsz, num_heads, src_len, -1)
-    output = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
+    output, _ = getattr(mha, ATTENTION_CALL)(q, k, v, attn_mask, dropout_p, is_causal, False)
     output = output.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
     output = F.linear(output, mha.out_proj.weight, mha.out_proj.bias)
     return output.view(tgt_len, bsz, output.size(1))
