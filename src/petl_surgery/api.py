@@ -31,6 +31,7 @@ from .wrappers import inner
 
 # methods whose branches cast their input to their own dtype (apply's ``branch_dtype``)
 BRANCH_DTYPE_METHODS = ("patt", "adapter", "bapat", "lora", "ssf")
+BRANCH_DTYPE_METHODS += ("houlsby", "adapter_plus", "convpass", "repadapter")
 
 
 def blocks(model: nn.Module) -> List[Block]:
@@ -141,7 +142,8 @@ def apply(
 
     Args:
         model: a timm (or torch) model; its class, parameters and state_dict keys stay as they are.
-        method: "patt", "adapter", "bapat", "lora", "prefix", "vpt" or "ssf" (see the README for each).
+        method: "patt", "adapter", "bapat", "lora", "prefix", "vpt", "ssf", "houlsby", "adapter_plus",
+            "convpass" or "repadapter" (see the README for each).
         layers: which blocks: None (all), an int, an iterable of ints or a slice, over the global block
             index of :func:`blocks` (negative indices count from the end).
         train_head: keep the classifier head trainable (default True).
