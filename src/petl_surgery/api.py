@@ -239,7 +239,9 @@ def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
 
     Mergeable: LoRA (``W += (alpha / r) B A`` on each target's rows of a plain Linear or 1x1 Conv2d) and
     SSF (``W <- diag(gamma) W``, ``b <- gamma * b + beta`` on each target's rows of a plain Linear or
-    convolution that has a bias). Not mergeable: PATT and the adapters (their tanh/ReLU branches depend
+    convolution that has a bias), RepAdapter (``W <- W (I + s B A)``, ``b <- b + s W (B a + b_B)`` on the
+    q/k/v and fc1 projections whose input it adapts; refused while another branch reads that input,
+    unless it is a LoRA applied before it). Not mergeable: PATT and the adapters (their tanh/ReLU branches depend
     on the input nonlinearly), prefix tuning and VPT (they add tokens). With any of those present, merge
     raises naming them unless ``keep_unmergeable=True``, which leaves them in place; SSF is then merged
     only where no kept branch adds into its producer's output before it (its scale would have to apply
