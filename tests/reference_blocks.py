@@ -76,11 +76,12 @@ def assert_blocks_follow(
     return len(calls)
 
 
-def randomize_all(model: nn.Module, kind: type, std: float = 0.2) -> None:
-    """Random values (seeded) in every parameter of every module of class ``kind`` in ``model``."""
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, kind):
-                for parameter in module.parameters():
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64) * std)
+def tiny_coatnet() -> nn.Module:
+    """CoAtNet with one block a stage (seeded): BatchNorm in the stem and the MBConv stages, then
+    attention with 1x1-convolution projections on NCHW maps."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(
+        "coatnet_nano_rw_224", img_size=64, embed_dim=(32, 64, 128, 256), depths=(1, 1, 1, 1), transformer_dim_head=16
+    ).eval()

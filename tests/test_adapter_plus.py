@@ -8,8 +8,8 @@ import timm
 import torch
 import torch.nn.functional as F
 from conftest import assert_same_snapshot, images, make_family, make_vit, snapshot
-from family_checks import check_method
-from reference_blocks import assert_blocks_follow, randomize_all
+from family_checks import check_method, randomize_inserted
+from reference_blocks import assert_blocks_follow, tiny_coatnet
 
 import petl_surgery as ps
 from petl_surgery.methods.adapter import BottleneckAdapter
@@ -24,7 +24,7 @@ def adapter_plus(adapter: BottleneckAdapter, x: torch.Tensor) -> torch.Tensor:
 def test_adapter_plus_equals_the_post_adapter_on_the_block_output(family):
     def apply(model):
         ps.apply(model, "adapter_plus")
-        randomize_all(model, BottleneckAdapter)
+        randomize_inserted(model, std=0.2)
 
     if family == "vit_res_post":  # post-norm: x1 = x + norm1(attn(x)); out = x1 + norm2(mlp(x1)); then the adapter
         model = make_family(family).double()
@@ -80,7 +80,7 @@ def test_houlsby_init_is_truncated_normal_std_001_and_lora_init_is_exact():
 def test_stochastic_depth_drops_whole_samples_in_training_only():
     model = ps.apply(make_vit(), "adapter_plus", drop_path=0.5)
     adapter = model.blocks[0].mlp.petl_adapter_plus
-    randomize_all(model, BottleneckAdapter)
+    randomize_inserted(model, std=0.2)
     x = torch.randn(64, 5, 64)
     assert torch.equal(adapter(x), adapter(x))
     full = adapter(x)
@@ -98,11 +98,7 @@ def test_adapter_plus_meets_the_family_contract(family, tmp_path):
 
 
 def test_adapter_plus_meets_the_family_contract_on_a_batchnorm_model(tmp_path):
-    def coatnet():
-        torch.manual_seed(0)
-        return timm.create_model("coatnet_nano_rw_224", img_size=64, embed_dim=(32, 64, 128, 256), depths=(1, 1, 1, 1), transformer_dim_head=16)
-
-    assert check_method(coatnet, images, "adapter_plus", tmp_path, init="lora") == "works"
+    assert check_method(tiny_coatnet, images, "adapter_plus", tmp_path, init="lora") == "works"
 
 
 def test_a_block_without_a_residual_layout_is_refused_by_name():

@@ -9,8 +9,8 @@ import timm
 import torch
 import torch.nn.functional as F
 from conftest import assert_same_snapshot, images, make_family, make_swin, make_vit, snapshot
-from family_checks import check_method
-from reference_blocks import assert_blocks_follow, randomize_all
+from family_checks import check_method, randomize_inserted
+from reference_blocks import assert_blocks_follow
 
 import petl_surgery as ps
 from petl_surgery.methods.convpass import ConvolutionalBypass
@@ -49,7 +49,7 @@ def test_convpass_equals_the_papers_bypass_beside_attention_and_mlp(family):
 
     def apply(model):
         ps.apply(model, "convpass", scale=0.7)
-        randomize_all(model, ConvolutionalBypass)
+        randomize_inserted(model, std=0.2)
 
     def reference(block):
         first, second = block.attn.petl_convpass, block.mlp.petl_convpass
@@ -65,7 +65,7 @@ def test_convpass_equals_the_papers_bypass_beside_attention_and_mlp(family):
 def test_prompt_tokens_in_front_of_the_patches_are_convolved_as_1x1_images():
     model = ps.apply(make_vit().double(), "vpt", num_tokens=3)
     ps.apply(model, "convpass", positions="attention")
-    randomize_all(model, ConvolutionalBypass)
+    randomize_inserted(model, std=0.2)
     seen = []
     model.blocks[1].attn.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
     with torch.no_grad():

@@ -8,8 +8,8 @@ import timm
 import torch
 import torch.nn.functional as F
 from conftest import assert_same_snapshot, images, make_family, make_vit, snapshot
-from family_checks import check_method
-from reference_blocks import assert_blocks_follow, randomize_all
+from family_checks import check_method, randomize_inserted
+from reference_blocks import assert_blocks_follow, tiny_coatnet
 
 import petl_surgery as ps
 from petl_surgery.hooks import hook_owner
@@ -28,7 +28,7 @@ def houlsby(adapter: BottleneckAdapter, y: torch.Tensor, activation: str) -> tor
 def test_houlsby_equals_the_papers_equations_after_attention_and_mlp(family, activation):
     def apply(model):
         ps.apply(model, "houlsby", activation=activation)
-        randomize_all(model, BottleneckAdapter)
+        randomize_inserted(model, std=0.2)
 
     def reference(block):
         first, second = block.attn.petl_houlsby, block.mlp.petl_houlsby
@@ -88,13 +88,8 @@ def test_houlsby_meets_the_family_contract(family, tmp_path):
     assert check_method(lambda: make_family(family), lambda: images(family), "houlsby", tmp_path, init="lora") == "works"
 
 
-def coatnet():
-    torch.manual_seed(0)
-    return timm.create_model("coatnet_nano_rw_224", img_size=64, embed_dim=(32, 64, 128, 256), depths=(1, 1, 1, 1), transformer_dim_head=16)
-
-
 def test_houlsby_meets_the_family_contract_on_a_batchnorm_model_with_nchw_projections(tmp_path):
-    assert check_method(coatnet, images, "houlsby", tmp_path, init="lora") == "works"
+    assert check_method(tiny_coatnet, images, "houlsby", tmp_path, init="lora") == "works"
 
 
 def test_an_attention_without_a_known_output_projection_is_refused_by_name():

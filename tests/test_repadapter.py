@@ -8,11 +8,10 @@ import pytest
 import timm
 import torch
 from conftest import assert_same_snapshot, images, make_family, make_swin, make_vit, snapshot
-from family_checks import check_method
-from reference_blocks import assert_blocks_follow, randomize_all
+from family_checks import check_method, randomize_inserted
+from reference_blocks import assert_blocks_follow, tiny_coatnet
 
 import petl_surgery as ps
-from petl_surgery.methods import PetlModule
 from petl_surgery.methods.repadapter import ReparameterisableAdapter
 
 
@@ -37,7 +36,7 @@ def repadapter(adapter: ReparameterisableAdapter, x: torch.Tensor, scale: float,
 def test_repadapter_equals_the_papers_adapter_before_attention_and_mlp(family, groups):
     def apply(model):
         ps.apply(model, "repadapter", scale=0.6, groups=groups)
-        randomize_all(model, ReparameterisableAdapter)
+        randomize_inserted(model, std=0.2)
 
     def reference(block):
         first, second = block.attn.petl_repadapter, block.mlp.petl_repadapter
@@ -80,7 +79,7 @@ def test_vit_b16_counts_239808_of_which_221184_are_weights():
 
 
 def randomized(model, std=0.05):
-    randomize_all(model, ReparameterisableAdapter, std=std)
+    randomize_inserted(model, std=std)
     return model
 
 
@@ -113,17 +112,13 @@ def test_merge_folds_w_times_identity_plus_sba_and_the_shift_into_the_bias():
 
 
 def test_merge_on_a_batchnorm_model_with_1x1_conv_projections():
-    def coatnet():
-        torch.manual_seed(0)
-        return timm.create_model("coatnet_nano_rw_224", img_size=64, embed_dim=(32, 64, 128, 256), depths=(1, 1, 1, 1), transformer_dim_head=16).eval()
-
-    model = randomized(ps.apply(coatnet(), "repadapter"))
+    model = randomized(ps.apply(tiny_coatnet(), "repadapter"))
     x = images()
     with torch.no_grad():
         unmerged = model(x)
         ps.merge(model)
         torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-        plain = coatnet()
+        plain = tiny_coatnet()
         plain.load_state_dict(model.state_dict())
         assert torch.equal(plain(x), model(x))
 
@@ -131,7 +126,7 @@ def test_merge_on_a_batchnorm_model_with_1x1_conv_projections():
 def test_merge_after_a_lora_applied_before_it_folds_both():
     model = ps.apply(make_vit(), "lora", targets=["q", "v"])
     ps.apply(model, "repadapter")
-    randomize_all(model, PetlModule, std=0.05)
+    randomize_inserted(model, std=0.05)
     x = images()
     with torch.no_grad():
         unmerged = model(x)
