@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from torch import nn
 from conftest import assert_same_snapshot, images, make_family, make_swin, make_vit, snapshot
 from family_checks import check_method, randomize_inserted
 from reference_blocks import assert_blocks_follow, tiny_coatnet
@@ -121,6 +122,37 @@ def test_merge_on_a_batchnorm_model_with_1x1_conv_projections():
         plain = tiny_coatnet()
         plain.load_state_dict(model.state_dict())
         assert torch.equal(plain(x), model(x))
+
+
+class EncoderNet(nn.Module):
+    """Two pre-norm ``nn.TransformerEncoderLayer`` (their MLP runs inline: linear1, ReLU, linear2) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
+def test_an_inline_mlp_is_adapted_at_its_first_linear_and_merges_into_it():
+    base = EncoderNet().double().eval()
+    model = randomized(ps.apply(EncoderNet().double().eval(), "repadapter", positions="mlp", scale=0.5), std=0.2)
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    layer, adapter = base.encoder.layers[0], model.encoder.layers[0].petl_repadapter
+    with torch.no_grad():
+        normed = layer.norm1(x)
+        h = x + layer.self_attn(normed, normed, normed, need_weights=False)[0]
+        expected = h + layer.linear2(torch.relu(layer.linear1(repadapter(adapter, layer.norm2(h), 0.5, 2))))
+        torch.testing.assert_close(model.encoder.layers[0](x), expected, rtol=0, atol=1e-10)
+        unmerged = model(x)
+        ps.merge(model)
+        torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-10)
+        base.load_state_dict(model.state_dict())
+        assert torch.equal(base(x), model(x))
 
 
 def test_merge_after_a_lora_applied_before_it_folds_both():

@@ -13,8 +13,9 @@ follows it (the code's ``set_RepWeight``), and inference costs nothing::
 
     W' = W (I + s B A),   b' = b + s W (B a + b)
 
-- Placement: R runs as a forward-pre hook on each producer of q, k, v and on the MLP's ``fc1``, i.e. on
-  exactly the input those layers read. On timm's Swin that input is the attention's padded windows:
+- Placement: R runs as a forward-pre hook on each producer of q, k, v and on the MLP's ``fc1`` (the first
+  Linear of an MLP its block runs inline, as ``nn.TransformerEncoderLayer``'s ``linear1``), i.e. on
+  exactly the input those layers read; MLPs whose input layer the site layer does not name are refused. On timm's Swin that input is the attention's padded windows:
   padded tokens then give ``b`` unmerged and ``b'`` merged alike, so merge stays exact (the code's Swin
   path adapts before the padding; the two agree whenever nothing is padded).
 - Init (code): A xavier-uniform, a = 0, B and b zero: exactly the identity at start.
@@ -43,7 +44,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..hooks import hook_owner
-from ..sites import Block
+from ..sites import Block, Projection
 from .base import (
     CHILD_PREFIX,
     SUBLAYERS,
@@ -60,7 +61,7 @@ from .base import (
     factory_kwargs,
     parse_sublayers,
 )
-from .targets import HostTargets, fold_refusal, foldable_weight, resolve_targets
+from .targets import HostTargets, ResolvedTarget, fold_refusal, foldable_weight, in_features, out_features, resolve_targets
 
 
 @dataclass(frozen=True)
@@ -200,9 +201,16 @@ class RepAdapter(Method):
         if "attention" in options.positions:
             attention = attention_of(block, method, refusal=None)
             names += [role for role in ("q", "k", "v") if role in attention.projections]
+        inline = None
         if "mlp" in options.positions:
-            names.append("fc1")
-        hosts = resolve_targets(block, names, method)
+            mlp = block.mlp
+            if mlp is not None and "fc1" not in mlp.projections and mlp.input_module is not None:
+                inline = _inline_mlp_input(block, mlp.input_module)
+            else:
+                names.append("fc1")
+        hosts = resolve_targets(block, names, method) if names else []
+        if inline is not None:
+            hosts.append(inline)
         seen: Dict[int, str] = {}
         insertions = []
         for host in hosts:
@@ -229,3 +237,17 @@ class RepAdapter(Method):
             hooks = [Hook(producer, "forward_pre", adapter.adapt_input) for producer in host.producers().values()]
             insertions.append(Insertion(block.index, host.path, host.module, CHILD_PREFIX + method, adapter, hooks, host.patches))
         return insertions
+
+
+def _inline_mlp_input(block: Block, layer: nn.Module) -> HostTargets:
+    """The input layer of an MLP its block runs inline (``nn.TransformerEncoderLayer``'s ``linear1``) as
+    the one target of a host that is the block itself."""
+    path = next(name for name, module in block.module.named_modules() if module is layer)
+    width = in_features(layer)
+    channels = out_features(layer)
+    if width is None or channels is None:
+        raise UnsupportedBlockError(
+            f"the input layer {path!r} of the MLP in block {block.index} is a {type(layer).__name__}, not a Linear or Conv2d"
+        )
+    target = ResolvedTarget("fc1", Projection(path, 0, channels), layer, width)
+    return HostTargets(block.path, block.module, -1, (target,), [])
