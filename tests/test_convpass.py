@@ -4,10 +4,14 @@ options, refusals by name, and the family contract."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import HybridEmbed
+from timm.models.vision_transformer import VisionTransformer
 from conftest import assert_same_snapshot, images, make_family, make_swin, make_vit, snapshot
 from family_checks import check_method, randomize_inserted
 from reference_blocks import assert_blocks_follow
@@ -111,6 +115,19 @@ def test_vit_b16_counts_327552_the_papers_033m():
 @pytest.mark.parametrize("family", ["vit", "dinov2_registers"])
 def test_convpass_meets_the_family_contract(family, tmp_path):
     assert check_method(lambda: make_family(family), lambda: images(family), "convpass", tmp_path) == "works"
+
+
+def hybrid_vit_with_batchnorm():
+    """A flat ViT whose patch embedding is a small ResNet (BatchNorm) feature map: 4 x 4 tokens of 32 px."""
+    torch.manual_seed(0)
+    backbone = timm.create_model("resnet10t", features_only=True, out_indices=(2,), pretrained=False)
+    embed = functools.partial(HybridEmbed, backbone=backbone)
+    return VisionTransformer(img_size=32, patch_size=1, embed_dim=64, depth=2, num_heads=2, num_classes=5, embed_layer=embed).eval()
+
+
+def test_convpass_meets_the_family_contract_on_a_flat_vit_with_batchnorm(tmp_path):
+    assert hybrid_vit_with_batchnorm().patch_embed.grid_size == (4, 4)
+    assert check_method(hybrid_vit_with_batchnorm, lambda: torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), "convpass", tmp_path) == "works"
 
 
 @pytest.mark.parametrize(

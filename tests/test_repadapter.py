@@ -198,6 +198,10 @@ def test_repadapter_meets_the_family_contract(family, tmp_path):
     assert check_method(lambda: make_family(family), lambda: images(family), "repadapter", tmp_path) == "works"
 
 
+def test_repadapter_meets_the_family_contract_on_a_batchnorm_model(tmp_path):
+    assert check_method(tiny_coatnet, images, "repadapter", tmp_path) == "works"
+
+
 @pytest.mark.parametrize(
     "options, named",
     [({"bottleneck": 6, "groups": 4}, "'bottleneck' of method 'repadapter' must be a multiple of 'groups'"),
