@@ -11,8 +11,10 @@ A1 acts on the output of the attention's output projection (``proj`` in timm), A
 
 - Placement: the site descriptions name the attention's output projection, so A1 runs on its output,
   before the attention's output dropout (``proj_drop``, 0 in timm's models; adapter-bert runs it after
-  its dropout), and like the reference ViT code (visinf/adapter_plus ``forward_houlsby``) before the
-  block's layer scale and drop-path.
+  its dropout); A2 on the MLP's output. Both run before the block's layer scale and drop-path, where
+  BERT has none; visinf/adapter_plus's ViT code (``forward_houlsby``) runs them after both, which is the
+  same in eval mode for models without layer scale (ViT-B/16) and differs where a layer scale exists
+  (DeiT3, DINOv2: here ``ls(A(y))``, there ``A(ls(y))``).
 - Init "houlsby" (default): near-identity, not exact: both weights truncated normal (std 0.01, cut at
   +-2 std), biases zero. 0.01 is the paper's value as visinf/adapter_plus (the VTAB-1k reproduction of
   the Adapter+ paper) uses it; adapter-bert's code uses 1e-3 (``init_std=0.001``). Init "lora": up
