@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import timm
 import torch
@@ -111,3 +113,10 @@ def test_bad_options_are_refused_naming_the_option_before_any_change(options, na
     with pytest.raises(ps.SurgeryError, match=named):
         ps.apply(model, "houlsby", **options)
     assert_same_snapshot(before, snapshot(model))
+
+
+def test_a_model_carrying_the_adapters_pickles_to_the_same_outputs():
+    model = ps.apply(make_vit(), "houlsby", activation="gelu_tanh")
+    x = images()
+    out = model(x)
+    assert torch.equal(pickle.loads(pickle.dumps(model))(x), out)

@@ -119,11 +119,12 @@ class Bottleneck:
     drop_path: float = 0.0
 
 
-_ACTIVATIONS = {
-    "relu": torch.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
-}
+def gelu_tanh(h: torch.Tensor) -> torch.Tensor:
+    return F.gelu(h, approximate="tanh")
+
+
+# module-level functions, so that a model carrying an adapter still pickles
+_ACTIVATIONS = {"relu": torch.relu, "gelu": F.gelu, "gelu_tanh": gelu_tanh}
 
 
 def mlp_bottleneck(site: MlpSite, options: AdapterOptions) -> Bottleneck:
