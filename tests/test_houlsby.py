@@ -54,6 +54,9 @@ def test_vit_b16_counts_313536_at_h8_and_1198848_at_h32():
         assert ps.summary(ps.apply(model, "houlsby")).per_method == {"houlsby": 313_536}
         ps.remove(model)
         assert ps.summary(ps.apply(model, "houlsby", bottleneck=32)).per_method == {"houlsby": 1_198_848}
+        ps.remove(model)
+        # the "Adapter 0.16M" of Convpass's Table 1: one adapter per block, after the MLP (Pfeiffer's)
+        assert ps.summary(ps.apply(model, "adapter", position="sequential", bottleneck=8)).per_method == {"adapter": 156_768}
 
 
 def test_houlsby_init_is_near_identity_truncated_normal_and_lora_init_is_exact():
