@@ -16,7 +16,7 @@ rounds, after warm-up rounds; every ratio is the median over rounds of the ratio
 - our LoRA against PEFT's LoRA (r=8 on the fused ``qkv`` Linear: one rank-8 update of the whole
   matrix), both with the head trainable: ours on q, k and v as three targets (three rank-8 updates, three
   times the LoRA matmul work) and on the fused target "qkv" (PEFT's parameterisation);
-- merged LoRA (``petl_surgery.merge``) forward against the plain forward;
+- merged LoRA and merged RepAdapter (``petl_surgery.merge``) forward against the plain forward;
 - peak memory of one train step (see ``peak_step_bytes``);
 - checkpoint size (``petl_surgery.save``) against the full model's safetensors file;
 - ``apply`` and ``load`` time on a ViT-L/16-sized model.
@@ -60,7 +60,13 @@ METHODS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "prefix": ("prefix", {}),  # L = 16, reparameterised
     "vpt": ("vpt", {}),  # deep, 10 tokens
     "ssf": ("ssf", {}),  # q, k, v, proj, fc1, fc2
+    "houlsby": ("houlsby", {}),  # h = 8, after proj and after the MLP
+    "adapter_plus": ("adapter_plus", {}),  # r = 8, channel scale, after the block's MLP residual
+    "convpass": ("convpass", {}),  # h = 8, beside attention and MLP (flat-token models only)
+    "repadapter": ("repadapter", {}),  # h = 8, g = 2, on the inputs of qkv and fc1
 }
+# merged configuration -> the configuration of METHODS it merges (``petl_surgery.merge``)
+MERGED = {"lora_merged": "lora_qkv", "repadapter_merged": "repadapter"}
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -83,14 +89,14 @@ def with_method(name: str, device: torch.device, config: str) -> nn.Module:
         return model
     if config == "peft_lora":
         return with_peft_lora(model)
-    if config == "lora_merged":
-        method, options = METHODS["lora_qkv"]
+    if config in MERGED:
+        method, options = METHODS[MERGED[config]]
         ps.apply(model, method, **options)
         model.eval()
         with torch.no_grad():  # the run check fires on this forward; then give B non-zero values to fold
             model(torch.zeros(1, 3, 224, 224, device=device))
             for parameter in model.parameters():
-                if parameter.requires_grad and parameter.dim() == 2 and not parameter.any():
+                if parameter.requires_grad and parameter.dim() >= 2 and not parameter.any():
                     parameter.normal_(0, 0.02)
         ps.merge(model)
         return model
@@ -237,9 +243,10 @@ def model_suite(name: str, device: torch.device, warmup: int, repeats: int, peft
     y = torch.randint(0, 1000, (8,), device=device)
     ours, refused = applicable(name, device)
     methods = ours + (["peft_lora"] if peft else [])
+    merged = [m for m, config in MERGED.items() if config in ours]
 
     forward = [Workload("base", with_method(name, device, "base"), "forward", x, y)]
-    forward += [Workload(m, with_method(name, device, m), "forward", x, y) for m in methods + ["lora_merged"]]
+    forward += [Workload(m, with_method(name, device, m), "forward", x, y) for m in methods + merged]
     fwd = time_rounds(forward, device, warmup, repeats)
     del forward
 
@@ -263,7 +270,7 @@ def model_suite(name: str, device: torch.device, warmup: int, repeats: int, peft
         return median([a / b for a, b in zip(samples[label], samples[baseline])])
 
     ratios: Dict[str, float] = {}
-    for m in methods + ["lora_merged"]:
+    for m in methods + merged:
         ratios[f"forward/{m} vs base"] = paired(fwd, m, "base")
     for m in methods:
         ratios[f"train/{m} vs full"] = paired(stp, m, "full")
@@ -384,8 +391,8 @@ def report(results: Dict[str, Any]) -> str:
     for name, suite in results["models"].items():
         lines.append("")
         lines.append(f"== {suite['model']} ({suite['parameters'] / 1e6:.1f} M parameters), 224 px, batch 8")
-        lines.append(f"{'configuration':<14}{'forward ms':>12}{'train ms':>12}{'peak MiB':>11}{'trainable':>12}{'ckpt KiB':>11}")
-        rows = ["base", "full", "floor", *METHODS, "peft_lora", "lora_merged"]
+        lines.append(f"{'configuration':<18}{'forward ms':>12}{'train ms':>12}{'peak MiB':>11}{'trainable':>12}{'ckpt KiB':>11}")
+        rows = ["base", "full", "floor", *METHODS, "peft_lora", *MERGED]
         for row in rows:
             f = suite["forward_s"].get(row if row not in ("full", "floor") else "-")
             t = suite["train_step_s"].get(row if row != "base" else "-")
@@ -401,7 +408,7 @@ def report(results: Dict[str, Any]) -> str:
                 f"{count:12,d}" if count is not None else f"{'':>12}",
                 f"{size / 2**10:11.1f}" if size is not None else f"{'':>11}",
             ]
-            lines.append(f"{row:<14}" + "".join(cells))
+            lines.append(f"{row:<18}" + "".join(cells))
         lines.append(f"full model safetensors: {suite['checkpoint_bytes']['full_model'] / 2**20:.1f} MiB")
         for config, reason in suite.get("refused", {}).items():
             lines.append(f"  {config}: refused ({reason[:100]})")

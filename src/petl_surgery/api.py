@@ -31,6 +31,7 @@ from .wrappers import inner
 
 # methods whose branches cast their input to their own dtype (apply's ``branch_dtype``)
 BRANCH_DTYPE_METHODS = ("patt", "adapter", "bapat", "lora", "ssf")
+BRANCH_DTYPE_METHODS += ("houlsby", "adapter_plus", "convpass", "repadapter")
 
 
 def blocks(model: nn.Module) -> List[Block]:
@@ -157,7 +158,8 @@ def apply(
 
     Args:
         model: a timm (or torch) model; its class, parameters and state_dict keys stay as they are.
-        method: "patt", "adapter", "bapat", "lora", "prefix", "vpt" or "ssf" (see the README for each).
+        method: "patt", "adapter", "bapat", "lora", "prefix", "vpt", "ssf", "houlsby", "adapter_plus",
+            "convpass" or "repadapter" (see the README for each).
         layers: which blocks: None (all), an int, an iterable of ints or a slice, over the global block
             index of :func:`blocks` (negative indices count from the end). Not with LoRA's and SSF's
             ``modules`` option, which chooses layers by name pattern instead (any model, blocks or not).
@@ -255,7 +257,9 @@ def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
     Mergeable: LoRA (``W += (alpha / r) B A`` on each target's rows of a plain Linear or 1x1 Conv2d, or
     on the whole weight of a layer chosen by name, a convolution of any kernel included) and
     SSF (``W <- diag(gamma) W``, ``b <- gamma * b + beta`` on each target's rows of a plain Linear or
-    convolution that has a bias). Not mergeable: PATT and the adapters (their tanh/ReLU branches depend
+    convolution that has a bias), RepAdapter (``W <- W (I + s B A)``, ``b <- b + s W (B a + b_B)`` on the
+    q/k/v and fc1 projections whose input it adapts; refused while another branch reads that input,
+    unless it is a LoRA applied before it). Not mergeable: PATT and the adapters (their tanh/ReLU branches depend
     on the input nonlinearly), prefix tuning and VPT (they add tokens). With any of those present, merge
     raises naming them unless ``keep_unmergeable=True``, which leaves them in place; SSF is then merged
     only where no kept branch adds into its producer's output before it (its scale would have to apply

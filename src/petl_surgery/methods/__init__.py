@@ -11,8 +11,13 @@ from .patt import ParallelAttentionBranch, Patt, PattOptions
 from .prefix import Prefix, PrefixOptions, PrefixTokens
 from .ssf import FeatureScaleShift, Ssf, SsfOptions
 from .vpt import Vpt
+from .houlsby import Houlsby, HoulsbyOptions
+from .adapter_plus import AdapterPlus, AdapterPlusOptions
+from .convpass import ConvolutionalBypass, Convpass, ConvpassOptions
+from .repadapter import RepAdapter, RepAdapterOptions, ReparameterisableAdapter
 
 METHODS: Dict[str, Type[Method]] = {method.name: method for method in (Patt, Adapter, Bapat, Lora, Prefix, Vpt, Ssf)}
+METHODS.update({method.name: method for method in (Houlsby, AdapterPlus, Convpass, RepAdapter)})
 
 
 def get_method(name: object) -> Type[Method]:
@@ -46,4 +51,14 @@ __all__ = [
     "SsfOptions",
     "Vpt",
     "get_method",
+    "Houlsby",
+    "HoulsbyOptions",
+    "AdapterPlus",
+    "AdapterPlusOptions",
+    "Convpass",
+    "ConvpassOptions",
+    "ConvolutionalBypass",
+    "RepAdapter",
+    "RepAdapterOptions",
+    "ReparameterisableAdapter",
 ]

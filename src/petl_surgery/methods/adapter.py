@@ -6,6 +6,10 @@
 
 Init is the "lora" init of both reference codes: down kaiming-uniform (PyTorch's Linear default), up
 weight and both biases zero, so the model's output is unchanged right after apply.
+
+:class:`BottleneckAdapter` is the module of every bottleneck-adapter method (``"adapter"``, ``"bapat"``,
+``"houlsby"``, ``"adapter_plus"``); a :class:`Bottleneck` says what it computes (activation, scaling,
+init, drop-path), each method's options dataclass which one it builds.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from .base import (
 POSITIONS = ("parallel", "sequential")
 LAYERNORMS = (None, "in", "out")
 INPUTS = ("mlp", "residual")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+INITS = ("lora", "houlsby")
 
 
 @dataclass(frozen=True)
@@ -80,29 +86,95 @@ class AdapterOptions:
             )
 
 
+@dataclass(frozen=True)
+class Bottleneck:
+    """What one bottleneck adapter computes: ``z = s * DP(up(dropout(act(down(LN_in?(x))))))``, then LN_out?.
+
+    Attributes:
+        width_in, width_out: token widths it reads and writes.
+        bottleneck: hidden width r.
+        scale: a number s; "learnable": one trainable scalar, initialised to 1 (AdaptFormer); "channel":
+            one trainable value per output channel, initialised to 1 (Adapter+'s channel-wise scaling).
+        layernorm: None, "in" or "out" (see :class:`AdapterOptions`).
+        dropout: dropout after the activation, in training only.
+        activation: "relu" (AdaptFormer), "gelu" (exact, timm's ``nn.GELU``: the ViT's own activation,
+            as visinf/adapter_plus uses it) or "gelu_tanh" (the tanh approximation of Houlsby's
+            google-research/adapter-bert).
+        init: "lora": down kaiming-uniform (a = sqrt 5), up weight and both biases zero (the output is
+            unchanged at start); "houlsby": both weights truncated normal (std ``init_std``, cut at
+            +-2 std), both biases zero (near-identity, not exact).
+        init_std: the standard deviation of the "houlsby" init.
+        drop_path: per-sample stochastic depth on z, in training only (Adapter+'s ``drop_path``).
+    """
+
+    width_in: int
+    width_out: int
+    bottleneck: int
+    scale: Union[float, str] = 0.1
+    layernorm: Optional[str] = None
+    dropout: float = 0.0
+    activation: str = "relu"
+    init: str = "lora"
+    init_std: float = 0.01
+    drop_path: float = 0.0
+
+
+def gelu_tanh(h: torch.Tensor) -> torch.Tensor:
+    return F.gelu(h, approximate="tanh")
+
+
+# module-level functions, so that a model carrying an adapter still pickles
+_ACTIVATIONS = {"relu": torch.relu, "gelu": F.gelu, "gelu_tanh": gelu_tanh}
+
+
+def mlp_bottleneck(site: MlpSite, options: AdapterOptions) -> Bottleneck:
+    """The bottleneck of ``"adapter"`` on ``site``: it reads the MLP's output when sequential."""
+    width_in = site.out_features if options.position == "sequential" else site.in_features
+    return Bottleneck(
+        width_in, site.out_features, options.bottleneck, options.scale, options.layernorm, options.dropout
+    )
+
+
 class BottleneckAdapter(PetlModule):
-    """One bottleneck adapter beside (or after) one MLP."""
+    """One bottleneck adapter beside (or after) one MLP or one output projection; what it computes is
+    a :class:`Bottleneck`, where it reads and adds is the hooks its method registers."""
 
     component = "adapter"
 
-    def __init__(self, site: MlpSite, options: AdapterOptions, method: str, block: int, recorded: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        shape: Bottleneck,
+        channel_dim: int,
+        reference: nn.Module,
+        method: str,
+        block: int,
+        recorded: Mapping[str, Any],
+    ) -> None:
         super().__init__(method, recorded, block)
-        kwargs = factory_kwargs(site.module)
-        self.channel_dim = site.channel_dim
-        width_in = site.out_features if options.position == "sequential" else site.in_features
-        self.layernorm_in = nn.LayerNorm(width_in, **kwargs) if options.layernorm == "in" else None
-        self.down = nn.Linear(width_in, options.bottleneck, **kwargs)
-        self.dropout = nn.Dropout(options.dropout)
-        self.up = nn.Linear(options.bottleneck, site.out_features, **kwargs)
-        self.layernorm_out = nn.LayerNorm(site.out_features, **kwargs) if options.layernorm == "out" else None
+        kwargs = factory_kwargs(reference)
+        self.channel_dim = channel_dim
+        self.activation = _ACTIVATIONS[shape.activation]
+        self.drop_path = float(shape.drop_path)
+        self.layernorm_in = nn.LayerNorm(shape.width_in, **kwargs) if shape.layernorm == "in" else None
+        self.down = nn.Linear(shape.width_in, shape.bottleneck, **kwargs)
+        self.dropout = nn.Dropout(shape.dropout)
+        self.up = nn.Linear(shape.bottleneck, shape.width_out, **kwargs)
+        self.layernorm_out = nn.LayerNorm(shape.width_out, **kwargs) if shape.layernorm == "out" else None
         self.scale: Union[float, nn.Parameter]
-        if options.scale == "learnable":
+        if shape.scale == "learnable":
             self.scale = nn.Parameter(torch.ones(1, **kwargs))
+        elif shape.scale == "channel":
+            self.scale = nn.Parameter(torch.ones(shape.width_out, **kwargs))
         else:
-            self.scale = float(options.scale)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            self.scale = float(shape.scale)
+        if shape.init == "houlsby":
+            std = shape.init_std
+            for layer in (self.down, self.up):
+                nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+        else:
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
         self._residual: Optional[torch.Tensor] = None
 
@@ -110,16 +182,24 @@ class BottleneckAdapter(PetlModule):
         """The adapter's contribution z (scaled, and normalised if ``layernorm="out"``).
 
         The scale is folded into the up projection's weight and bias (a few thousand numbers) rather
-        than multiplied into the tokens, and dropout runs only when it can change something."""
+        than multiplied into the tokens, and dropout and drop-path run only when they can change
+        something (drop-path scales whole samples, so it commutes with the channel scale)."""
         x = branch_input(x, self.down.weight)
         if self.layernorm_in is not None:
             x = self.layernorm_in(x)
-        h = torch.relu(F.linear(x, self.down.weight, self.down.bias))
+        h = self.activation(F.linear(x, self.down.weight, self.down.bias))
         if self.training and self.dropout.p > 0:
             h = self.dropout(h)
-        z = F.linear(h, self.up.weight * self.scale, self.up.bias * self.scale)
+        scale = self.scale
+        if isinstance(scale, nn.Parameter) and scale.numel() > 1:
+            weight, bias = self.up.weight * scale[:, None], self.up.bias * scale
+        else:
+            weight, bias = self.up.weight * scale, self.up.bias * scale
+        z = F.linear(h, weight, bias)
         if self.layernorm_out is not None:
             z = self.layernorm_out(z)
+        if self.training and self.drop_path > 0:
+            z = drop_path(z, self.drop_path)
         return z
 
     def contribution(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,13 +218,52 @@ class BottleneckAdapter(PetlModule):
         self._residual = self.contribution(args[0])
 
     def add_residual(self, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        return output + self._take_residual().to(output.dtype)
+
+    def keep_stream(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        """Forward-pre hook where the MLP's residual branch starts: keep the residual stream x."""
+        self._residual = args[0]
+
+    def add_after_stream(self, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        """Forward hook where the MLP's residual branch y ends: ``y + z(x + y)``, so that the block's
+        residual add gives ``x' + z(x')`` with ``x' = x + y``, the adapter on the block's stream after
+        the MLP (Adapter+'s "post" position)."""
+        stream = self._take_residual() + output
+        return output + self.contribution(stream).to(output.dtype)
+
+    def _take_residual(self) -> torch.Tensor:
         z, self._residual = self._residual, None
         if z is None:
             raise RuntimeError(
-                f"adapter of block {self.block}: the MLP's residual branch ended without having started; "
-                "the block's forward does not follow its registered layout"
+                f"{self.method} adapter of block {self.block}: the MLP's residual branch ended without having "
+                "started; the block's forward does not follow its registered layout"
             )
-        return output + z.to(output.dtype)
+        return z
+
+
+def drop_path(x: torch.Tensor, rate: float) -> torch.Tensor:
+    """Stochastic depth: each sample (dimension 0) of ``x`` zeroed with probability ``rate``, the others
+    divided by ``1 - rate`` (timm's ``drop_path``)."""
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+def mlp_host(block: Block, site: MlpSite) -> Tuple[str, nn.Module]:
+    """Path and module that host an adapter of ``site``: the MLP, or its block when the MLP is an
+    ``nn.Sequential`` (a child of it would run as one more layer)."""
+    if isinstance(site.module, nn.Sequential):
+        return block.path, block.module
+    return site.path, site.module
+
+
+def mlp_of(block: Block, method: str) -> MlpSite:
+    """The MLP of ``block``; UnsupportedBlockError when it has none."""
+    if block.mlp is None:
+        raise UnsupportedBlockError(
+            f"method {method!r} needs an MLP in block {block.index} ({block.path!r}); it has none"
+        )
+    return block.mlp
 
 
 class Adapter(Method):
@@ -153,12 +272,8 @@ class Adapter(Method):
 
     @classmethod
     def plan_block(cls, block: Block, options: AdapterOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
-        site = block.mlp
-        if site is None:
-            raise UnsupportedBlockError(
-                f"method {method!r} needs an MLP in block {block.index} ({block.path!r}); it has none"
-            )
-        adapter = BottleneckAdapter(site, options, method, block.index, recorded)
+        site = mlp_of(block, method)
+        adapter = BottleneckAdapter(mlp_bottleneck(site, options), site.channel_dim, site.module, method, block.index, recorded)
         if options.position == "sequential":
             hooks = [Hook(site.module, "forward", adapter.add_sequential)]
         elif options.input == "mlp" and site.input_module is None:
@@ -180,7 +295,5 @@ class Adapter(Method):
                 Hook(site.residual_input, "forward_pre", adapter.read_residual),
                 Hook(site.residual_output, "forward", adapter.add_residual),
             ]
-        if isinstance(site.module, nn.Sequential):
-            # a child of an nn.Sequential would run as one more layer of it: the block holds the adapter
-            return [Insertion(block.index, block.path, block.module, CHILD_PREFIX + method, adapter, hooks)]
-        return [Insertion(block.index, site.path, site.module, CHILD_PREFIX + method, adapter, hooks)]
+        host_path, host = mlp_host(block, site)
+        return [Insertion(block.index, host_path, host, CHILD_PREFIX + method, adapter, hooks)]

@@ -165,6 +165,21 @@ def check_choice(method: str, option: str, value: Any, choices: Sequence[Any]) -
         )
 
 
+SUBLAYERS = ("attention", "mlp")
+
+
+def parse_sublayers(method: str, option: str, value: Any) -> Tuple[str, ...]:
+    """An option naming sublayers of a block (a name or a sequence of distinct names among
+    ``SUBLAYERS``), as a tuple in ``SUBLAYERS``'s order."""
+    names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
+    if not names or len(set(names)) != len(names) or any(name not in SUBLAYERS for name in names):
+        raise SurgeryError(
+            f"option {option!r} of method {method!r} must name distinct sublayers among "
+            f"{', '.join(map(repr, SUBLAYERS))}; got {value!r}"
+        )
+    return tuple(name for name in SUBLAYERS if name in names)
+
+
 def check_positive_int(method: str, option: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise SurgeryError(f"option {option!r} of method {method!r} must be a positive int; got {value!r}")

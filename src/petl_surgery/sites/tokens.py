@@ -85,6 +85,8 @@ class TokenLayout:
             rotary embedding aligned with the patch tokens).
         token_biases: per block (in discovery's order), the relative-position biases its attention
             adds, sized to the model's own tokens (BEiT, relative-position ViT); empty for others.
+        grid: (rows, columns) of the patch tokens, which follow the prefix tokens row by row; None when
+            the model does not fix it (an image size chosen per forward, timm's ``dynamic_img_size``).
     """
 
     num_prefix_tokens: int
@@ -93,6 +95,7 @@ class TokenLayout:
     last_block: nn.Module
     prefix_counters: Tuple[Tuple[str, ...], ...]
     token_biases: Tuple[Tuple[TokenBias, ...], ...] = ()
+    grid: Optional[Tuple[int, int]] = None
 
 
 def _timm_flat_classes() -> Tuple[Type[nn.Module], ...]:
@@ -166,6 +169,16 @@ def checked_patch_size(model: nn.Module, size: object) -> Tuple[int, int]:
     return size
 
 
+def _grid(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """timm's fixed patch grid (``patch_embed.grid_size``), or None when the image size may change."""
+    if getattr(model, "dynamic_img_size", False):
+        return None
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(g, int) and g > 0 for g in grid):
+        return (grid[0], grid[1])
+    return None
+
+
 def _prefix_counters(blocks: Sequence[Block], prefix: int, model: nn.Module) -> Tuple[Tuple[str, ...], ...]:
     counters = []
     for block in blocks:
@@ -198,6 +211,7 @@ def timm_flat_layout(model: nn.Module, blocks: Sequence[Block]) -> TokenLayout:
         container[-1],
         _prefix_counters(blocks, prefix, model),
         _token_biases(model, blocks),
+        _grid(model),
     )
 
 
