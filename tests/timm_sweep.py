@@ -1,7 +1,8 @@
 """The timm sweep by enumeration: every model module timm registers, through its smallest entrypoint.
 
 ``timm_smallest.json`` (next to this file) holds, per timm model module, its smallest entrypoint (by
-parameter count, counted on the meta device over every entrypoint of the module) and the first tiny
+parameter count, counted on the meta device over the module's entrypoints, leaving out names that say
+large, huge or giant where the module has others) and the first tiny
 configuration from :data:`LADDER` that it builds with and forwards at one of :data:`SIZES` (or its own input size). Counting every
 entrypoint takes minutes, so the table is generated, not computed per test run:
 ``python docs/make_coverage.py --timm-table`` (on each installed timm: an entry whose model this timm
@@ -21,7 +22,7 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -31,9 +32,10 @@ import petl_surgery as ps
 TABLE = Path(__file__).with_name("timm_smallest.json")
 # Tiny configurations, tried in order; the first that the entrypoint's constructor accepts and that
 # forwards at one of SIZES is recorded. Keyword names are timm's own (ViT-like: depth/embed_dim/
-# num_heads; staged models: depths); a constructor that does not take one raises TypeError.
+# num_heads; Hiera: stages; staged models: depths); a constructor that does not take one raises TypeError.
 LADDER: Tuple[Dict[str, Any], ...] = (
     dict(img_size=64, embed_dim=64, depth=2, num_heads=2),
+    dict(embed_dim=32, num_heads=2, stages=(1, 1, 1, 1)),
     dict(img_size=64, depths=(1, 1, 1, 1)),
     dict(depths=(1, 1, 1, 1)),
     dict(img_size=64),
@@ -41,6 +43,7 @@ LADDER: Tuple[Dict[str, Any], ...] = (
 )
 SIZES = (64, 128, 224)
 NUM_CLASSES = 5
+BIG = re.compile(r"large|huge|giant|gigantic|xlarge|so400m|so150m|_l2|_big|_h14|_g14", re.IGNORECASE)
 
 
 def registered_modules() -> Dict[str, List[str]]:
@@ -65,12 +68,13 @@ def parameter_count(name: str) -> Optional[int]:
     return sum(p.numel() for p in model.parameters())
 
 
-def build(entry: Dict[str, Any]) -> nn.Module:
-    """The entry's model with its recorded configuration, seeded, in eval mode."""
+def build(entry: Dict[str, Any], device: str = "cpu") -> nn.Module:
+    """The entry's model with its recorded configuration, seeded, in eval mode (on the meta device: its
+    structure only, built in a fraction of the time)."""
     import timm
 
     torch.manual_seed(0)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.device(device):
         warnings.simplefilter("ignore")
         return timm.create_model(entry["model"], pretrained=False, **entry["kwargs"]).eval()
 
@@ -110,12 +114,14 @@ def make_table(log=print) -> Dict[str, Dict[str, Any]]:
         if kept is not None and kept["model"] in names:
             continue
         started = time.perf_counter()
-        counts = {name: parameter_count(name) for name in names}
+        # a name that says large, huge or giant is never a module's smallest when the module has others
+        small = [name for name in names if not BIG.search(name)] or names
+        counts = {name: parameter_count(name) for name in small}
         counted = sorted((count, name) for name, count in counts.items() if count is not None)
         smallest = counted[0][1] if counted else names[0]
         table[module] = tiny_entry(smallest)
-        log(f"{module}: {table[module]} ({time.perf_counter() - started:.1f} s)")
-    TABLE.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")
+        log(f"{module}: {table[module]} ({time.perf_counter() - started:.1f} s)", flush=True)
+        TABLE.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")  # a module at a time
     return table
 
 
@@ -162,6 +168,41 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def refusal(model: nn.Module, method: str) -> Optional[str]:
+    """The outcome of applying ``method`` to ``model`` when it is refused (or fails), else None (the
+    surgery is then removed again). Refusals come from site discovery and planning, which read the
+    module tree only, so a model built on the meta device gives them without the cost of a real one."""
+    before = _state(model)
+    try:
+        ps.apply(model, method)
+    except ps.SurgeryError as refused:
+        if _state(model) != before:
+            return f"FAILS: the refused apply changed the model ({_short(str(refused))})"
+        return f"refused: {_short(str(refused))}" if str(refused) else "FAILS: a refusal without a reason"
+    except Exception as error:
+        return f"FAILS: apply raised {type(error).__name__}: {_short(str(error))}"
+    ps.remove(model)
+    return None
+
+
+def sweep(entry: Dict[str, Any], methods: Sequence[str]) -> Dict[str, str]:
+    """The outcome of each method on the entry's model: refusals from its structure (a meta-device
+    build), then :func:`classify` on a real build for the methods it takes."""
+    outline = build(entry, device="meta")
+    outcomes = {method: refusal(outline, method) for method in methods}
+    taken = [method for method, outcome in outcomes.items() if outcome is None]
+    if taken:
+        model, x = build(entry), images(entry)
+        with torch.no_grad():
+            reference = _first(model(x))
+        outcomes.update({method: classify(model, x, method, reference) for method in taken})
+    return outcomes
+
+
 def classify(model: nn.Module, x: torch.Tensor, method: str, reference: torch.Tensor) -> str:
     """Apply ``method`` to ``model`` (which gave ``reference`` on ``x``) and say what happened (see the
     module docstring); the model is given back as it was (the surgery removed)."""
@@ -177,16 +218,15 @@ def classify(model: nn.Module, x: torch.Tensor, method: str, reference: torch.Te
         return f"FAILS: apply raised {type(error).__name__}: {_short(str(error))}"
     try:
         with torch.no_grad():
-            output = model(x)
+            output = _first(model(x))
     except Exception as error:
         return f"FAILS: the forward after apply raised {type(error).__name__}: {_short(str(error))}"
-    output = output[0] if isinstance(output, (tuple, list)) else output
-    if output.shape != reference.shape or not torch.isfinite(output).all():
-        return f"FAILS: after apply the output is {tuple(output.shape)} (finite: {bool(torch.isfinite(output).all())}), before {tuple(reference.shape)}"
     ps.remove(model)
     after = _state(model)
     # remove writes the running statistics back in place (their version counters move): compare values
     values = {name: t for name, t in model.state_dict().items()}
     if after[0] != before[0] or _unversioned(after[1]) != _unversioned(before[1]) or _sums(values) != sums:
         return "FAILS: remove did not give back the model as it was"
+    if output.shape != reference.shape or not torch.isfinite(output).all():
+        return f"FAILS: after apply the output is {tuple(output.shape)} (finite: {bool(torch.isfinite(output).all())}), without surgery {tuple(reference.shape)}"
     return "works"
