@@ -8,21 +8,32 @@ delta that reproduces the trained model, with adapted statistics too where the m
 statistics) and records "works", the refusal's reason, or "FAILS" with the broken promise, then lists
 the registry's attention, MLP and block classes.
 
-    python docs/make_coverage.py            # writes docs/coverage.md
+Its timm section is the enumerated sweep (tests/timm_sweep.py): every model module timm registers,
+through its smallest entrypoint in a tiny configuration (tests/timm_smallest.json), under the same
+contract.
+
+    python docs/make_coverage.py                          # writes docs/coverage.md
+    python docs/make_coverage.py --timm-modules eva tnt   # prints those modules' rows only
+    python docs/make_coverage.py --timm-table             # regenerates tests/timm_smallest.json
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import re
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
-FAMILY_MODULES = ("test_layouts", "test_families_vit_like", "test_families_hierarchical", "test_torch_models")
+FAMILY_MODULES = (
+    "test_layouts", "test_families_vit_like", "test_families_hierarchical", "test_torch_models", "test_families_open_clip",
+    "test_patterns",
+)
 
 
 def test_module_coverage(name: str) -> Dict[str, tuple]:
@@ -41,6 +52,36 @@ def load_families() -> Dict[str, tuple]:
     for name in FAMILY_MODULES:
         families.update(test_module_coverage(name))
     return families
+
+
+def timm_modules(modules: Optional[Sequence[str]] = None) -> Dict[str, tuple]:
+    """The enumerated timm sweep as families: ``{name: (build, make_input)}`` for every model module the
+    installed timm registers (or the ones named), through tests/timm_smallest.json."""
+    sys.path.insert(0, str(TESTS))
+    import timm_sweep
+
+    table = timm_sweep.load_table()
+    registered = timm_sweep.registered_modules()
+    chosen = list(modules) if modules else sorted(registered)
+    missing = [m for m in chosen if m not in registered or m not in table]
+    if missing:
+        raise SystemExit(
+            f"not registered by this timm, or not in {timm_sweep.TABLE.name} (run --timm-table): {', '.join(missing)}"
+        )
+    return {
+        f"timm module {m} (`{table[m]['model']}`)": (partial(timm_sweep.build, table[m]), partial(timm_sweep.images, table[m]))
+        for m in chosen
+    }
+
+
+def rows(families: Dict[str, tuple], methods: Sequence[str]) -> List[str]:
+    """One markdown row per family, printing each as it is done."""
+    lines = []
+    for family, (build, make_input) in families.items():
+        cells = [outcome(build, make_input, method).replace("|", "\\|") for method in methods]
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+        print(family, *cells, sep="\n  ", flush=True)
+    return lines
 
 
 def outcome(build, make_input, method: str) -> str:
@@ -78,16 +119,6 @@ def registry_lines() -> List[str]:
     ]
 
 
-def family_rows(families: Dict[str, tuple], methods: tuple) -> List[str]:
-    """One table row per family: the outcome of every method (printed as it goes)."""
-    rows = []
-    for family, (build, make_input) in families.items():
-        cells = [outcome(build, make_input, method).replace("|", "\\|") for method in methods]
-        rows.append(f"| {family} | " + " | ".join(cells) + " |")
-        print(family, *cells, sep="\n  ", flush=True)
-    return rows
-
-
 def transformers_lines(methods: tuple) -> List[str]:
     """The transformers section: each model class of tests/test_families_transformers.py (its
     ``COVERAGE``) under attn_implementation "eager" and "sdpa", against every method; empty when
@@ -98,12 +129,15 @@ def transformers_lines(methods: tuple) -> List[str]:
 
     lines = [
         "",
-        f"## transformers {transformers.__version__} (attention interface)",
+        f"## transformers {transformers.__version__}",
         "",
         "| model (attn_implementation) | " + " | ".join(methods) + " |",
         "|---|" + "---|" * len(methods),
     ]
-    return lines + family_rows(test_module_coverage("test_families_transformers"), methods)
+    return lines + rows(
+        {**test_module_coverage("test_families_transformers"), **test_module_coverage("test_families_transformers_legacy")},
+        methods,
+    )
 
 
 def main() -> None:
@@ -131,11 +165,44 @@ def main() -> None:
         "| family | " + " | ".join(methods) + " |",
         "|---|" + "---|" * len(methods),
     ]
-    lines += family_rows(families, methods)
+    lines += rows(families, methods)
     lines += transformers_lines(methods)
+    lines += [
+        "",
+        "## timm, every registered model module",
+        "",
+        "By enumeration (tests/timm_sweep.py): each model module the installed timm registers, through its "
+        "smallest entrypoint (by parameter count) in the first tiny configuration it builds with "
+        "(tests/timm_smallest.json), under the same contract.",
+        "",
+        "| module (entrypoint) | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    lines += rows(timm_modules(), methods)
     lines += ["", "## Registered classes", ""] + registry_lines() + [""]
     (ROOT / "docs" / "coverage.md").write_text("\n".join(lines))
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--timm-table", action="store_true", help="regenerate tests/timm_smallest.json")
+    group.add_argument("--timm-modules", nargs="+", metavar="MODULE", help="print these timm modules' rows only")
+    args = parser.parse_args(argv)
+    if args.timm_table:
+        sys.path.insert(0, str(TESTS))
+        import timm_sweep
+
+        timm_sweep.make_table()
+    elif args.timm_modules:
+        import petl_surgery
+        import torch
+
+        torch.backends.mha.set_fastpath_enabled(False)
+        rows(timm_modules(args.timm_modules), tuple(petl_surgery.METHODS))
+    else:
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    cli()

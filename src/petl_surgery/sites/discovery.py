@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -72,16 +72,21 @@ def _submodule(module: nn.Module, path: Optional[str]) -> Optional[nn.Module]:
         return None
 
 
-def _block_layout(module: nn.Module) -> Optional[BlockLayout]:
+def _block_units(module: nn.Module) -> Optional[Tuple[BlockLayout, ...]]:
+    """The registered layout of ``module``'s class as a tuple of units (one for most blocks; several for
+    a block that runs several attention/MLP pairs, such as timm's TNT and parallel blocks), or None."""
     entry = BLOCK_LAYOUTS.get(type(module))
-    return entry(module) if entry is not None and not isinstance(entry, BlockLayout) else entry
+    if entry is None:
+        return None
+    layout = entry if isinstance(entry, BlockLayout) else entry(module)
+    return (layout,) if isinstance(layout, BlockLayout) else tuple(layout)
 
 
 def _is_own_attention(module: nn.Module) -> bool:
     """A registered block that is its own attention (timm's ParallelScalingBlock, layout attention "") is
     a block, not an attention of its parent."""
-    layout = _block_layout(module)
-    return layout is not None and layout.attention == ""
+    units = _block_units(module)
+    return units is not None and any(unit.attention == "" for unit in units)
 
 
 def _inline_mlp_features(first: nn.Module, last: nn.Module) -> tuple[int, int, int]:
@@ -154,11 +159,49 @@ def _describe_mlp(path: str, module: nn.Module, layout: Optional[BlockLayout], b
     )
 
 
+def _describe_unit(
+    path: str,
+    module: nn.Module,
+    layout: Optional[BlockLayout],
+    attention_name: Optional[str],
+    mlp_name: Optional[str],
+    claimed: set,
+    found: Discovery,
+) -> Optional[Block]:
+    """The block made by one attention/MLP pair of ``module`` (its ``layout``, or None for a module
+    found by its attention child), or None when neither is understood; failures to describe a site are
+    recorded in ``found.unsupported``. The index is set by the caller."""
+    attention_module = _submodule(module, attention_name)
+    mlp_module = _submodule(module, mlp_name)
+    attention: Optional[AttentionSite] = None
+    if attention_module is not None and type(attention_module) in ATTENTION_LAYOUTS:
+        attention_path = _join(path, attention_name)
+        try:
+            attention = _with_output(ATTENTION_LAYOUTS[type(attention_module)](attention_path, attention_module))
+        except SurgeryError as error:
+            found.unsupported.append(UnsupportedSite(attention_path, type(attention_module).__name__, str(error)))
+        claimed.add(id(attention_module))
+    mlp: Optional[MlpSite] = None
+    if mlp_module is not None and (
+        type(mlp_module) in MLP_LAYOUTS or (layout is not None and (layout.mlp_input or layout.mlp_layers))
+    ):
+        try:
+            mlp = _describe_mlp(_join(path, mlp_name), mlp_module, layout, module)
+        except SurgeryError as error:
+            found.unsupported.append(UnsupportedSite(_join(path, mlp_name), type(mlp_module).__name__, str(error)))
+    if attention is None and mlp is None:
+        return None
+    return Block(-1, path, module, attention, mlp)
+
+
 def discover(model: nn.Module) -> Discovery:
     """Find the transformer blocks of ``model``.
 
     A block is a module of a registered block class (whose layout may name nested paths such as
     ``"attn_block.attn"``), or any module with a direct child of a registered attention class (its MLP is then the one direct child of a registered MLP class, if there is one).
+    A registered class whose layout function returns several layouts runs several attention/MLP pairs
+    (TNT's inner and outer transformer, the branches of a parallel block): each pair is a block of its
+    own, in the order the layouts are given, all with the registered module's path.
     Blocks are numbered in the order ``model.named_modules()`` visits them, which is depth order for
     the sequential and staged models of timm (Swin-T: blocks 0..11 across its four stages).
     """
@@ -174,46 +217,30 @@ def discover(model: nn.Module) -> Discovery:
         if _is_inserted(module) or type(module) in OUTSIDE_BLOCKS:
             skipped_prefixes.append(path)
             continue
-        layout = _block_layout(module)
-        children = dict(module.named_children())
-        if layout is not None:
-            attention_name: Optional[str] = layout.attention
-            mlp_name: Optional[str] = layout.mlp
-        else:
+        units = _block_units(module)
+        if units is None:
             # an attention already claimed by an enclosing registered block belongs to that block
             attention_names = [
                 n
-                for n, c in children.items()
+                for n, c in module.named_children()
                 if type(c) in ATTENTION_LAYOUTS and id(c) not in claimed and not _is_own_attention(c)
             ]
             if not attention_names:
                 continue
-            attention_name = attention_names[0]
-            mlp_names = [n for n, c in children.items() if type(c) in MLP_LAYOUTS]
-            mlp_name = mlp_names[0] if len(mlp_names) == 1 else None
-
-        attention_module = _submodule(module, attention_name)
-        mlp_module = _submodule(module, mlp_name)
-        attention: Optional[AttentionSite] = None
-        if attention_module is not None and type(attention_module) in ATTENTION_LAYOUTS:
-            attention_path = _join(path, attention_name)
-            try:
-                attention = _with_output(ATTENTION_LAYOUTS[type(attention_module)](attention_path, attention_module))
-            except SurgeryError as error:
-                found.unsupported.append(UnsupportedSite(attention_path, type(attention_module).__name__, str(error)))
-            claimed.add(id(attention_module))
-        mlp: Optional[MlpSite] = None
-        if mlp_module is not None and (
-            type(mlp_module) in MLP_LAYOUTS or (layout is not None and (layout.mlp_input or layout.mlp_layers))
-        ):
-            try:
-                mlp = _describe_mlp(_join(path, mlp_name), mlp_module, layout, module)
-            except SurgeryError as error:
-                found.unsupported.append(UnsupportedSite(_join(path, mlp_name), type(mlp_module).__name__, str(error)))
-        if attention is None and mlp is None:
-            continue
-        claimed.add(id(module))  # a block is understood, whatever its class name says
-        found.blocks.append(Block(len(found.blocks), path, module, attention, mlp))
+            mlp_names = [n for n, c in module.named_children() if type(c) in MLP_LAYOUTS]
+            # (no layout: the block's attention, and its MLP when it has exactly one)
+            units = (None,)
+            unit_names = [(attention_names[0], mlp_names[0] if len(mlp_names) == 1 else None)]
+        else:
+            unit_names = [(unit.attention, unit.mlp) for unit in units]
+        understood = False
+        for layout, (attention_name, mlp_name) in zip(units, unit_names):
+            block = _describe_unit(path, module, layout, attention_name, mlp_name, claimed, found)
+            if block is not None:
+                found.blocks.append(dataclasses.replace(block, index=len(found.blocks)))
+                understood = True
+        if understood:
+            claimed.add(id(module))  # a block is understood, whatever its class name says
 
     for path, module in modules.items():
         if id(module) in claimed or not path or not _looks_like_attention(module):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Type, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 from torch import nn
 
@@ -47,8 +47,10 @@ class BlockLayout:
 ATTENTION_LAYOUTS: Dict[Type[nn.Module], AttentionDescriber] = {}
 MLP_LAYOUTS: Dict[Type[nn.Module], MlpDescriber] = {}
 # A layout, or a function of the block giving its layout (a class whose layout depends on the instance,
-# as nn.TransformerEncoderLayer's on norm_first).
-BLOCK_LAYOUTS: Dict[Type[nn.Module], Union[BlockLayout, Callable[[nn.Module], BlockLayout]]] = {}
+# as nn.TransformerEncoderLayer's on norm_first) or a sequence of layouts (a block that runs several
+# attention/MLP pairs, each then a block of its own: TNT, timm's ParallelThingsBlock).
+BlockLayouts = Union[BlockLayout, Sequence[BlockLayout]]
+BLOCK_LAYOUTS: Dict[Type[nn.Module], Union[BlockLayout, Callable[[nn.Module], BlockLayouts]]] = {}
 # Classes whose name looks like attention but that are not (a grouped convolution named "ConvAttention"):
 # discovery does not report them as attention it cannot operate on. Class -> what it is instead.
 NOT_ATTENTION: Dict[Type[nn.Module], str] = {}
@@ -80,9 +82,10 @@ def register_mlp(
         MLP_PROJECTIONS[cls] = dict(projections)
 
 
-def register_block(cls: Type[nn.Module], layout: Union[BlockLayout, Callable[[nn.Module], BlockLayout]]) -> None:
+def register_block(cls: Type[nn.Module], layout: Union[BlockLayout, Callable[[nn.Module], BlockLayouts]]) -> None:
     """Teach site discovery where a block class keeps its attention, MLP and residual branch (``layout``
-    may be a function of the block instance)."""
+    may be a function of the block instance, giving one layout or, for a block that runs several
+    attention/MLP pairs, one per pair)."""
     BLOCK_LAYOUTS[cls] = layout
 
 

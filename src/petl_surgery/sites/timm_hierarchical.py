@@ -17,6 +17,7 @@ attention child), and PATT over all blocks is not refused for the convolutional 
 
 from __future__ import annotations
 
+import importlib
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
@@ -301,6 +302,12 @@ def _register_attention() -> None:
         ),
     )
     register_not_attention(nextvit.ConvAttention, "NextViT's multi-head convolutional attention is a grouped 3x3 convolution")
+    csatv2 = importlib.import_module("timm.models.csatv2")  # `from timm.models` gives its entrypoint
+    register_not_attention(
+        csatv2.SpatialAttention,
+        "CSATv2's spatial gate: a 1-channel 7x7 map of channel statistics (refined by a 1-wide transformer) "
+        "that scales the feature map",
+    )
 
 
 def _register_mlps() -> None:

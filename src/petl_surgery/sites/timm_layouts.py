@@ -6,7 +6,18 @@ from torch import nn
 
 from ..errors import SurgeryError
 from .descriptors import AttentionSite, Projection
-from .registry import BlockLayout, register_attention, register_block, register_mlp
+from .registry import BlockLayout, register_attention, register_block, register_mlp, register_not_attention
+
+# timm's channel and spatial gates (CNN attention modules in the squeeze-excite sense: a gate computed
+# from pooled or convolved features multiplies the feature map; no query, key or value): named "Attn",
+# they are not attention over tokens, so a model that holds them is not refused for them.
+GATE = "a channel or spatial gate (squeeze-excite style: pooled features scale the feature map), not attention over tokens"
+GATES = {
+    "cbam": ("ChannelAttn", "SpatialAttn", "LightChannelAttn", "LightSpatialAttn"),
+    "selective_kernel": ("SelectiveKernelAttn",),
+    "split_attn": ("SplitAttn",),
+    "coord_attn": ("CoordAttn", "SimpleCoordAttn", "StripAttn", "EfficientLocalAttn"),
+}
 
 
 def fused_qkv_in_thirds(path: str, attention: nn.Module, qkv_name: str = "qkv") -> AttentionSite:
@@ -55,6 +66,12 @@ def register_timm_layouts() -> None:
     from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
     from timm.models.vision_transformer import Block, ResPostBlock
 
+    import importlib
+
+    for module, names in GATES.items():
+        layer = importlib.import_module(f"timm.layers.{module}")
+        for name in names:
+            register_not_attention(getattr(layer, name), GATE)
     register_attention(Attention, fused_qkv_in_thirds)
     register_attention(WindowAttention, fused_qkv_in_thirds)
     for mlp_class in (Mlp, GluMlp, SwiGLU, GatedMlp, GlobalResponseNormMlp):

@@ -1,7 +1,9 @@
 """Layouts of timm's flat and ViT-like transformer families beyond the core ViT.
 
-BEiT/BEiTv2, EVA/EVA02, RoPE ViT, DINOv3, ViT relpos, SAM ViT, CaiT, XCiT, CrossViT, ConViT, TNT,
-NesT, VOLO, the parallel-scaling ViT (``vit_pwee``), MViTv2 and Hiera. PiT, NaFlexViT, ViTamin,
+BEiT/BEiTv2, EVA/EVA02, RoPE ViT, DINOv3, ViT relpos, SAM ViT, CaiT, XCiT, CrossViT, ConViT, TNT
+(inner and outer transformer, each a block), NesT, VOLO, the parallel-scaling ViT (``vit_pwee``), the
+parallel ViT (``ParallelThingsBlock``, each branch a block), MViTv2, Hiera and SAM2's Hiera
+(``hieradet_sam2``). PiT, NaFlexViT, ViTamin,
 hybrid ViT and MobileViT v1 build timm's own ``Block``/``Attention`` (core layouts); ViTamin adds its
 ``GeGluMlp``. MViTv2's ``MultiScaleAttentionPoolFirst`` is left unregistered (so refused): no timm
 model uses it, and its forward fails in timm 1.0.31.
@@ -10,6 +12,10 @@ Each describer names the modules whose outputs hold q, k and v, as the attention
 them. Attention that is not a softmax over tokens (XCiT's cross-covariance, VOLO's outlook attention)
 is described with a reason, so that q/k/v methods refuse it while MLP methods still operate on its
 block.
+
+Attention-pooling heads (the MAP head ``AttentionPoolLatent`` of SigLIP, SigLIP 2, PE-core and every
+ViT with ``global_pool="map"``) are part of the head path: not blocks, never operated on, never a
+reason to refuse a model, and frozen like the rest of the base unless unfrozen by name.
 """
 
 from __future__ import annotations
@@ -193,6 +199,32 @@ def parallel_scaling(path: str, block: nn.Module) -> AttentionSite:
     )
 
 
+def parallel_branches(block: nn.Module) -> Tuple[BlockLayout, ...]:
+    """timm's ``ParallelThingsBlock`` (``vit_*_18x2``, "Three things everyone should know about ViTs"):
+    ``x = x + sum_j attns[j](x)``, then ``x = x + sum_j ffns[j](x)``, each branch an
+    ``nn.Sequential(norm, attn | mlp, ls, drop_path)``. Branch j (its attention ``attns.j.attn`` and its
+    MLP ``ffns.j.mlp``) is a block of its own: blocks ``num_parallel * i + j``. Each MLP's residual
+    branch reads the residual stream at ``ffns.j.norm`` and ends at ``ffns.j.drop_path``, whose output
+    the block sums into it."""
+    return tuple(
+        BlockLayout(f"attns.{j}.attn", f"ffns.{j}.mlp", residual_input=f"ffns.{j}.norm", residual_output=f"ffns.{j}.drop_path")
+        for j in range(len(block.attns))
+    )
+
+
+# A TNT block runs two transformers: the inner one over the pixel tokens of each patch (``attn_in``,
+# ``mlp_in``), then the outer one over the patch tokens (``attn_out``, ``mlp``); each is a block of its
+# own (blocks 2i and 2i + 1). One drop_path serves all four residual branches, so neither has a residual
+# layout.
+TNT_UNITS = (BlockLayout("attn_in", "mlp_in"), BlockLayout("attn_out", "mlp"))
+
+# Attention that pools the final tokens into the head's features (timm's MAP head of SigLIP, SigLIP 2,
+# PE-core and every ViT with global_pool="map"; CLIP ResNets' attention pools): part of the head path,
+# not a block. Discovery leaves it alone, so it neither refuses the model nor is operated on; it stays
+# frozen unless the user trains it (``unfreeze=["attn_pool"]``, or the pool's own path).
+ATTENTION_POOL = "an attention-pooling head (part of the head path after the blocks, not a block)"
+
+
 def geglu_mlp_features(mlp: nn.Module) -> tuple[int, int, int]:
     """ViTamin's ``GeGluMlp`` (its own norm, ``w0``/``w1`` gate and value, ``w2`` out), channels last."""
     return mlp.w0.in_features, mlp.w2.out_features, -1
@@ -200,15 +232,16 @@ def geglu_mlp_features(mlp: nn.Module) -> tuple[int, int, int]:
 
 def register() -> None:
     """Add this module's classes to the registry (import timm lazily: the registry works without it)."""
+    from timm.layers import attention_pool, attention_pool2d
     from timm.layers import AttentionRope, RelPosMlp
-    from timm.models import beit, cait, convit, crossvit, eva, hiera, mvitv2, nest, tnt, vitamin, volo, xcit
+    from timm.models import beit, cait, convit, crossvit, eva, hiera, hieradet_sam2, mvitv2, nest, tnt, vitamin, volo, xcit
     from timm.models import vision_transformer as vit
     from timm.models import vision_transformer_relpos as relpos
     from timm.models import vision_transformer_sam as sam
 
     for attention in (
         relpos.RelPosAttention, sam.Attention, cait.TalkingHeadAttn, convit.MHSA, nest.Attention,
-        volo.Attention, mvitv2.MultiScaleAttention, hiera.MaskUnitAttention,
+        volo.Attention, mvitv2.MultiScaleAttention, hiera.MaskUnitAttention, hieradet_sam2.MultiScaleAttention,
     ):
         register_attention(attention, fused_qkv_in_thirds)
     register_attention(beit.Attention, fused_with_bias_parameters)
@@ -225,21 +258,24 @@ def register() -> None:
 
     register_mlp(vitamin.GeGluMlp, geglu_mlp_features)
     register_not_attention(RelPosMlp, "the MLP that computes relative-position biases (ViT relpos, shared)")
+    for pool in (
+        attention_pool.AttentionPoolLatent, attention_pool.AttentionPoolPrr, attention_pool2d.AttentionPool2d,
+        attention_pool2d.RotAttentionPool2d,
+    ):
+        register_not_attention(pool, ATTENTION_POOL)
 
     for block in (
         beit.Block, eva.EvaBlock, relpos.RelPosBlock, sam.Block, xcit.XCABlock, nest.TransformerLayer,
         volo.Outlooker, volo.Transformer, volo.ClassBlock, mvitv2.MultiScaleBlock, hiera.HieraBlock,
+        hieradet_sam2.MultiScaleBlock,
     ):
         register_block(block, PRE_NORM)
     register_block(eva.EvaBlockPostNorm, POST_NORM)
     register_block(relpos.ResPostRelPosBlock, POST_NORM)
     for block in (cait.LayerScaleBlock, cait.LayerScaleBlockClassAttn, convit.Block, xcit.ClassAttentionBlock):
         register_block(block, NO_RESIDUAL)
-    # A TNT block runs two transformers and a block holds one attention and one MLP: its outer
-    # (patch-level) one is described, so its inner ``attn_in`` is reported as attention discovery cannot
-    # operate on (refused by default, skipped with skip_unsupported=True). One drop_path serves all four
-    # residual branches, so there is no residual layout.
-    register_block(tnt.Block, BlockLayout("attn_out", "mlp"))
+    register_block(tnt.Block, lambda block: TNT_UNITS)
+    register_block(vit.ParallelThingsBlock, parallel_branches)
     # The parallel block is its own attention; its MLP runs inline, from in_proj's input (the hidden
     # slice) to mlp_out_proj's output. With fuse_out_proj there is no mlp_out_proj: MLP methods find none.
     register_block(vit.ParallelScalingBlock, BlockLayout("", "mlp_out_proj", mlp_input="in_proj"))

@@ -37,6 +37,7 @@ REFUSALS: Dict[str, str] = {
         HIERARCHICAL,
     ),
     "Hiera": "it is hierarchical: its mask-unit attention and pooling work on tokens arranged by image position",
+    "HieraDet": HIERARCHICAL,
     "Xcit": "its blocks reshape the patch tokens to the image grid (local patch interaction) and its class "
     "token joins only in the class-attention blocks after them",
     "ConVit": "its GPSA attention holds positional attention sized to the patch grid, and its class token "
@@ -145,6 +146,14 @@ def _refuse(model: nn.Module, reason: str) -> SurgeryError:
 
 def _flat_blocks(model: nn.Module, blocks: Sequence[Block]) -> nn.Module:
     """``model.blocks``, checked to be exactly the discovered blocks, in order."""
+    modules = [id(block.module) for block in blocks]
+    if len(set(modules)) != len(modules):
+        raise _refuse(
+            model,
+            "its blocks run several attention/MLP branches side by side (timm's ParallelThingsBlock), each "
+            "a block of its own that shares its input with the others, so a block's prompts have no input of "
+            "their own to join",
+        )
     container = getattr(model, "blocks", None)
     if not isinstance(container, (nn.Sequential, nn.ModuleList)) or [id(b) for b in container] != [
         id(block.module) for block in blocks
