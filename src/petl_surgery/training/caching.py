@@ -44,6 +44,10 @@ RANDOM_TRANSFORMS = frozenset({
 })
 
 
+# images of the first batch every condition is checked on (twice through the prefix, once through the rest)
+PROBE_IMAGES = 2
+
+
 class CacheError(SurgeryError):
     """Feature caching cannot give the training without it: the message says which condition fails."""
 
@@ -407,7 +411,7 @@ def build_cache(
     model.eval()
     try:
         with torch.no_grad():
-            first = torch.utils.data.default_collate([train_set[i] for i in range(min(batch_size, len(train_set)))])
+            first = torch.utils.data.default_collate([train_set[i] for i in range(min(PROBE_IMAGES, len(train_set)))])
             with autocast:
                 suffix = _check_first_batch(model, first[0].to(device), start)
             block_context = suffix.context.get(start, ((), {}))

@@ -25,7 +25,10 @@ def create_with_weights(name: str, file: Union[str, Path], **kwargs: Any) -> nn.
     if not path.is_file():
         raise SurgeryError(f"no weights file at {path}")
     try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        # custom_load False: the file goes through timm's state-dict loader; timm 1.0.30 kept the registry's
+        # flag, which for the augreg ViTs would hand a safetensors file to the reader of Google's .npz files
+        overlay = dict(file=str(path), custom_load=False)
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except Exception as error:  # timm and torch raise many kinds: a pickle, safetensors or size-mismatch error
         detail = " ".join(str(error).split())[:300] or type(error).__name__
         raise SurgeryError(f"cannot load the weights {path} into {name}: {type(error).__name__}: {detail}") from None
