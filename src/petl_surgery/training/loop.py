@@ -165,7 +165,8 @@ def fit(
     initialised, ``distributed.start``) each rank trains on its shard through DistributedDataParallel and
     the records hold the numbers over all ranks. After each epoch (validated on ``val_set`` when given)
     ``after_epoch`` receives its record, e.g. to save the delta. Returns the records of every epoch."""
-    from . import distributed
+    from .distributed import active, is_main, sum_over_ranks, world_size, wrap
+    from .distributed import sampler as shard_sampler
     from .optim import check_choices, make_optimizer, make_schedule
 
     if type(grad_accum) is not int or grad_accum < 1:
@@ -182,7 +183,7 @@ def fit(
         cache = build_cache(model, train_set, val_set, device=device, autocast=autocast_for(device, precision),
                             batch_size=batch_size, workers=workers)
         runner, train_set, val_set, workers = cache.runner, cache.train, cache.val, 0
-    sampler = distributed.sampler(train_set, seed)
+    sampler = shard_sampler(train_set, seed)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=batch_size, sampler=sampler, num_workers=workers,
         generator=torch.Generator().manual_seed(seed),
@@ -193,7 +194,7 @@ def fit(
     optimizer = make_optimizer(model, opt, lr, weight_decay)
     updates_per_epoch = math.ceil(len(loader) / grad_accum)
     schedule = make_schedule(optimizer, sched, epochs, warmup_epochs, updates_per_epoch)
-    ddp = distributed.wrap(runner, device) if distributed.active() else None
+    ddp = wrap(runner, device) if active() else None
     trainer: nn.Module = ddp or runner
     if compile_backend:
         if not cache_features:
@@ -204,7 +205,7 @@ def fit(
     for epoch in range(1, epochs + 1):
         sampler.set_epoch(epoch)
         runner.train()
-        progress = Progress(len(sampler), f"epoch {epoch}/{epochs}", enabled=distributed.is_main())
+        progress = Progress(len(sampler), f"epoch {epoch}/{epochs}", enabled=is_main())
         loss_sum, correct, count = 0.0, 0, 0
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -229,14 +230,14 @@ def fit(
             progress.update(len(y), f"loss {loss_sum / count:.4f} acc {correct / count:.3f}")
         if schedule is not None:
             schedule.step(epoch)
-        loss_sum, correct, count = distributed.sum_over_ranks([loss_sum, correct, count], device)
+        loss_sum, correct, count = sum_over_ranks([loss_sum, correct, count], device)
         record = EpochRecord(epoch, loss_sum / count, correct / count, lr=optimizer.param_groups[0]["lr"])
         text = f"loss {record.train_loss:.4f} acc {record.train_accuracy:.3f}"
         if val_loader is not None:
             record.val_loss, record.val_accuracy = evaluate(runner, val_loader, device, precision)
             text += f" | val loss {record.val_loss:.4f} acc {record.val_accuracy:.3f}"
         record.seconds = time.perf_counter() - started
-        record.images_per_second = progress.close(text) * distributed.world_size()
+        record.images_per_second = progress.close(text) * world_size()
         records.append(record)
         if after_epoch is not None:
             after_epoch(record)
