@@ -231,6 +231,21 @@ def test_timm_augmentation_trains_and_validation_keeps_the_plain_preprocessing(i
     assert torch.equal(first, val[0][0]) and first.shape == (3, 32, 32)
 
 
+def test_train_command_takes_timms_augmentation_optimizer_and_schedule(image_folder, tmp_path, capsys):
+    out = tmp_path / "d.safetensors"
+    assert cli.main(["train", "vit_small_patch16_224", "--data", str(image_folder), "--method", "lora", "--epochs", "2",
+                     "--batch-size", "9", "--image-size", "32", "--aug", "timm", "--opt", "sgd", "--sched", "step",
+                     "--warmup-epochs", "2", "--lr", "0.1", "--out", str(out), *TINY]) == 0
+    capsys.readouterr()
+    log = json.loads(out.with_suffix(".json").read_text())
+    assert (log["aug"], log["opt"], log["sched"], log["warmup_epochs"]) == ("timm", "sgd", "step", 2)
+    # two updates an epoch: halfway through the linear warm-up from timm's 1e-5, then its end
+    assert [e["lr"] for e in log["history"]] == pytest.approx([1e-5 + (0.1 - 1e-5) / 2, 0.1], rel=1e-9)
+    assert cli.main(["train", "vit_small_patch16_224", "--data", str(image_folder), "--method", "lora",
+                     "--opt", "nosuch", "--out", str(out), *TINY]) == 2
+    assert "unknown optimizer 'nosuch'" in capsys.readouterr().err
+
+
 # -- weights from a file -------------------------------------------------------------------------------------
 
 

@@ -341,12 +341,6 @@ def _create_base(args: argparse.Namespace, num_classes: int, model_args: Dict[st
     return create_with_weights(args.model, args.weights, num_classes=num_classes, **model_args)
 
 
-def _cache_start(model: Any) -> int:
-    from petl_surgery.training.caching import cache_start
-
-    return cache_start(model)
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
@@ -386,7 +380,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     import petl_surgery as ps
-    from petl_surgery.training import DataError, EpochRecord, distributed, fit, image_folder_splits
+    from petl_surgery.training import DataError, EpochRecord, caching, distributed, fit, image_folder_splits
 
     if args.method is None and args.resume is None:
         raise UsageError("give --method (a new delta) or --resume DELTA (continue one)")
@@ -425,13 +419,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         ps.apply(model, args.method, layers=parse_layers(args.layers), statistics=args.statistics, **options)
         what = f"{args.method}" + (f" ({_format_options(options)})" if options else "")
     summary = ps.summary(model)
-    cache_start = _cache_start(model) if args.cache_features else None  # refused here, before training
+    cache_start = caching.cache_start(model) if args.cache_features else None  # refused here, before training
     device = distributed.start(device)  # under torchrun: this rank's device, the process group joined
     main_rank = distributed.is_main()
     if main_rank:
         print(f"{args.model}: {what}; trainable {summary.trainable:,} of {summary.total:,} parameters "
-          f"({100 * summary.share:.2f}%); {len(classes)} classes, {len(train_set)} training"
-          + (f" and {len(val_set)} validation" if val_set is not None else "") + " images", file=sys.stderr)
+              f"({100 * summary.share:.2f}%); {len(classes)} classes, {len(train_set)} training"
+              + (f" and {len(val_set)} validation" if val_set is not None else "") + " images", file=sys.stderr)
     started = time.perf_counter()
 
     log: Dict[str, Any] = {

@@ -228,6 +228,7 @@ def fit(
             correct += (logits.argmax(1) == y).sum().item()
             count += len(y)
             progress.update(len(y), f"loss {loss_sum / count:.4f} acc {correct / count:.3f}")
+        progress.stop()
         if schedule is not None:
             schedule.step(epoch)
         loss_sum, correct, count = sum_over_ranks([loss_sum, correct, count], device)

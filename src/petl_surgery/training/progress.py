@@ -11,14 +11,16 @@ from typing import Any, Optional
 
 
 class Progress:
-    """``update(images, text)`` after each batch, ``close(text)`` at the end of the epoch. ``enabled``
-    False (ranks other than 0) shows nothing."""
+    """``update(images, text)`` after each batch, ``stop()`` after the last (the throughput counts the
+    training batches only), ``close(text)`` at the end of the epoch. ``enabled`` False (ranks other than
+    0) shows nothing."""
 
     def __init__(self, total_images: int, label: str, stream: Any = None, enabled: bool = True) -> None:
         self.label, self.enabled = label, enabled
         self.stream = stream or sys.stderr
         self.images = 0
         self.started = time.perf_counter()
+        self.stopped: Optional[float] = None
         self.bar: Optional[Any] = None
         if enabled and getattr(self.stream, "isatty", lambda: False)():
             from tqdm import tqdm
@@ -28,8 +30,13 @@ class Progress:
 
     @property
     def rate(self) -> float:
-        """Images per second so far."""
-        return self.images / max(time.perf_counter() - self.started, 1e-9)
+        """Images per second, up to ``stop()`` once it is called."""
+        end = self.stopped if self.stopped is not None else time.perf_counter()
+        return self.images / max(end - self.started, 1e-9)
+
+    def stop(self) -> None:
+        if self.stopped is None:
+            self.stopped = time.perf_counter()
 
     def update(self, images: int, text: str) -> None:
         self.images += images
