@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
@@ -279,6 +280,68 @@ def _device(name: str) -> Any:
         raise UsageError(str(error)) from None
 
 
+# -- scale: weights from a file, augmentation, optimizer, compile, torchrun, feature caching ---------------
+
+
+def _add_scale_arguments(p: argparse.ArgumentParser, train: bool) -> None:
+    p.add_argument("--weights", metavar="FILE",
+                   help="pretrained weights from a local file (safetensors or a torch checkpoint), loaded by timm "
+                        "as its hub weights would be; for machines without hub access")
+    if not train:
+        return
+    from petl_surgery.training.augment import AUGMENTATIONS
+    from petl_surgery.training.optim import SCHEDULES
+
+    p.add_argument("--aug", choices=AUGMENTATIONS, default="none",
+                   help="training images: none (the data's deterministic resize and normalisation; default) or timm "
+                        "(timm.data.create_transform's training pipeline from the model's pretrained config)")
+    p.add_argument("--opt", default="adamw", help="timm optimizer (timm.optim.create_optimizer_v2; default adamw)")
+    p.add_argument("--sched", choices=SCHEDULES, default="cosine",
+                   help="timm schedule stepped per update (timm.scheduler.create_scheduler_v2; default cosine)")
+    p.add_argument("--warmup-epochs", type=int, default=0, help="epochs of linear warm-up from 1e-5 (default 0)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="train through torch.compile (backend inductor unless named, e.g. aot_eager)")
+    p.add_argument("--cache-features", action="store_true",
+                   help="run the frozen embedding and blocks below the first trained block once per image, and "
+                        "train from that block on (refused where it would not give the same training)")
+
+
+def _check_weights(args: argparse.Namespace) -> None:
+    if args.weights and not Path(args.weights).is_file():
+        raise UsageError(f"no weights file at {args.weights}")
+
+
+def _check_scale_arguments(args: argparse.Namespace) -> None:
+    """The scale options checked before any data is read or model built."""
+    import petl_surgery as ps
+    from petl_surgery.training.optim import check_choices
+
+    _check_weights(args)
+    if args.cache_features and args.aug != "none":
+        raise UsageError(f"--cache-features needs deterministic images; --aug {args.aug} augments them differently "
+                         "every epoch")
+    try:
+        check_choices(args.opt, args.sched, args.warmup_epochs)
+    except ps.SurgeryError as error:
+        raise UsageError(str(error)) from None
+
+
+def _train_transform(args: argparse.Namespace, size: int) -> Any:
+    from petl_surgery.training.augment import training_transform
+
+    return training_transform(args.model, size, args.aug)[0]
+
+
+def _create_base(args: argparse.Namespace, num_classes: int, model_args: Dict[str, Any]) -> Any:
+    """The timm model: with ``--weights FILE`` the file's pretrained weights (timm's loading), with
+    ``--pretrained`` the hub's, else random weights from the seed."""
+    if not args.weights:
+        return create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, **model_args)
+    from petl_surgery.training.weights import create_with_weights
+
+    return create_with_weights(args.model, args.weights, num_classes=num_classes, **model_args)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
@@ -288,6 +351,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if not Path(args.delta).is_file():
         raise UsageError(f"no delta checkpoint at {args.delta}")
+    _check_weights(args)
     device = _device(args.device)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1; got {args.batch_size}")
@@ -302,7 +366,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     classes = layout.classes
     torch.manual_seed(args.seed)  # a base built without weights is the one `train --seed` built
-    model = create_model(args.model, pretrained=args.pretrained, num_classes=len(classes), **model_args)
+    model = _create_base(args, len(classes), model_args)
     ps.load(model, args.delta)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size)
     report = accuracy_report(model.to(device), loader, classes, device, args.amp)
@@ -322,7 +386,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     import petl_surgery as ps
-    from petl_surgery.training import DataError, EpochRecord, fit, training_data
+    from petl_surgery.training import DataError, EpochRecord, caching, distributed, fit, training_data
     from petl_surgery.training.outputs import check_output_paths, check_resume, read_run_log
 
     if args.method is None and args.resume is None:
@@ -343,6 +407,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ps.SurgeryError as error:
             raise UsageError(str(error)) from None
     device = _device(args.device)
+    _check_scale_arguments(args)
     for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)):
         if value < 1:
             raise UsageError(f"{name} must be at least 1; got {value}")
@@ -367,11 +432,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             args.data, size=size, mean=mean, std=std, format=args.format, split=args.split, val=args.val,
             val_split=args.val_split, shots=args.shots, seed=args.seed,
             shot_seed=args.seed if args.shot_seed is None else args.shot_seed,
+            transform=_train_transform(args, size),
         )
     except DataError as error:
         raise UsageError(str(error)) from None
     train_set, val_set, classes = data.train, data.val, data.classes
-    model = create_model(args.model, pretrained=args.pretrained, num_classes=len(classes), **model_args)  # head from the classes
+    model = _create_base(args, len(classes), model_args)  # head from the classes
     options = parse_options(args.option)
     if args.resume:
         ps.load(model, args.resume)
@@ -380,9 +446,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         ps.apply(model, args.method, layers=parse_layers(args.layers), statistics=args.statistics or "frozen", **options)
         what = f"{args.method}" + (f" ({_format_options(options)})" if options else "")
     summary = ps.summary(model)
-    print(f"{args.model}: {what}; trainable {summary.trainable:,} of {summary.total:,} parameters "
-          f"({100 * summary.share:.2f}%); {len(classes)} classes, {len(train_set)} training"
-          + (f" and {len(val_set)} validation" if val_set is not None else "") + " images", file=sys.stderr)
+    cache_start = caching.cache_start(model) if args.cache_features else None  # refused here, before training
+    device = distributed.start(device)  # under torchrun: this rank's device, the process group joined
+    main_rank = distributed.is_main()
+    if main_rank:
+        print(f"{args.model}: {what}; trainable {summary.trainable:,} of {summary.total:,} parameters "
+              f"({100 * summary.share:.2f}%); {len(classes)} classes, {len(train_set)} training"
+              + (f" and {len(val_set)} validation" if val_set is not None else "") + " images", file=sys.stderr)
+    started = time.perf_counter()
 
     log: Dict[str, Any] = {
         "argv": getattr(args, "argv", None),
@@ -412,17 +483,38 @@ def cmd_train(args: argparse.Namespace) -> int:
         "history": [],
         "delta": str(out),
     }
+    log.update({  # scale: what ran where, and how
+        "weights": str(args.weights) if args.weights else None,
+        "weight_decay": args.weight_decay,
+        "aug": args.aug,
+        "opt": args.opt,
+        "sched": args.sched,
+        "warmup_epochs": args.warmup_epochs,
+        "compile": args.compile,
+        "cache_features": {"start_block": cache_start} if args.cache_features else None,
+        "world_size": distributed.world_size(),
+        "train_images": len(train_set),
+        "wall_seconds": None,
+    })
 
     def after_epoch(record: EpochRecord) -> None:
         log["history"].append(record.as_dict())
-        ps.save(model, out)  # after every epoch: an interrupted run keeps its last delta
-        log_path.write_text(json.dumps(log, indent=2) + "\n")
+        log["wall_seconds"] = round(time.perf_counter() - started, 3)
+        if main_rank:  # one file, from rank 0, after every epoch: an interrupted run keeps its last delta
+            ps.save(model, out)
+            log_path.write_text(json.dumps(log, indent=2) + "\n")
 
-    fit(
-        model, train_set, val_set, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-        batch_size=args.batch_size, workers=args.workers, seed=args.seed, device=device, precision=args.amp,
-        grad_accum=args.grad_accum, after_epoch=after_epoch,
-    )
+    try:
+        fit(
+            model, train_set, val_set, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+            batch_size=args.batch_size, workers=args.workers, seed=args.seed, device=device, precision=args.amp,
+            grad_accum=args.grad_accum, after_epoch=after_epoch, opt=args.opt, sched=args.sched,
+            warmup_epochs=args.warmup_epochs, compile_backend=args.compile, cache_features=args.cache_features,
+        )
+    finally:
+        distributed.finish()
+    if not main_rank:
+        return 0
     print(f"saved the delta to {out} ({out.stat().st_size / 1024:.1f} KiB) and the log to {log_path}")
     return 0
 
@@ -505,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs hub access)")
     p.add_argument("--seed", type=int, default=0,
                    help="without --pretrained, the seed the base was built with by train (default 0, as train's)")
+    _add_scale_arguments(p, train=False)
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("train", help="train a method on an ImageFolder directory and save the delta")
@@ -541,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "ImageFolder's own directory)")
     p.add_argument("--shots", type=int, help="train on K images per class, drawn with --shot-seed")
     p.add_argument("--shot-seed", type=int, help="the seed of the --shots draw (default: --seed)")
+    _add_scale_arguments(p, train=True)
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("study", help="a V-PETL study: train every run x shots x seed of a grid, CSV and plot")

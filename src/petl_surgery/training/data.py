@@ -4,7 +4,7 @@ optional seeded validation split."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,10 +23,12 @@ def image_folder_splits(
     size: int,
     mean: Sequence[float],
     std: Sequence[float],
+    train_transform: Optional[Callable[[Any], Any]] = None,
 ) -> Tuple[Any, Optional[Any], List[str]]:
     """(train, validation or None, class names) from ImageFolder directories: images resized to
     ``size`` x ``size`` and normalised with ``mean``/``std``. Without ``val``, a ``val_split`` fraction of
-    ``data`` (drawn with ``seed``) validates."""
+    ``data`` (drawn with ``seed``) validates. ``train_transform`` (e.g. an augmentation) replaces the
+    resize for the training images; validation images keep it."""
     from torchvision import datasets, transforms
 
     for folder in [data] + ([val] if val else []):
@@ -36,7 +38,7 @@ def image_folder_splits(
         [transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(mean, std)]
     )
     try:
-        train = datasets.ImageFolder(data, transform=transform)
+        train = datasets.ImageFolder(data, transform=train_transform or transform)
         validation = datasets.ImageFolder(val, transform=transform) if val else None
     except (FileNotFoundError, RuntimeError) as error:
         raise DataError(str(error).splitlines()[0]) from None
@@ -45,7 +47,8 @@ def image_folder_splits(
         raise DataError(f"the validation folder has classes {validation.classes}, the training folder {classes}")
     if validation is None and val_split > 0:
         train_index, val_index = seeded_split(len(train), val_split, seed)
-        train, validation = torch.utils.data.Subset(train, train_index), torch.utils.data.Subset(train, val_index)
+        held_out = datasets.ImageFolder(data, transform=transform) if train_transform is not None else train
+        train, validation = torch.utils.data.Subset(train, train_index), torch.utils.data.Subset(held_out, val_index)
     return train, validation, classes
 
 

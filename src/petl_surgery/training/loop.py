@@ -1,5 +1,6 @@
-"""The training loop of a delta (AdamW over the trainable parameters, cosine schedule per step, cross
-entropy) and its evaluation."""
+"""The training loop of a delta (timm's optimizer and schedule over the trainable parameters, cross
+entropy; on a device, in mixed precision, compiled, under torchrun, on cached features) and its
+evaluation."""
 
 from __future__ import annotations
 
@@ -28,12 +29,18 @@ class EpochRecord:
     val_loss: Optional[float] = None
     val_accuracy: Optional[float] = None
     seconds: float = 0.0
+    lr: Optional[float] = None
+    images_per_second: Optional[float] = None
 
     def as_dict(self) -> dict:
         entry = {"epoch": self.epoch, "train_loss": self.train_loss, "train_accuracy": self.train_accuracy}
         if self.val_loss is not None:
             entry.update(val_loss=self.val_loss, val_accuracy=self.val_accuracy)
         entry["seconds"] = round(self.seconds, 3)
+        if self.lr is not None:
+            entry["lr"] = self.lr
+        if self.images_per_second is not None:
+            entry["images_per_second"] = round(self.images_per_second, 2)
         return entry
 
 
@@ -136,63 +143,116 @@ def fit(
     precision: str = "none",
     grad_accum: int = 1,
     after_epoch: Optional[Callable[[EpochRecord], None]] = None,
+    opt: str = "adamw",
+    sched: str = "cosine",
+    warmup_epochs: int = 0,
+    compile_backend: Optional[str] = None,
+    cache_features: bool = False,
 ) -> List[EpochRecord]:
     """Train ``model``'s trainable parameters (those surgery left trainable) on ``train_set``, in place.
 
-    Defaults (those of ``petl-surgery train``): AdamW with ``lr`` 1e-3 and ``weight_decay`` 1e-4, a
-    cosine decay of the learning rate to zero over all steps, batches of 32 shuffled with ``seed``.
-    The model is moved to ``device`` (default: where it is). ``precision`` ``"bf16"`` or ``"fp16"``
-    runs forwards under autocast (fp16 with a gradient scaler, as mixed precision needs); the trainable
-    weights stay in their dtype. ``grad_accum`` sums the gradients of that many batches (each loss
-    divided by it) before one optimizer step. After each epoch (validated on ``val_set`` when given)
+    Defaults (those of ``petl-surgery train``): timm's AdamW (``opt``) with ``lr`` 1e-3 and
+    ``weight_decay`` 1e-4 (none on 1-D parameters, timm's grouping), timm's cosine schedule (``sched``)
+    to zero stepped after every update, ``warmup_epochs`` 0 (see ``optim``), batches of 32 in an order
+    seeded with ``seed`` and the epoch (``distributed.sampler``). The model is moved to ``device``
+    (default: where it is). ``precision`` ``"bf16"`` or ``"fp16"`` runs forwards under autocast (fp16
+    with a gradient scaler, as mixed precision needs); the trainable weights stay in their dtype.
+    ``grad_accum`` sums the gradients of that many batches (each loss divided by it) before one
+    optimizer step. ``compile_backend`` (e.g. ``"inductor"``) trains through ``torch.compile`` of the
+    model (validation runs eagerly); the trained weights are the model's own, so ``ps.save(model)``
+    saves them. ``cache_features`` runs the frozen prefix once per image (``caching``: refused, before
+    anything is trained, where it would not give the same training). Under torchrun (a process group
+    initialised, ``distributed.start``) each rank trains on its shard through DistributedDataParallel and
+    the records hold the numbers over all ranks. After each epoch (validated on ``val_set`` when given)
     ``after_epoch`` receives its record, e.g. to save the delta. Returns the records of every epoch."""
+    from .distributed import active, is_main, sum_over_ranks, world_size, wrap
+    from .distributed import sampler as shard_sampler
+    from .optim import check_choices, make_optimizer, make_schedule
+
     if type(grad_accum) is not int or grad_accum < 1:
         raise SurgeryError(f"grad_accum must be a positive int; got {grad_accum!r}")
     device = device or next(model.parameters()).device
     autocast_for(device, precision)  # checks the name before anything runs
+    check_choices(opt, sched, warmup_epochs)
     model.to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    runner: nn.Module = model
+    if cache_features:
+        from .caching import build_cache
+
+        cache = build_cache(model, train_set, val_set, device=device, autocast=autocast_for(device, precision),
+                            batch_size=batch_size, workers=workers)
+        runner, train_set, val_set, workers = cache.runner, cache.train, cache.val, 0
+    sampler = shard_sampler(train_set, seed)
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
+        train_set, batch_size=batch_size, sampler=sampler, num_workers=workers,
         generator=torch.Generator().manual_seed(seed),
     )
     val_loader = (
         torch.utils.data.DataLoader(val_set, batch_size=batch_size, num_workers=workers) if val_set is not None else None
     )
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    steps = epochs * math.ceil(len(loader) / grad_accum)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    optimizer = make_optimizer(model, opt, lr, weight_decay)
+    updates_per_epoch = math.ceil(len(loader) / grad_accum)
+    schedule = make_schedule(optimizer, sched, epochs, warmup_epochs, updates_per_epoch)
+    ddp = wrap(runner, device) if active() else None
+    trainer: nn.Module = ddp or runner
+    if compile_backend:
+        if not cache_features:
+            _first_forward(model, train_set, device, precision)
+        trainer = torch.compile(trainer, backend=compile_backend)
     records: List[EpochRecord] = []
+    updates = 0
     for epoch in range(1, epochs + 1):
-        model.train()
-        progress = Progress(len(loader), f"epoch {epoch}/{epochs}")
+        sampler.set_epoch(epoch)
+        runner.train()
+        progress = Progress(len(sampler), f"epoch {epoch}/{epochs}", enabled=is_main())
         loss_sum, correct, count = 0.0, 0, 0
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         for i, (x, y) in enumerate(loader, 1):
             x, y = x.to(device), y.to(device)
-            with autocast_for(device, precision):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            scaler.scale(loss / grad_accum).backward()
-            if i % grad_accum == 0 or i == len(loader):
+            step = i % grad_accum == 0 or i == len(loader)
+            with contextlib.nullcontext() if ddp is None or step else ddp.no_sync():
+                with autocast_for(device, precision):
+                    logits = trainer(x)
+                loss = F.cross_entropy(logits.float(), y)
+                scaler.scale(loss / grad_accum).backward()
+            if step:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                schedule.step()
+                updates += 1
+                if schedule is not None:
+                    schedule.step_update(num_updates=updates)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             count += len(y)
-            progress.update(i, f"loss {loss_sum / count:.4f} acc {correct / count:.3f}")
-        record = EpochRecord(epoch, loss_sum / count, correct / count)
+            progress.update(len(y), f"loss {loss_sum / count:.4f} acc {correct / count:.3f}")
+        progress.stop()
+        if schedule is not None:
+            schedule.step(epoch)
+        loss_sum, correct, count = sum_over_ranks([loss_sum, correct, count], device)
+        record = EpochRecord(epoch, loss_sum / count, correct / count, lr=optimizer.param_groups[0]["lr"])
         text = f"loss {record.train_loss:.4f} acc {record.train_accuracy:.3f}"
         if val_loader is not None:
-            record.val_loss, record.val_accuracy = evaluate(model, val_loader, device, precision)
+            record.val_loss, record.val_accuracy = evaluate(runner, val_loader, device, precision)
             text += f" | val loss {record.val_loss:.4f} acc {record.val_accuracy:.3f}"
         record.seconds = time.perf_counter() - started
-        progress.close(text)
+        record.images_per_second = progress.close(text) * world_size()
         records.append(record)
         if after_epoch is not None:
             after_epoch(record)
     return records
+
+
+def _first_forward(model: nn.Module, dataset: Any, device: torch.device, precision: str) -> None:
+    """One eager forward in eval mode on the first image before torch.compile traces the model: the
+    library's first-forward check runs then and leaves no graph break behind (``verification``). The
+    random states are kept, so the training that follows draws what it would have drawn."""
+    from .caching import kept_random_state
+
+    was_training = model.training
+    model.eval()
+    with kept_random_state(), torch.no_grad(), autocast_for(device, precision):
+        model(torch.as_tensor(dataset[0][0]).unsqueeze(0).to(device))
+    model.train(was_training)
