@@ -224,6 +224,7 @@ def write_plot(
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None, (
             "matplotlib is not installed: no plot written (pip install 'petl_surgery[demo]' or "
@@ -291,6 +292,7 @@ def write_plot(
             axis.annotate(p["method"], (p["parameters"], p["mean"]), fontsize=6, xytext=(3, 3),
                           textcoords="offset points")
         axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a short axis
         axis.set_xlabel("trainable parameters of the modules (log)")
         axis.set_ylabel("test accuracy (%)")
         axis.set_title(f"V-PETL trade-off: {points[0]['target']}, {points[0]['shots']} shots, random init",
