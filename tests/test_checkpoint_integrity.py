@@ -243,3 +243,27 @@ def test_a_delta_without_its_head_into_a_model_with_another_head_suggests_head_f
 
 def test_another_width_names_the_tensors_that_differ(saved):
     refuses(make_vit(embed_dim=96, num_heads=2), saved, r"tensors of other shapes: .*checkpoint \[\d+(, \d+)*\], model")
+
+
+def test_blocks_sharing_a_path_cannot_be_chosen_or_moved_apart(tmp_path):
+    """TNT's inner and outer transformer are two blocks at one module path; tensors are matched to blocks
+    by path, so blocks= or block_map= that would split them is refused before anything changes."""
+    import timm
+
+    def tnt():
+        torch.manual_seed(0)
+        return timm.create_model("tnt_s_patch16_224", pretrained=False, img_size=64, embed_dim=64, inner_dim=16,
+                                 depth=2, num_heads_outer=2, num_heads_inner=2, num_classes=3)
+
+    source = ps.apply(tnt(), "lora")
+    ps.save(source, tmp_path / "tnt.safetensors")
+    for keywords in ({"blocks": [0]}, {"block_map": {0: 1, 1: 0, 2: 2, 3: 3}}):
+        fresh = tnt()
+        before = {name: tensor.clone() for name, tensor in fresh.state_dict().items()}
+        with pytest.raises(ps.SurgeryError, match="share a module path"):
+            ps.load(fresh, tmp_path / "tnt.safetensors", **keywords)
+        after = fresh.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[n], t) for n, t in before.items())
+    whole = ps.load(tnt(), tmp_path / "tnt.safetensors")
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(whole.eval()(x), source.eval()(x))

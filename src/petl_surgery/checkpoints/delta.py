@@ -384,6 +384,15 @@ def load_delta(
     if beyond:
         raise SurgeryError(f"{path} records surgery on block {beyond[0]}, but its model had {len(saved_paths)} blocks")
     model_paths = [block.path for block in discover(model).blocks]
+    shared = sorted({p for p in saved_paths + model_paths if saved_paths.count(p) > 1 or model_paths.count(p) > 1})
+    if shared and (blocks is not None or block_map is not None):
+        # tensors are matched to blocks by path: blocks that share one (TNT's inner and outer
+        # transformer, a parallel block's branches) can be loaded together, not chosen or moved apart
+        raise SurgeryError(
+            f"blocks= and block_map= cannot choose among blocks that share a module path ({shared[0]!r} holds "
+            "several blocks: TNT's inner and outer transformer, or a parallel block's branches); load the "
+            "whole checkpoint instead"
+        )
     mapping = _block_mapping(path, saved_paths, model_paths, block_map)
     if block_map is not None:
         _check_mapped_architecture(path, metadata, shapes, model_head, model_paths, mapping)
