@@ -5,6 +5,8 @@ from typing import Dict, Type
 from ..errors import SurgeryError
 from .adapter import Adapter, AdapterOptions, BottleneckAdapter
 from .bapat import Bapat, BapatOptions
+from .dora import Dora, DoraOptions, WeightDecomposedAdapter
+from .fact import Fact, FactOptions, FactorTuning, SharedFactors
 from .base import Insertion, Method, PetlModule
 from .lora import Lora, LoraOptions, LowRankAdapter
 from .patt import ParallelAttentionBranch, Patt, PattOptions
@@ -13,6 +15,7 @@ from .ssf import FeatureScaleShift, Ssf, SsfOptions
 from .vpt import Vpt
 
 METHODS: Dict[str, Type[Method]] = {method.name: method for method in (Patt, Adapter, Bapat, Lora, Prefix, Vpt, Ssf)}
+METHODS.update({method.name: method for method in (Fact, Dora)})
 
 
 def get_method(name: object) -> Type[Method]:
@@ -27,9 +30,14 @@ __all__ = [
     "Adapter",
     "AdapterOptions",
     "Bapat",
+    "Fact",
+    "FactOptions",
+    "FactorTuning",
     "FeatureScaleShift",
     "BapatOptions",
     "BottleneckAdapter",
+    "Dora",
+    "DoraOptions",
     "Insertion",
     "Lora",
     "LoraOptions",
@@ -43,7 +51,9 @@ __all__ = [
     "PrefixOptions",
     "PrefixTokens",
     "Ssf",
+    "SharedFactors",
     "SsfOptions",
     "Vpt",
+    "WeightDecomposedAdapter",
     "get_method",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,15 @@ from .base import (
     check_positive_int,
     factory_kwargs,
 )
-from .targets import HostTargets, fold_refusal, foldable_weight, insertions_per_host, parse_targets, resolve_targets
+from .targets import (
+    HostTargets,
+    ResolvedTarget,
+    fold_refusal,
+    foldable_weight,
+    insertions_per_host,
+    parse_targets,
+    resolve_targets,
+)
 
 
 @dataclass(frozen=True)
@@ -58,13 +66,15 @@ class LoraOptions:
     dropout: float = 0.0
     targets: Union[str, Sequence[str]] = ("q", "v")
 
+    method: ClassVar[str] = "lora"  # the name in error messages (DoRA's options derive from these)
+
     def __post_init__(self) -> None:
-        check_positive_int("lora", "rank", self.rank)
+        check_positive_int(self.method, "rank", self.rank)
         if self.alpha is None:
             object.__setattr__(self, "alpha", float(self.rank))
-        check_number("lora", "alpha", self.alpha)
-        check_number("lora", "dropout", self.dropout, low=0.0, high=1.0)
-        object.__setattr__(self, "targets", parse_targets("lora", self.targets))
+        check_number(self.method, "alpha", self.alpha)
+        check_number(self.method, "dropout", self.dropout, low=0.0, high=1.0)
+        object.__setattr__(self, "targets", parse_targets(self.method, self.targets))
 
 
 class LowRankPair(nn.Module):
@@ -198,19 +208,26 @@ class LowRankAdapter(MergeableModule):
 class Lora(Method):
     name = "lora"
     Options = LoraOptions
+    adapter: ClassVar[type] = LowRankAdapter  # the inserted module and its forward hook (DoRA: its own)
+    hook: ClassVar[str] = "add_low_rank"
+
+    @classmethod
+    def check_target(cls, host: HostTargets, target: ResolvedTarget, method: str) -> None:
+        """Raise UnsupportedBlockError when ``target`` cannot take the update."""
+        if target.in_features is None:
+            raise UnsupportedBlockError(
+                f"method {method!r} cannot tell the input width of target {target.name!r} in "
+                f"{host.path!r} ({type(target.producer).__name__})"
+            )
 
     @classmethod
     def plan_block(cls, block: Block, options: LoraOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
         hosts = resolve_targets(block, options.targets, method)
         for host in hosts:
             for target in host.targets:
-                if target.in_features is None:
-                    raise UnsupportedBlockError(
-                        f"method {method!r} cannot tell the input width of target {target.name!r} in "
-                        f"{host.path!r} ({type(target.producer).__name__})"
-                    )
+                cls.check_target(host, target, method)
 
         def build(host: HostTargets) -> LowRankAdapter:
-            return LowRankAdapter(host, options, method, block.index, recorded)
+            return cls.adapter(host, options, method, block.index, recorded)
 
-        return insertions_per_host(block, hosts, method, build, "add_low_rank")
+        return insertions_per_host(block, hosts, method, build, cls.hook)
