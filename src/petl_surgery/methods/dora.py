@@ -76,10 +76,13 @@ class WeightDecomposedAdapter(LowRankAdapter):
         for target, resolved in zip(self.targets, host.targets):
             weight = foldable_weight(resolved.producer, pointwise=True)
             assert weight is not None  # checked by Dora.check_target
-            with torch.no_grad():
-                magnitude = self._norm(_rows(weight, target, self._index(target)), target)
-            device = factory_kwargs(resolved.producer, host.module)["device"]
-            self.pair(target.name).magnitude = nn.Parameter(magnitude.to(device))
+            kwargs = factory_kwargs(resolved.producer, host.module)
+            if kwargs["device"].type == "meta":  # planned for its sizes only (``sizes_only``)
+                magnitude = torch.empty(target.write.width, **kwargs)
+            else:
+                with torch.no_grad():
+                    magnitude = self._norm(_rows(weight, target, self._index(target)), target)
+            self.pair(target.name).magnitude = nn.Parameter(magnitude)
         self._merge_deltas: Dict[str, torch.Tensor] = {}
 
     def _index(self, target: Target) -> Optional[torch.Tensor]:
