@@ -60,6 +60,9 @@ METHODS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "prefix": ("prefix", {}),  # L = 16, reparameterised
     "vpt": ("vpt", {}),  # deep, 10 tokens
     "ssf": ("ssf", {}),  # q, k, v, proj, fc1, fc2
+    "fact_tt": ("fact", {"variant": "tt"}),  # r = 8, q, k, v, proj, fc1, fc2, factors shared across blocks
+    "fact_tk": ("fact", {"variant": "tk", "rank": 32}),  # r = 32 (the code's TK configs use 16 or 32)
+    "dora": ("dora", {"rank": 8, "targets": ["q", "v"]}),  # rank-8 DoRA on the q and v slices of qkv
 }
 
 

@@ -9,7 +9,16 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_snapshot, images, make_family, make_swin, make_vit, snapshot
+from conftest import (
+    assert_merges_to_plain,
+    assert_same_snapshot,
+    images,
+    make_family,
+    make_swin,
+    make_vit,
+    perturb_inserted,
+    snapshot,
+)
 from family_checks import check_method
 
 import petl_surgery as ps
@@ -17,15 +26,6 @@ from petl_surgery.methods.dora import WeightDecomposedAdapter
 from petl_surgery.methods.lora import LowRankAdapter
 
 ROWS = {"q": 0, "k": 1, "v": 2}
-
-
-def randomized(model, std=0.1, seed=5):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".petl_" in name:
-                parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64).to(parameter.dtype) * std)
-    return model
 
 
 def layer_and_rows(block, target):
@@ -59,7 +59,7 @@ def decomposed_by_hand(base, model, targets, scaling):
 )
 def test_dora_equals_the_weight_decomposed_update(family, targets):
     base = make_family(family).double()
-    model = randomized(ps.apply(copy.deepcopy(base), "dora", targets=targets, rank=4, alpha=6))
+    model = perturb_inserted(ps.apply(copy.deepcopy(base), "dora", targets=targets, rank=4, alpha=6))
     x = images(family, dtype=torch.float64)
     torch.testing.assert_close(model(x), decomposed_by_hand(base, model, targets, 6 / 4)(x), rtol=0, atol=1e-10)
 
@@ -76,7 +76,7 @@ def test_init_is_loras_with_the_row_norms_as_magnitude_so_the_output_is_unchange
 
 def test_the_norm_is_detached_in_backward():
     """Gradients of A, B and m are those of ``m * (W0 + s B A) / n`` with n a constant (DoRA 4.3, PEFT)."""
-    model = randomized(ps.apply(make_vit().double(), "dora", targets=["q"], rank=2, alpha=2))
+    model = perturb_inserted(ps.apply(make_vit().double(), "dora", targets=["q"], rank=2, alpha=2))
     qkv, pair = model.blocks[0].attn.qkv, model.blocks[0].attn.petl_dora.q
     seen = []
     handle = qkv.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
@@ -133,12 +133,5 @@ def test_family_contract(tmp_path, family):
 
 @pytest.mark.parametrize("family", ["vit", "swin"])
 def test_merged_outputs_equal_unmerged_and_the_state_dict_loads_into_a_plain_model(family):
-    model = randomized(ps.apply(make_family(family), "dora", targets=["q", "v", "proj", "fc1", "fc2"], rank=4))
-    x = images(family)
-    unmerged = model(x)
-    ps.merge(model)
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    plain = make_family(family)
-    assert list(model.state_dict()) == list(plain.state_dict())
-    plain.load_state_dict(model.state_dict())
-    assert torch.equal(plain(x), model(x))
+    model = perturb_inserted(ps.apply(make_family(family), "dora", targets=["q", "v", "proj", "fc1", "fc2"], rank=4))
+    assert_merges_to_plain(model, lambda: make_family(family), images(family))

@@ -141,7 +141,8 @@ def apply(
 
     Args:
         model: a timm (or torch) model; its class, parameters and state_dict keys stay as they are.
-        method: "patt", "adapter", "bapat", "lora", "prefix", "vpt" or "ssf" (see the README for each).
+        method: "patt", "adapter", "bapat", "lora", "prefix", "vpt", "ssf", "fact" or "dora" (see the
+            README for each).
         layers: which blocks: None (all), an int, an iterable of ints or a slice, over the global block
             index of :func:`blocks` (negative indices count from the end).
         train_head: keep the classifier head trainable (default True).

@@ -34,6 +34,13 @@ that share A as that A with their B's stacked into the output rows (rank r); oth
 stacked and their B's block-diagonal (rank: the sum), the rows of untargeted slices zero. Trainable
 base parameters (the head) are written as ``modules_to_save`` (their whole module).
 ``peft.PeftModel.from_pretrained(fresh_model, directory)`` then computes what the model computes.
+
+DoRA (``use_dora: true``): each wrapped module also has ``base_model.model.<path>.lora_magnitude_vector``
+(one m per output row; ``...lora_magnitude_vector.default.weight`` in memory). It imports as method
+"dora" the same way, each target taking its rows of m (DoRA's rows are independent, so splitting a fused
+LoRA by rows with A copied computes the same); DoRA exports with m on the targets' rows and ``||W0||``
+on rows the exported B leaves zero (PEFT's ``m / n`` is 1 there). LoRA and DoRA in one model cannot be
+one PEFT adapter (``use_dora`` is per adapter) and are refused.
 """
 
 from __future__ import annotations

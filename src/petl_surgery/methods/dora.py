@@ -42,7 +42,7 @@ from torch import nn
 from ..hooks import hook_owner
 from .base import UnsupportedBlockError, branch_input, factory_kwargs
 from .lora import Lora, LoraOptions, LowRankAdapter, Target
-from .targets import HostTargets, ResolvedTarget, foldable_weight
+from .targets import HostTargets, ResolvedTarget, add_to_rows, foldable_weight
 
 
 @dataclass(frozen=True)
@@ -154,13 +154,7 @@ class WeightDecomposedAdapter(LowRankAdapter):
         with torch.no_grad():
             for target in self.targets:
                 weight = host.get_submodule(target.producer).weight
-                rows = weight.view(weight.shape[0], -1)
-                delta = self._merge_deltas.pop(target.name)
-                index = self._index(target)
-                if index is None:
-                    rows.narrow(0, target.write.output_start, target.write.width).add_(delta)
-                else:
-                    rows.index_add_(0, index, delta)
+                add_to_rows(weight, target.write, self._index(target), self._merge_deltas.pop(target.name))
 
 
 class Dora(Lora):

@@ -71,7 +71,7 @@ from .base import (
     check_positive_int,
     factory_kwargs,
 )
-from .targets import HostTargets, fold_refusal, foldable_weight, resolve_targets
+from .targets import HostTargets, add_to_rows, fold_refusal, foldable_weight, resolve_targets
 
 VARIANTS = ("tt", "tk")
 ATTENTION_TARGETS = ("q", "k", "v", "proj")
@@ -267,13 +267,7 @@ class FactorTuning(MergeableModule):
             for inc in self.increments:
                 weight = foldable_weight(host.get_submodule(inc.producer), pointwise=True)
                 assert weight is not None  # checked by merge() before anything changed
-                rows = weight.view(weight.shape[0], -1)
-                delta = self.delta_weight(inc, cores[inc.name]).to(rows.dtype)
-                index = getattr(self, f"index_{inc.name}", None)
-                if index is None:
-                    rows.narrow(0, inc.write.output_start, inc.write.width).add_(delta)
-                else:
-                    rows.index_add_(0, index, delta)
+                add_to_rows(weight, inc.write, getattr(self, f"index_{inc.name}", None), self.delta_weight(inc, cores[inc.name]))
 
 
 def _increments(host: HostTargets, width: int, method: str, where: str) -> List[Increment]:

@@ -37,6 +37,7 @@ from .base import (
 from .targets import (
     HostTargets,
     ResolvedTarget,
+    add_to_rows,
     fold_refusal,
     foldable_weight,
     insertions_per_host,
@@ -196,13 +197,8 @@ class LowRankAdapter(MergeableModule):
             for target in self.targets:
                 weight = foldable_weight(host.get_submodule(target.producer), pointwise=True)
                 assert weight is not None  # checked by merge() before anything changed
-                rows = weight.view(weight.shape[0], -1)
-                delta = (self.pair(target.name).delta_weight() * self.scaling).to(rows.dtype)
-                index = getattr(self, f"index_{target.name}", None)
-                if index is None:
-                    rows.narrow(0, target.write.output_start, target.write.width).add_(delta)
-                else:
-                    rows.index_add_(0, index, delta)
+                delta = self.pair(target.name).delta_weight() * self.scaling
+                add_to_rows(weight, target.write, getattr(self, f"index_{target.name}", None), delta)
 
 
 class Lora(Method):
