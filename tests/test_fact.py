@@ -174,6 +174,15 @@ def test_a_block_subset_loads_the_factors_of_its_widths_only(tmp_path):
     assert torch.equal(fresh(images("swin")), subset(images("swin")))
 
 
+def test_a_block_map_moves_the_cores_and_keeps_the_factors(tmp_path):
+    model = perturb_inserted(ps.apply(make_vit(), "fact", rank=4))
+    ps.save(model, tmp_path / "fact.safetensors")
+    shallow = ps.load(make_vit(depth=2), tmp_path / "fact.safetensors", block_map={2: 0, 3: 1}, head=False)
+    assert torch.equal(shallow.petl_fact.d64.u, model.petl_fact.d64.u)
+    assert torch.equal(shallow.blocks[1].mlp.petl_fact.fc2, model.blocks[3].mlp.petl_fact.fc2)
+    assert ps.summary(shallow).per_method == ps.summary(ps.apply(make_vit(depth=2), "fact", rank=4)).per_method
+
+
 def test_remove_takes_the_shared_factors_too():
     model = ps.apply(make_vit(), "fact")
     ps.remove(model, "fact")
