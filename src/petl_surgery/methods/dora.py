@@ -121,22 +121,25 @@ class WeightDecomposedAdapter(LowRankAdapter):
         """``output + (m/n - 1) W0 x~ + (m/n) s B A x~`` on the targets' channels of ``producer``."""
         dim = self.channel_dim
         stack = self._stacks[producer]
+        out = output if dim == -1 else output.movedim(dim, -1)
         x = branch_input(args[0] if dim == -1 else args[0].movedim(dim, -1), self.pair(stack.names[0]).lora_A)
         dropped = self.training and self.dropout.p > 0
         if dropped:
             x = self.dropout(x)
         weight = module.weight
-        channels = output.shape[dim]
-        scale = self._scales(producer, weight, channels)
-        update = F.linear(F.linear(x, self._stacked_a(stack)), self._placed_b(stack, channels))
+        channels = out.shape[-1]
+        scale = self._scales(producer, weight, channels).to(out.dtype)
+        update = F.linear(F.linear(x, self._stacked_a(stack)), self._placed_b(stack, channels)).to(out.dtype)
         if not dropped and self._first_on(module):
-            base = output if dim == -1 else output.movedim(dim, -1)
-            if module.bias is not None:
-                base = base - module.bias
+            # out = W0 x + b, so out + (m/n - 1)(out - b) + (m/n) U = (m/n)(out + U) - (m/n - 1) b: two passes
+            if module.bias is None:
+                result = (out + update) * scale
+            else:
+                result = torch.addcmul((1 - scale) * module.bias.to(out.dtype), scale, out + update)
         else:
-            base = F.linear(x, weight.view(weight.shape[0], -1).to(x.dtype))
-        result = (scale - 1) * base + scale * update
-        return output + (result if dim == -1 else result.movedim(-1, dim)).to(output.dtype)
+            base = F.linear(x, weight.view(weight.shape[0], -1).to(x.dtype)).to(out.dtype)
+            result = torch.addcmul(torch.addcmul(out, scale - 1, base), scale, update)
+        return result if dim == -1 else result.movedim(-1, dim)
 
     def before_merge(self, host: nn.Module) -> None:
         """Each target's row update ``(m/n - 1) W0 + (m/n) s B A``, from the weights as they are now."""

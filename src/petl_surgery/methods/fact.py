@@ -218,18 +218,24 @@ class FactorTuning(MergeableModule):
         r = m.shape[0]
         return {"fc1": m[:, :, :k].reshape(r, k * r).t(), "fc2": m[:, :, k:].reshape(r, k * r)}
 
-    def _increment(self, inc: Increment, x: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
-        """``V dropout(K U x)`` over the target's slices, channels last, unscaled."""
-        u, v = self._pair.u, self._pair.v
+    def _reduced(self, inc: Increment, x: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+        """``s dropout(K U x)`` per slice, channels last (``(..., slices r)``; fc2: ``(..., r)``): all
+        that precedes V, with s folded into the small core."""
+        u = self._pair.u
+        core = core if self.scale == 1.0 else core * self.scale
         if inc.columns:
-            ux = F.linear(x.unflatten(-1, (inc.slices, -1)), u).flatten(-2)
-            return F.linear(self.dropout(F.linear(ux, core)), v)
-        z = self.dropout(F.linear(F.linear(x, u), core))
-        return F.linear(z.unflatten(-1, (inc.slices, -1)), v).flatten(-2)
+            return self.dropout(F.linear(F.linear(x.unflatten(-1, (inc.slices, -1)), u).flatten(-2), core))
+        return self.dropout(F.linear(F.linear(x, u), core))
+
+    def _expansion(self, inc: Increment) -> torch.Tensor:
+        """V for each slice of the target's output: block-diagonal ``(slices d) x (slices r)`` (fc2: V)."""
+        v = self._pair.v
+        return v if inc.columns or inc.slices == 1 else torch.block_diag(*[v] * inc.slices)
 
     def add_increment(self, producer: str, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        """``output + s * V dropout(K U x)`` on the channels of each target of ``producer``; targets
-        lying end to end over the whole output (timm's fused qkv) take one core product and one add."""
+        """``output + s * V dropout(K U x)`` on the channels of each target of ``producer``. Targets lying
+        end to end over the whole output (timm's fused qkv, fc1, fc2) take one core product, and the
+        expansion by V adds into the output in the same matmul (``addmm``, out of place)."""
         dim = self.channel_dim
         x = args[0] if dim == -1 else args[0].movedim(dim, -1)
         x = x.to(self._pair.u.dtype)
@@ -238,16 +244,20 @@ class FactorTuning(MergeableModule):
         channels = output.shape[dim]
         starts = [sum(i.write.width for i in mine[:n]) for n in range(len(mine))]
         tiles = all(i.write.index is None and i.write.output_start == s for i, s in zip(mine, starts))
-        if tiles and sum(i.write.width for i in mine) == channels and not any(i.columns for i in mine):
-            stacked = Increment("", producer, Write(0, 0, channels), sum(i.slices for i in mine))
+        if tiles and sum(i.write.width for i in mine) == channels and (len(mine) == 1 or not any(i.columns for i in mine)):
+            whole = mine[0] if len(mine) == 1 else Increment("", producer, Write(0, 0, channels), sum(i.slices for i in mine))
             core = cores[mine[0].name] if len(mine) == 1 else torch.cat([cores[i.name] for i in mine])
-            update = self._increment(stacked, x, core)
-            return output + self.scale * (update if dim == -1 else update.movedim(-1, dim)).to(output.dtype)
+            z, expansion = self._reduced(whole, x, core), self._expansion(whole)
+            if dim == -1 and output.is_contiguous() and output.dtype == z.dtype:
+                flat = torch.addmm(output.reshape(-1, channels), z.reshape(-1, z.shape[-1]), expansion.t())
+                return flat.view(output.shape)
+            update = F.linear(z, expansion)
+            return output + (update if dim == -1 else update.movedim(-1, dim)).to(output.dtype)
         for inc in mine:
-            part = self._increment(inc, x, cores[inc.name])
+            part = F.linear(self._reduced(inc, x, cores[inc.name]), self._expansion(inc))
             if dim != -1:
                 part = part.movedim(-1, dim)
-            output = added_into_channels(output, dim, inc.write, part, self.scale, getattr(self, f"index_{inc.name}", None))
+            output = added_into_channels(output, dim, inc.write, part, 1.0, getattr(self, f"index_{inc.name}", None))
         return output
 
     def delta_weight(self, inc: Increment, core: torch.Tensor) -> torch.Tensor:
