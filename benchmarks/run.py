@@ -64,6 +64,9 @@ METHODS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "adapter_plus": ("adapter_plus", {}),  # r = 8, channel scale, after the block's MLP residual
     "convpass": ("convpass", {}),  # h = 8, beside attention and MLP (flat-token models only)
     "repadapter": ("repadapter", {}),  # h = 8, g = 2, on the inputs of qkv and fc1
+    "fact_tt": ("fact", {"variant": "tt"}),  # r = 8, q, k, v, proj, fc1, fc2, factors shared across blocks
+    "fact_tk": ("fact", {"variant": "tk", "rank": 32}),  # r = 32 (the code's TK configs use 16 or 32)
+    "dora": ("dora", {"rank": 8, "targets": ["q", "v"]}),  # rank-8 DoRA on the q and v slices of qkv
 }
 # merged configuration -> the configuration of METHODS it merges (``petl_surgery.merge``)
 MERGED = {"lora_merged": "lora_qkv", "repadapter_merged": "repadapter"}

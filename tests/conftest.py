@@ -103,6 +103,31 @@ def randomize(module: nn.Module, std: float = 0.2) -> None:
             parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64) * std)
 
 
+def perturb_inserted(model: nn.Module, std: float = 0.1, seed: int = 5) -> nn.Module:
+    """Add seeded noise to every inserted tensor (names containing ``petl_``), keeping inits' structure
+    (DoRA's magnitudes stay near the row norms); returns ``model``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "petl_" in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64).to(parameter.dtype) * std)
+    return model
+
+
+def assert_merges_to_plain(model: nn.Module, build: Callable[[], nn.Module], x: torch.Tensor, tol: float = 1e-5) -> None:
+    """``merge`` keeps the outputs (up to ``tol``) and leaves exactly the state_dict of the plain model
+    ``build()`` makes, which then computes the same."""
+    import petl_surgery as ps
+
+    unmerged = model(x)
+    ps.merge(model)
+    torch.testing.assert_close(model(x), unmerged, rtol=tol, atol=tol)
+    plain = build()
+    assert list(model.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(plain(x), model(x))
+
+
 def snapshot(model: nn.Module) -> dict:
     """Everything surgery could change: module tree, tensors, requires_grad flags and hooks."""
     return {

@@ -265,8 +265,8 @@ def test_remove_refuses_what_is_not_there():
     ps.apply(model, "patt")
     with pytest.raises(ps.SurgeryError, match="'adapter' is not applied to this model; applied: patt"):
         ps.remove(model, "adapter")
-    with pytest.raises(ps.SurgeryError, match="unknown method 'dora'"):
-        ps.remove(model, "dora")
+    with pytest.raises(ps.SurgeryError, match="unknown method 'glora'"):
+        ps.remove(model, "glora")
 
 
 def test_a_deep_copy_carries_working_surgery():

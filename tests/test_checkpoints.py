@@ -265,8 +265,8 @@ def test_a_model_with_other_surgery_is_refused(saved_vit):
 
 
 def test_a_method_this_version_does_not_know_is_refused(saved_vit, tmp_path):
-    path = rewrite(saved_vit[1], tmp_path / "v.safetensors", metadata={"methods": [{"method": "dora", "options": {}, "blocks": [0]}]})
-    refuses(make_vit(), path, "cannot take: unknown method 'dora'")
+    path = rewrite(saved_vit[1], tmp_path / "v.safetensors", metadata={"methods": [{"method": "glora", "options": {}, "blocks": [0]}]})
+    refuses(make_vit(), path, "cannot take: unknown method 'glora'")
 
 
 def test_block_indices_the_model_lacks_are_refused(saved_vit, tmp_path):

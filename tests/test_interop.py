@@ -181,7 +181,7 @@ def test_peft_refusals_leave_the_model_untouched(tmp_path):
     patch = {"base_model.model.blocks.0.norm1.lora_A.weight": torch.zeros(2, 64), "base_model.model.blocks.0.norm1.lora_B.weight": torch.zeros(64, 2)}
     cases = {
         "type 'IA3'": ({**base, "peft_type": "IA3"}, good_tensors),
-        "DoRA": ({**base, "use_dora": True}, good_tensors),
+        "'blocks.0.attn.qkv' has lora_magnitude_vector missing": ({**base, "use_dora": True}, good_tensors),
         "other shapes": (base, wide),
         "blocks.0.norm1": (base, patch),
         "rank 4, its config says r = 8": ({**base, "r": 8}, good_tensors),
@@ -272,6 +272,85 @@ def test_export_refuses_a_dilated_convolution_and_two_updates_on_one_layer(tmp_p
     vit = ps.apply(ps.apply(make_vit(), "lora", targets=["fc1"], layers=[0]), "lora", modules=r"blocks\.0\.mlp\.fc1")
     with pytest.raises(ps.SurgeryError, match=r"two LoRA updates act on 'blocks\.0\.mlp\.fc1'"):
         ps.export(vit, tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------ PEFT DoRA
+
+
+def rope_vit_unfused():
+    """A ViT with separate q_proj, k_proj, v_proj Linears."""
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_small_patch16_rope_224", img_size=64, embed_dim=64, depth=2, num_heads=2, qkv_fused=False, num_classes=5
+    ).eval()
+
+
+def peft_dora(tmp_path, build, **config):
+    """A PEFT DoRA (``use_dora=True``) with every trainable tensor moved off its init, saved by PEFT."""
+    peft_model = get_peft_model(build(), LoraConfig(use_dora=True, **config))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    peft_model.save_pretrained(tmp_path / "dora")
+    return peft_model.eval(), tmp_path / "dora"
+
+
+@pytest.mark.parametrize(
+    "build, config",
+    [
+        (make_vit, dict(r=4, lora_alpha=8, target_modules=["qkv", "fc1"], modules_to_save=["head"])),
+        (rope_vit_unfused, dict(r=4, lora_alpha=6, target_modules=["q_proj", "k_proj", "v_proj", "fc2"], use_rslora=True)),
+    ],
+    ids=["fused_qkv", "separate_projections"],
+)
+def test_peft_dora_imports_with_identical_outputs(tmp_path, build, config):
+    peft_model, directory = peft_dora(tmp_path, build, **config)
+    model = ps.load(build(), directory)
+    assert {module.method for module in model.modules() if isinstance(module, PetlModule)} == {"dora"}
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), peft_model(x), rtol=0, atol=1e-6)
+    peft_count = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    assert ps.summary(model).inserted == peft_count
+
+
+def test_imported_dora_trains_as_pefts_with_dropout(tmp_path):
+    """Train mode with lora_dropout: both draw one dropout mask per wrapped module, in the same order,
+    and compute ``(m/n - 1) W0 x~ + (m/n) s B A x~`` on the dropped input x~."""
+    peft_model, directory = peft_dora(tmp_path, make_vit, r=4, lora_alpha=8, target_modules=["qkv", "fc1"], lora_dropout=0.3)
+    model = ps.load(make_vit(), directory)
+    outputs = []
+    for network in (model, peft_model):
+        network.train()
+        torch.manual_seed(11)
+        outputs.append(network(images()))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_dora_exports_to_peft_with_equal_outputs_and_imports_back(tmp_path):
+    model = ps.apply(make_vit(), "dora", rank=4, alpha=6, targets=["q", "v", "fc2"])  # k rows: B 0, m ||W0_k||
+    for module in model.modules():
+        if isinstance(module, PetlModule):
+            randomize(module, std=0.1)
+    ps.export(model, tmp_path / "exported", format="peft")
+    config = json.loads((tmp_path / "exported" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    tensors = load_file(tmp_path / "exported" / "adapter_model.safetensors")
+    assert tensors["base_model.model.blocks.0.attn.qkv.lora_magnitude_vector"].shape == (192,)
+    loaded = PeftModel.from_pretrained(make_vit(), tmp_path / "exported").eval()
+    with torch.no_grad():
+        expected = model(images())
+        close(loaded(images()), expected)
+        close(ps.load(make_vit(), tmp_path / "exported")(images()), expected)
+
+
+def test_dora_export_refuses_a_mix_with_lora(tmp_path):
+    model = ps.apply(make_vit(), "dora", targets=["q"])
+    ps.apply(model, "lora", targets=["v"])
+    with pytest.raises(ps.SurgeryError, match="LoRA or DoRA in all its modules"):
+        ps.export(model, tmp_path / "out", format="peft")
     assert not (tmp_path / "out").exists()
 
 

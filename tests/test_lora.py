@@ -8,9 +8,19 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_snapshot, images, make_family, make_swin, make_vit, snapshot
+from conftest import (
+    assert_merges_to_plain,
+    assert_same_snapshot,
+    images,
+    make_family,
+    make_swin,
+    make_vit,
+    perturb_inserted,
+    snapshot,
+)
 
 import petl_surgery as ps
+from petl_surgery.methods.base import MergeableModule
 from petl_surgery.methods.lora import LowRankAdapter
 
 D, DEPTH = 64, 4
@@ -220,14 +230,7 @@ def test_qkv_target_round_trips_through_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("family", ["vit", "swin", "deit_distilled"])
 def test_merged_outputs_equal_unmerged_and_the_state_dict_loads_into_a_plain_model(family):
     model = with_random_b(ps.apply(make_family(family), "lora", targets=["q", "v", "proj", "fc1", "fc2"]))
-    x = images(family)
-    unmerged = model(x)
-    ps.merge(model)
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    plain = make_family(family)
-    assert list(model.state_dict()) == list(plain.state_dict())
-    plain.load_state_dict(model.state_dict())
-    assert torch.equal(plain(x), model(x))
+    assert_merges_to_plain(model, lambda: make_family(family), images(family))
     assert all(p.requires_grad for p in model.parameters())  # the flags from before surgery
 
 
@@ -281,3 +284,74 @@ def test_lora_modules_are_low_rank_adapters():
     model = ps.apply(make_vit(), "lora", targets=["q", "fc2"])
     assert isinstance(model.blocks[0].attn.petl_lora, LowRankAdapter)
     assert isinstance(model.blocks[0].mlp.petl_lora, LowRankAdapter)
+
+
+# ---------------------------------------------------------------- merge: every mergeable method, stacked
+
+
+@pytest.mark.parametrize(
+    "family, order",
+    [("vit", ("lora", "ssf", "dora", "fact")), ("vit", ("ssf", "dora", "lora", "fact")), ("vit", ("dora", "fact", "ssf", "lora"))],
+    ids=["lora-ssf-dora-fact", "ssf-dora-lora-fact", "dora-fact-ssf-lora"],
+)
+def test_stacked_lora_ssf_dora_fact_on_the_same_projections_merge_in_apply_order(family, order):
+    """SSF scales what the branches applied before it added; DoRA's norm is the stored weight's; merge
+    folds them in apply order, each reading the unmerged weights first, and gives the plain model."""
+    options = {"lora": {"targets": ["q", "v", "fc1"]}, "ssf": {}, "dora": {"targets": ["q", "k", "fc1", "fc2"]}, "fact": {"dropout": 0.0}}
+    model = make_family(family).double()
+    for method in order:
+        ps.apply(model, method, **options[method])
+    perturb_inserted(model, seed=6)
+    assert_merges_to_plain(model, lambda: make_family(family).double(), images(family, dtype=torch.float64), tol=1e-10)
+
+
+class InputScale(MergeableModule):
+    """A test-only module transforming a producer's input, ``x -> x * c`` per channel (folded as
+    ``W <- W diag(c)``), as a re-parameterised input adapter is."""
+
+    acts_on_input = True
+    component = "input_scale"
+
+    def __init__(self, width):
+        super().__init__("input_scale", {}, 0)
+        self.c = torch.nn.Parameter(1 + 0.1 * torch.randn(width, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
+
+    def scale_input(self, module, args):
+        return (args[0] * self.c,)
+
+    def producers(self):
+        return ["qkv"]
+
+    def merge_refusal(self, host):
+        return None
+
+    def merge_into(self, host):
+        with torch.no_grad():
+            host.qkv.weight.mul_(self.c)
+
+
+@pytest.mark.parametrize("first", ["input", "lora"])
+def test_a_module_acting_on_the_input_is_folded_after_the_output_side_ones(first):
+    """The projection's weight multiplies the input transform whichever was applied first, so merge
+    folds ``acts_on_input`` modules last (``(W + dW) diag(c)``, not ``W diag(c) + dW``)."""
+    from petl_surgery.api import commit
+    from petl_surgery.methods.base import Hook, Insertion
+
+    model = make_vit().double()
+    attention = model.blocks[0].attn
+
+    def insert_scale():
+        module = InputScale(attention.qkv.in_features)
+        commit(model, [Insertion(0, "blocks.0.attn", attention, "petl_input_scale", module, [Hook(attention.qkv, "forward_pre", module.scale_input)])], "frozen")
+
+    if first == "input":
+        insert_scale()
+    ps.apply(model, "lora", targets=["q", "v"])
+    if first == "lora":
+        insert_scale()
+    with_random_b(model)
+    x = images(dtype=torch.float64)
+    unmerged = model(x)
+    ps.merge(model)
+    torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-10)
+    assert not any(isinstance(module, MergeableModule) for module in model.modules())

@@ -159,7 +159,7 @@ def apply(
     Args:
         model: a timm (or torch) model; its class, parameters and state_dict keys stay as they are.
         method: "patt", "adapter", "bapat", "lora", "prefix", "vpt", "ssf", "houlsby", "adapter_plus",
-            "convpass" or "repadapter" (see the README for each).
+            "convpass", "repadapter", "fact" or "dora" (see the README for each).
         layers: which blocks: None (all), an int, an iterable of ints or a slice, over the global block
             index of :func:`blocks` (negative indices count from the end). Not with LoRA's and SSF's
             ``modules`` option, which chooses layers by name pattern instead (any model, blocks or not).
@@ -254,28 +254,38 @@ def _take_out(model: nn.Module, present: Sequence[Tuple[str, PetlModule]], resto
 def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
     """Fold every mergeable method into the base weights and remove it, in place; return the model.
 
-    Mergeable: LoRA (``W += (alpha / r) B A`` on each target's rows of a plain Linear or 1x1 Conv2d, or
-    on the whole weight of a layer chosen by name, a convolution of any kernel included) and
-    SSF (``W <- diag(gamma) W``, ``b <- gamma * b + beta`` on each target's rows of a plain Linear or
-    convolution that has a bias), RepAdapter (``W <- W (I + s B A)``, ``b <- b + s W (B a + b_B)`` on the
-    q/k/v and fc1 projections whose input it adapts; refused while another branch reads that input,
-    unless it is a LoRA applied before it). Not mergeable: PATT and the adapters (their tanh/ReLU branches depend
-    on the input nonlinearly), prefix tuning and VPT (they add tokens). With any of those present, merge
-    raises naming them unless ``keep_unmergeable=True``, which leaves them in place; SSF is then merged
-    only where no kept branch adds into its producer's output before it (its scale would have to apply
-    to that branch too). Methods are folded in the order they were applied, which is the order their
-    hooks run. Once nothing else is left, the model's state_dict has exactly the plain model's keys, and
-    its outputs equal the unmerged model's up to floating-point rounding (statistics adapted with
+    Mergeable: every method whose inserted modules are :class:`~petl_surgery.methods.base.MergeableModule`
+    s: LoRA (``W += (alpha / r) B A`` on each target's rows of a plain Linear or 1x1 Conv2d, or on the
+    whole weight of a layer chosen by name, a convolution of any kernel included), DoRA
+    (``W += (m / n - 1) W0 + (m / n) (alpha / r) B A`` row-wise, ``n`` the norm its forward uses), FacT
+    (``W += s V K U`` per target, the factors shared across blocks), SSF (``W <- diag(gamma) W``,
+    ``b <- gamma * b + beta`` on each target's rows of a plain Linear or convolution that has a bias) and
+    RepAdapter (``W <- W (I + s B A)``, ``b <- b + s W (B a + b_B)`` on the q/k/v and fc1 projections
+    whose input it adapts; refused while another branch reads that input, unless it is a LoRA applied
+    before it). Not mergeable: PATT and the bottleneck adapters (their tanh/ReLU branches depend on the
+    input nonlinearly), prefix tuning and VPT (they add tokens). With any of those present, merge raises
+    naming them unless ``keep_unmergeable=True``, which leaves them in place; a method that transforms its
+    projection's output (SSF) or input (RepAdapter) is then merged only where no kept branch adds into
+    that output before it or reads that input.
+
+    Order: modules acting on their projections' outputs are folded in the order they were applied, which
+    is the order their hooks run; modules transforming a projection's input (``acts_on_input``) come
+    after them, latest applied first (the projection's weight multiplies everything folded before).
+    Every module reads what it needs from the unmerged model before any is folded (``before_merge``).
+    Once nothing else is left, the model's state_dict has exactly the plain model's keys, and its outputs
+    equal the unmerged model's up to floating-point rounding (statistics adapted with
     ``statistics="adapt"`` stay in the merged model).
     """
     present = inserted_modules(inner(model))
+    mergeable = [(path, module) for path, module in present if isinstance(module, MergeableModule)]
     mergeable = sorted(
-        [(path, module) for path, module in present if isinstance(module, MergeableModule)], key=lambda item: item[1].order
-    )
+        [item for item in mergeable if not item[1].acts_on_input], key=lambda item: item[1].order
+    ) + sorted([item for item in mergeable if item[1].acts_on_input], key=lambda item: -item[1].order)
     others = sorted({module.method for _, module in present if not isinstance(module, MergeableModule)})
     if not mergeable:
         raise SurgeryError(
-            f"{type(model).__name__} carries no mergeable method (LoRA, SSF); applied: {', '.join(others) or 'none'}"
+            f"{type(model).__name__} carries no mergeable method (LoRA, DoRA, FacT, SSF, ...); applied: "
+            f"{', '.join(others) or 'none'}"
         )
     if others and not keep_unmergeable:
         raise SurgeryError(
@@ -289,6 +299,8 @@ def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
         if reason is not None:
             raise SurgeryError(f"{path} ({module.method}) cannot be merged: {reason}")
     for path, module in mergeable:
+        module.before_merge(hosts[path])
+    for path, module in mergeable:
         module.merge_into(hosts[path])
     _take_out(model, mergeable, restore_statistics=False)  # adapted statistics belong to the merged model
     return model
@@ -296,15 +308,27 @@ def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
 
 def _kept_before(module: MergeableModule, host: nn.Module, merged: Set[int]) -> Optional[str]:
     """For a module that transforms its producers' outputs: a branch that stays (is not merged) and runs
-    before it on one of its producers, named; None otherwise."""
-    if module.additive:
+    before it on one of its producers, named; for one that transforms their input: any branch that stays
+    on them (it reads that input); None otherwise."""
+    if module.additive and not module.acts_on_input:
         return None
     for producer in module.producers():
-        for hook in host.get_submodule(producer)._forward_hooks.values():
+        layer = host.get_submodule(producer)
+        hooks = list(layer._forward_hooks.values())
+        if module.acts_on_input:
+            hooks += list(layer._forward_pre_hooks.values())
+        for hook in hooks:
             owner = hook_owner(hook)
             if owner is module:
+                if module.acts_on_input:
+                    continue
                 break
             if isinstance(owner, PetlModule) and id(owner) not in merged:
+                if module.acts_on_input:
+                    return (
+                        f"the {owner.method} branch on {producer!r}, which stays, reads that projection's input; "
+                        "remove that method first"
+                    )
                 return (
                     f"the {owner.method} branch on {producer!r}, which stays, adds into that output before it; "
                     "remove that method first"

@@ -104,6 +104,7 @@ def _build_for_plan(name: str, model_args: Dict[str, Any]) -> Tuple[Any, str]:
 def cmd_plan(args: argparse.Namespace) -> int:
     import petl_surgery as ps
     from petl_surgery.api import plan
+    from petl_surgery.inserted import SHARED_BLOCK
 
     model_args = parse_options(args.model_arg)
     if args.num_classes is not None:
@@ -121,7 +122,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     names = {id(module): path for path, module in model.named_modules()}
     found = ps.blocks(model)
-    chosen = sorted({insertion.block for insertion in insertions})
+    chosen = sorted({insertion.block for insertion in insertions if insertion.block != SHARED_BLOCK})
     total = sum(p.numel() for p in model.parameters())
     print(f"model    {args.model} ({type(model).__name__}), built without weights on the {device} device; "
           f"{len(found)} blocks, {total:,} parameters")
@@ -139,7 +140,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             for patch in insertion.patches
         )
         count = sum(p.numel() for p in insertion.module.parameters())
-        rows.append((str(insertion.block), insertion.path, type(insertion.module).__name__, f"{count:,}", hooks + patched))
+        block = "shared" if insertion.block == SHARED_BLOCK else str(insertion.block)
+        rows.append((block, insertion.path, type(insertion.module).__name__, f"{count:,}", hooks + patched))
     _table(("block", "inserted module", "class", "parameters", "acts through"), rows, right={0, 3})
     per_method: Dict[str, int] = {}
     for insertion in insertions:

@@ -14,14 +14,19 @@ CHILD_PREFIX = "petl_"
 # The block index of a module inserted on a layer chosen by name pattern rather than in a block (LoRA's
 # and SSF's ``modules`` option): such surgery is recorded with blocks ``[OUTSIDE_BLOCKS]``.
 OUTSIDE_BLOCKS = -1
+# The block index of an inserted module that no single block owns: tensors shared by the blocks of its
+# apply call (FacT's factors), a child of the model itself. Recorded surgery lists the blocks of the
+# modules that are owned; ``summary`` shows such a module as "shared". Never recorded in a checkpoint.
+SHARED_BLOCK = -2
 
 
 class PetlModule(nn.Module):
     """Base class of every module petl_surgery inserts into a model.
 
     Each instance carries the user-facing method name that inserted it (``"bapat"`` for both halves of
-    BAPAT), that method's resolved options, and its block index: ``summary``, ``save`` and ``remove``
-    read the module tree and nothing else.
+    BAPAT), that method's resolved options, and its block index (``SHARED_BLOCK`` for tensors the
+    blocks of one apply call share): ``summary``, ``save`` and ``remove`` read the module tree and
+    nothing else.
     """
 
     component: ClassVar[str] = ""

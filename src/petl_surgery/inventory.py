@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Set, Tuple
 
 from torch import nn
 
+from .inserted import SHARED_BLOCK
 from .methods import PetlModule
 
 # requires_grad of every parameter before the first surgery, restored when the last method is removed.
@@ -31,7 +32,7 @@ def surgery_record(model: nn.Module) -> List[Dict[str, Any]]:
     calls: Dict[int, Dict[str, Any]] = {}
     for _, module in inserted_modules(model):
         call = calls.setdefault(module.order, {"method": module.method, "options": module.options, "blocks": []})
-        if module.block not in call["blocks"]:
+        if module.block != SHARED_BLOCK and module.block not in call["blocks"]:
             call["blocks"].append(module.block)
     for call in calls.values():
         call["blocks"].sort()

@@ -8,6 +8,7 @@ from typing import Dict, List
 from torch import nn
 
 from .freezing import head_parameter_names
+from .inserted import SHARED_BLOCK
 from .inventory import delta_names, inserted_modules
 from .sites import discover
 from .statistics import DEFAULT_MODE, adapted_names, mode_of
@@ -15,7 +16,8 @@ from .statistics import DEFAULT_MODE, adapted_names, mode_of
 
 @dataclass(frozen=True)
 class SummaryRow:
-    """One inserted module: its method, block, module path and parameter count."""
+    """One inserted module: its method, block (``SHARED_BLOCK``, -2, for tensors shared by the blocks of
+    one apply call), module path and parameter count."""
 
     method: str
     block: int
@@ -30,7 +32,7 @@ class Summary:
     Attributes:
         rows: one row per inserted module, in block order.
         per_method: inserted parameters per method.
-        per_block: inserted parameters per block index.
+        per_block: inserted parameters per block index (shared tensors are in ``shared``).
         head: trainable parameters of the classifier head(s).
         other_trainable: trainable base parameters outside the head (made trainable by ``unfreeze``),
             by name.
@@ -41,6 +43,8 @@ class Summary:
         statistics: ``"frozen"`` or ``"adapt"`` (see ``apply``'s ``statistics``).
         adapted_statistics: with ``"adapt"``, the elements of the base's running-statistics buffers
             that the delta holds (not parameters: not in ``trainable``), by buffer name.
+        shared: inserted parameters that no single block owns (FacT's factors), by method; counted in
+            ``per_method`` too.
     """
 
     rows: List[SummaryRow]
@@ -53,6 +57,7 @@ class Summary:
     unsupported: List[str] = field(default_factory=list)
     statistics: str = "frozen"
     adapted_statistics: Dict[str, int] = field(default_factory=dict)
+    shared: Dict[str, int] = field(default_factory=dict)
 
     @property
     def inserted(self) -> int:
@@ -69,7 +74,8 @@ class Summary:
         header = f"{'method':<10} {'block':>5}  {'module':<{path_width}} {'parameters':>12}"
         lines += [header, "-" * len(header)]
         for row in self.rows:
-            lines.append(f"{row.method:<10} {row.block:>5}  {row.path:<{path_width}} {row.parameters:>12,}")
+            block = "shared" if row.block == SHARED_BLOCK else str(row.block)
+            lines.append(f"{row.method:<10} {block:>5}  {row.path:<{path_width}} {row.parameters:>12,}")
         lines.append("-" * len(header))
         for method, count in self.per_method.items():
             lines.append(f"{'total ' + method:<{len(header) - 13}} {count:>12,}")
@@ -103,9 +109,13 @@ def summarize(model: nn.Module) -> Summary:
     )
     per_method: Dict[str, int] = {}
     per_block: Dict[int, int] = {}
+    shared: Dict[str, int] = {}
     for row in rows:
         per_method[row.method] = per_method.get(row.method, 0) + row.parameters
-        per_block[row.block] = per_block.get(row.block, 0) + row.parameters
+        if row.block == SHARED_BLOCK:
+            shared[row.method] = shared.get(row.method, 0) + row.parameters
+        else:
+            per_block[row.block] = per_block.get(row.block, 0) + row.parameters
     found = discover(model)
     unsupported = [f"{site.path} ({site.class_name}): {site.reason}" for site in found.unsupported]
     unsupported += [
@@ -133,4 +143,5 @@ def summarize(model: nn.Module) -> Summary:
         unsupported=unsupported,
         statistics=mode_of(model) or DEFAULT_MODE,
         adapted_statistics={name: b.numel() for name, b in model.named_buffers() if name in adapted_names(model)},
+        shared=shared,
     )

@@ -451,6 +451,12 @@ def load_delta(
         }
         expected = {name: list(tensor.shape) for name, tensor in planned_tensors.items()}
         dtypes = {name: tensor.dtype for name, tensor in planned_tensors.items()}
+    if blocks is not None or block_map is not None:
+        # tensors shared by the blocks of a call (FacT's factors, outside every block) are planned for
+        # the blocks taken: those for widths no taken block has are left out
+        inside = tuple(f"{block}." for block in (*saved_paths, *model_paths))
+        for name in [n for n in chosen if n not in expected and _method_of(n) is not None and not n.startswith(inside)]:
+            del chosen[name]
     if statistics == "adapt" and blocks is None and block_map is None:
         # the whole delta: every running statistic of the base was trained and saved (a choice of blocks
         # takes those it finds and leaves the model's own elsewhere)

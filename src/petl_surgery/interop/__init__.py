@@ -1,5 +1,6 @@
-"""Interop with other codes' PETL checkpoints: import PEFT LoRA adapters, AdaptFormer adapters, V-PETL
-PATT branches (and adapters) and VPT prompts onto a model by surgery; export our LoRA as a PEFT adapter.
+"""Interop with other codes' PETL checkpoints: import PEFT LoRA (and DoRA) adapters, AdaptFormer adapters,
+V-PETL PATT branches (and adapters) and VPT prompts onto a model by surgery; export our LoRA (or DoRA) as a
+PEFT adapter.
 
     import petl_surgery.interop as interop
     interop.detect("run/checkpoint.pth")             # "adaptformer", "vpetl", "vpt", "peft", "petl_surgery" or None

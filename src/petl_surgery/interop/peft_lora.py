@@ -37,6 +37,13 @@ stacked and their B's block-diagonal (rank: the sum), the rows of untargeted sli
 layer chosen by name as PEFT's LoRA on that layer (a convolution's A and B as PEFT's conv LoRA). Trainable
 base parameters (the head) are written as ``modules_to_save`` (their whole module).
 ``peft.PeftModel.from_pretrained(fresh_model, directory)`` then computes what the model computes.
+
+DoRA (``use_dora: true``): each wrapped module also has ``base_model.model.<path>.lora_magnitude_vector``
+(one m per output row; ``...lora_magnitude_vector.default.weight`` in memory). It imports as method
+"dora" the same way, each target taking its rows of m (DoRA's rows are independent, so splitting a fused
+LoRA by rows with A copied computes the same); DoRA exports with m on the targets' rows and ``||W0||``
+on rows the exported B leaves zero (PEFT's ``m / n`` is 1 there). LoRA and DoRA in one model cannot be
+one PEFT adapter (``use_dora`` is per adapter) and are refused.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from ..checkpoints.files import PathLike, read, write_atomic
 from ..errors import SurgeryError
 from ..inventory import delta_names, inserted_modules
 from ..methods.layer_lora import LayerLowRank
+from ..methods.dora import WeightDecomposedAdapter
 from ..methods.lora import LowRankAdapter
 from ..methods.targets import FUSED_QKV, TARGETS, foldable_weight, fused_qkv
 from ..sites import Block, Projection, discover
@@ -73,7 +81,6 @@ PREFIX = "base_model.model."
 
 # adapter_config.json entries that change what a LoRA computes in ways petl_surgery's LoRA does not.
 UNSUPPORTED_OPTIONS = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "a bias on lora_B",
     "layer_replication": "layer replication",
     "target_parameters": "LoRA on bare parameters",
@@ -125,9 +132,10 @@ def _pattern_value(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
 
 
 def _split_names(
-    tensors: Mapping[str, torch.Tensor], source: str
+    tensors: Mapping[str, torch.Tensor], source: str, dora: bool = False
 ) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
-    """LoRA pairs per wrapped module path, and the base tensors (modules_to_save, biases) by state_dict name."""
+    """LoRA pairs per wrapped module path (with DoRA, their ``lora_magnitude_vector`` as "M"), and the
+    base tensors (modules_to_save, biases) by state_dict name."""
     pairs: Dict[str, Dict[str, torch.Tensor]] = {}
     base: Dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
@@ -135,8 +143,11 @@ def _split_names(
             raise SurgeryError(f"{source}: tensor {key!r} does not start with {PREFIX!r}, as PEFT's LoRA tensors do")
         name = key[len(PREFIX) :]
         match = re.match(r"^(.+)\.lora_(A|B)(?:\.default)?\.weight$", name)
+        magnitude = re.match(r"^(.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$", name) if dora else None
         if match:
             pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
+        elif magnitude:
+            pairs.setdefault(magnitude.group(1), {})["M"] = tensor
         elif re.search(r"(^|\.)lora_", name):
             raise SurgeryError(f"{source}: tensor {key!r} belongs to a LoRA variant petl_surgery cannot represent")
         else:
@@ -187,14 +198,17 @@ class _Wrapped:
     b: torch.Tensor
     rank: int
     scaling: float
+    magnitude: Optional[torch.Tensor] = None  # DoRA's m, one per output row
 
 
 def _wrapped(
     path: str, pair: Mapping[str, torch.Tensor], config: Mapping[str, Any], roles: List[Tuple[str, Projection]], source: str
 ) -> _Wrapped:
     """Check one module's LoRA against its config entry and the roles it must split into."""
-    if set(pair) != {"A", "B"}:
-        raise SurgeryError(f"{source}: module {path!r} has lora_{'A' if 'A' not in pair else 'B'} missing")
+    dora = bool(config.get("use_dora"))
+    if set(pair) != ({"A", "B", "M"} if dora else {"A", "B"}):
+        lacking = next(name for name in ("A", "B", "M") if name not in pair)
+        raise SurgeryError(f"{source}: module {path!r} has {'lora_magnitude_vector' if lacking == 'M' else 'lora_' + lacking} missing")
     a, b = _matrix(pair["A"], f"{path}.lora_A", source), _matrix(pair["B"], f"{path}.lora_B", source)
     rank = a.shape[0]
     if b.shape[1] != rank:
@@ -208,9 +222,12 @@ def _wrapped(
             f"{source}: the LoRA on {path!r} changes {b.shape[0]} output channels, but "
             f"{', '.join(r for r, _ in roles)} cover {len(rows)} of them; it cannot be split into our targets"
         )
+    magnitude = pair.get("M")
+    if magnitude is not None and tuple(magnitude.shape) != (b.shape[0],):
+        raise SurgeryError(f"{source}: {path}: lora_magnitude_vector has shape {list(magnitude.shape)}, not [{b.shape[0]}]")
     alpha = _pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return _Wrapped(tuple(roles), a, b, rank, float(scaling))
+    return _Wrapped(tuple(roles), a, b, rank, float(scaling), magnitude)
 
 
 def _host_entry(wrapped: Sequence[_Wrapped], dropout: float) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
@@ -224,6 +241,8 @@ def _host_entry(wrapped: Sequence[_Wrapped], dropout: float) -> Tuple[Dict[str, 
             part = part * (w.scaling / scaling) if w.scaling != scaling else part
             local[f"{role}.lora_A"] = torch.cat([w.a, w.a.new_zeros(rank - w.rank, w.a.shape[1])])
             local[f"{role}.lora_B"] = torch.cat([part, part.new_zeros(part.shape[0], rank - w.rank)], dim=1)
+            if w.magnitude is not None:  # DoRA's rows are independent: each target takes its rows of m
+                local[f"{role}.magnitude"] = w.magnitude[_rows(projection)]
     targets = tuple(t for t in TARGETS if f"{t}.lora_A" in local)
     return {"rank": rank, "alpha": scaling * rank, "dropout": dropout, "targets": targets}, local
 
@@ -232,7 +251,7 @@ def plan_import(
     model: nn.Module, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str
 ) -> Tuple[List[Call], Dict[str, torch.Tensor]]:
     """The LoRA calls (with their tensors) and the base tensors that reproduce a PEFT adapter."""
-    pairs, base = _split_names(tensors, source)
+    pairs, base = _split_names(tensors, source, dora=bool(config.get("use_dora")))
     index = _site_index(discover(model).blocks)
     hosts: Dict[Tuple[int, str], List[_Wrapped]] = {}
     outside = {path: pair for path, pair in pairs.items() if path not in index}  # LoRA's ``modules`` option
@@ -260,6 +279,13 @@ def plan_import(
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         return _pattern_value(config.get("rank_pattern"), path, config["r"]), float(scaling)
 
+    if config.get("use_dora"):
+        if outside:
+            raise SurgeryError(
+                f"{source}: a DoRA adapter (use_dora) on {sorted(outside)[0]!r}, a layer outside the blocks' "
+                "q/k/v/proj/fc1/fc2 targets; DoRA loads on those targets only"
+            )
+        return group_calls("dora", items), base
     return group_calls("lora", items) + layer_calls(model, outside, scaling_of, dropout, source), base
 
 
@@ -352,6 +378,35 @@ def _refuse_second(modules: Mapping[str, Any], path: str) -> None:
         )
 
 
+def _dora_magnitudes(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Module path -> PEFT's ``lora_magnitude_vector`` over all its output rows, when the model's
+    low-rank adapters are DoRA (empty for LoRA): the targets' m on their rows, ``||W0||`` elsewhere (so
+    that PEFT's ``m / n`` is 1 on rows the exported B leaves zero)."""
+    present = inserted_modules(model)
+    kinds = {isinstance(module, WeightDecomposedAdapter) for _, module in present}
+    if kinds == {False}:
+        return {}
+    if len(kinds) > 1:
+        raise SurgeryError("a PEFT adapter is LoRA or DoRA in all its modules (use_dora); this model carries both")
+    magnitudes: Dict[str, torch.Tensor] = {}
+    for path, adapter in present:
+        assert isinstance(adapter, WeightDecomposedAdapter)
+        host_path = path.rpartition(".")[0]
+        host = model.get_submodule(host_path)
+        for producer in adapter.producers():
+            layer = host.get_submodule(producer)
+            if type(layer) is not nn.Linear:
+                raise SurgeryError(f"the DoRA of {path!r} acts on {producer!r}, a {type(layer).__name__}; DoRA exports on Linear modules only")
+            magnitude = torch.linalg.norm(layer.weight.detach(), dim=1)
+            for target in adapter.targets:
+                if target.producer == producer:
+                    write = target.write
+                    rows = list(write.index) if write.index is not None else list(range(write.output_start, write.output_start + write.width))
+                    magnitude[rows] = adapter.pair(target.name).magnitude.detach().to(magnitude.dtype)
+            magnitudes[f"{host_path}.{producer}" if host_path else producer] = magnitude
+    return magnitudes
+
+
 def _modules_to_save(model: nn.Module, targets: List[str]) -> List[str]:
     """The modules owning the model's trainable base parameters, checked against PEFT's matching rules
     (``modules_to_save``: any module name ending with the entry; ``target_modules``: see _peft_matches)."""
@@ -403,6 +458,7 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
     confuse with others, different dropouts.
     """
     model = inner(model, changes=False)  # PEFT would find no module under a wrapper's key prefixes
+    magnitudes = _dora_magnitudes(model)  # first: a LoRA and DoRA mix is refused as such
     modules, dropout = _lora_modules(model)
     targets = sorted(modules)
     owners = _modules_to_save(model, targets)
@@ -416,6 +472,8 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
     for path, (a, b, _) in modules.items():
         tensors[f"{PREFIX}{path}.lora_A.weight"] = a.detach().to("cpu", copy=True).contiguous()
         tensors[f"{PREFIX}{path}.lora_B.weight"] = b.detach().to("cpu", copy=True).contiguous()
+        if path in magnitudes:
+            tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = magnitudes[path].to("cpu", copy=True).contiguous()
     for owner in owners:
         for key, tensor in model.get_submodule(owner).state_dict().items():
             tensors[f"{PREFIX}{owner}.{key}"] = tensor.detach().to("cpu", copy=True).contiguous()
@@ -428,7 +486,7 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
         **_ranks_and_alphas(modules),
         "lora_dropout": dropout,
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": bool(magnitudes),
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,

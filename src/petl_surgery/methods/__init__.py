@@ -5,6 +5,8 @@ from typing import Dict, Type
 from ..errors import SurgeryError
 from .adapter import Adapter, AdapterOptions, BottleneckAdapter
 from .bapat import Bapat, BapatOptions
+from .dora import Dora, DoraOptions, WeightDecomposedAdapter
+from .fact import Fact, FactOptions, FactorTuning, SharedFactors
 from .base import Insertion, Method, PetlModule
 from .lora import Lora, LoraOptions, LowRankAdapter
 from .patt import ParallelAttentionBranch, Patt, PattOptions
@@ -17,7 +19,7 @@ from .convpass import ConvolutionalBypass, Convpass, ConvpassOptions
 from .repadapter import RepAdapter, RepAdapterOptions, ReparameterisableAdapter
 
 METHODS: Dict[str, Type[Method]] = {method.name: method for method in (Patt, Adapter, Bapat, Lora, Prefix, Vpt, Ssf)}
-METHODS.update({method.name: method for method in (Houlsby, AdapterPlus, Convpass, RepAdapter)})
+METHODS.update({method.name: method for method in (Houlsby, AdapterPlus, Convpass, RepAdapter, Fact, Dora)})
 
 
 def get_method(name: object) -> Type[Method]:
@@ -32,9 +34,14 @@ __all__ = [
     "Adapter",
     "AdapterOptions",
     "Bapat",
+    "Fact",
+    "FactOptions",
+    "FactorTuning",
     "FeatureScaleShift",
     "BapatOptions",
     "BottleneckAdapter",
+    "Dora",
+    "DoraOptions",
     "Insertion",
     "Lora",
     "LoraOptions",
@@ -48,8 +55,10 @@ __all__ = [
     "PrefixOptions",
     "PrefixTokens",
     "Ssf",
+    "SharedFactors",
     "SsfOptions",
     "Vpt",
+    "WeightDecomposedAdapter",
     "get_method",
     "Houlsby",
     "HoulsbyOptions",

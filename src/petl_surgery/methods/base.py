@@ -27,14 +27,23 @@ class MergeableModule(PetlModule, abc.ABC):
     # output wherever its hook runs among other additive hooks. False when it transforms the producer's
     # output (SSF's scale), so every hook before it on a producer must be folded with it.
     additive: ClassVar[bool] = True
+    # True when the module transforms its producers' input (a linear adapter re-parameterised into the
+    # projection after it, RepAdapter's): the producer's weight then multiplies whatever the output-side
+    # modules fold into it, so merge folds these after every output-side module, latest applied first.
+    acts_on_input: ClassVar[bool] = False
 
     @abc.abstractmethod
     def producers(self) -> List[str]:
-        """Paths, relative to the host, of the producers this module hooks."""
+        """Paths, relative to the host, of the producers this module hooks (none for a module whose
+        tensors other modules read, as FacT's shared factors, and fold for it)."""
 
     @abc.abstractmethod
     def merge_refusal(self, host: nn.Module) -> Optional[str]:
         """Why this module cannot be folded into ``host``'s producers, or None when it can."""
+
+    def before_merge(self, host: nn.Module) -> None:
+        """Read from the unmerged model what ``merge_into`` needs (DoRA's weight norm, taken on the
+        weights its forward sees); ``merge`` calls it on every module it folds before folding any."""
 
     @abc.abstractmethod
     def merge_into(self, host: nn.Module) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,16 @@ from .base import (
 )
 from .layer_lora import plan_layers
 from .patterns import exclusive_targets, parse_patterns
-from .targets import HostTargets, fold_refusal, foldable_weight, insertions_per_host, parse_targets, resolve_targets
+from .targets import (
+    HostTargets,
+    ResolvedTarget,
+    add_to_rows,
+    fold_refusal,
+    foldable_weight,
+    insertions_per_host,
+    parse_targets,
+    resolve_targets,
+)
 
 
 @dataclass(frozen=True)
@@ -67,15 +76,17 @@ class LoraOptions:
     targets: Union[None, str, Sequence[str]] = None
     modules: Union[None, str, Sequence[str]] = None
 
+    method: ClassVar[str] = "lora"  # the name in error messages (DoRA's options derive from these)
+
     def __post_init__(self) -> None:
-        check_positive_int("lora", "rank", self.rank)
+        check_positive_int(self.method, "rank", self.rank)
         if self.alpha is None:
             object.__setattr__(self, "alpha", float(self.rank))
-        check_number("lora", "alpha", self.alpha)
-        check_number("lora", "dropout", self.dropout, low=0.0, high=1.0)
-        object.__setattr__(self, "modules", parse_patterns("lora", self.modules))
-        targets = exclusive_targets("lora", self.targets, self.modules, ("q", "v"))
-        object.__setattr__(self, "targets", None if targets is None else parse_targets("lora", targets))
+        check_number(self.method, "alpha", self.alpha)
+        check_number(self.method, "dropout", self.dropout, low=0.0, high=1.0)
+        object.__setattr__(self, "modules", parse_patterns(self.method, self.modules))
+        targets = exclusive_targets(self.method, self.targets, self.modules, ("q", "v"))
+        object.__setattr__(self, "targets", None if targets is None else parse_targets(self.method, targets))
 
 
 class LowRankPair(nn.Module):
@@ -197,18 +208,24 @@ class LowRankAdapter(MergeableModule):
             for target in self.targets:
                 weight = foldable_weight(host.get_submodule(target.producer), pointwise=True)
                 assert weight is not None  # checked by merge() before anything changed
-                rows = weight.view(weight.shape[0], -1)
-                delta = (self.pair(target.name).delta_weight() * self.scaling).to(rows.dtype)
-                index = getattr(self, f"index_{target.name}", None)
-                if index is None:
-                    rows.narrow(0, target.write.output_start, target.write.width).add_(delta)
-                else:
-                    rows.index_add_(0, index, delta)
+                delta = self.pair(target.name).delta_weight() * self.scaling
+                add_to_rows(weight, target.write, getattr(self, f"index_{target.name}", None), delta)
 
 
 class Lora(Method):
     name = "lora"
     Options = LoraOptions
+    adapter: ClassVar[type] = LowRankAdapter  # the inserted module and its forward hook (DoRA: its own)
+    hook: ClassVar[str] = "add_low_rank"
+
+    @classmethod
+    def check_target(cls, host: HostTargets, target: ResolvedTarget, method: str) -> None:
+        """Raise UnsupportedBlockError when ``target`` cannot take the update."""
+        if target.in_features is None:
+            raise UnsupportedBlockError(
+                f"method {method!r} cannot tell the input width of target {target.name!r} in "
+                f"{host.path!r} ({type(target.producer).__name__})"
+            )
 
     @classmethod
     def plan_modules(cls, model: nn.Module, options: LoraOptions, method: str, recorded: Mapping[str, Any]) -> Optional[List[Insertion]]:
@@ -219,13 +236,9 @@ class Lora(Method):
         hosts = resolve_targets(block, options.targets, method)
         for host in hosts:
             for target in host.targets:
-                if target.in_features is None:
-                    raise UnsupportedBlockError(
-                        f"method {method!r} cannot tell the input width of target {target.name!r} in "
-                        f"{host.path!r} ({type(target.producer).__name__})"
-                    )
+                cls.check_target(host, target, method)
 
         def build(host: HostTargets) -> LowRankAdapter:
-            return LowRankAdapter(host, options, method, block.index, recorded)
+            return cls.adapter(host, options, method, block.index, recorded)
 
-        return insertions_per_host(block, hosts, method, build, "add_low_rank")
+        return insertions_per_host(block, hosts, method, build, cls.hook)

@@ -17,6 +17,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import nn
 
 from ..errors import SurgeryError
@@ -223,6 +224,17 @@ def foldable_weight(producer: nn.Module, *, pointwise: bool) -> Optional[nn.Para
     if type(producer) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         return producer.weight
     return None
+
+
+def add_to_rows(weight: torch.Tensor, write: Write, index: Optional[torch.Tensor], delta: torch.Tensor) -> None:
+    """``weight``'s rows (as a matrix, out x in) of ``write`` (its scattered ``index`` when given) += ``delta``,
+    in place."""
+    rows = weight.view(weight.shape[0], -1)
+    delta = delta.to(rows.dtype)
+    if index is None:
+        rows.narrow(0, write.output_start, write.width).add_(delta)
+    else:
+        rows.index_add_(0, index, delta)
 
 
 def fold_refusal(host: nn.Module, producers: Sequence[str], *, pointwise: bool, needs_bias: bool = False) -> Optional[str]:
