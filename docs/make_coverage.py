@@ -15,6 +15,7 @@ contract.
     python docs/make_coverage.py                          # writes docs/coverage.md
     python docs/make_coverage.py --timm-modules eva tnt   # prints those modules' rows only
     python docs/make_coverage.py --timm-table             # regenerates tests/timm_smallest.json
+    python docs/make_coverage.py --jobs 2                 # the rows in 2 processes
 """
 
 from __future__ import annotations
@@ -30,10 +31,9 @@ from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
-FAMILY_MODULES = (
-    "test_layouts", "test_families_vit_like", "test_families_hierarchical", "test_torch_models", "test_families_open_clip",
-    "test_patterns",
-)
+# The families outside timm's enumerated sweep (which covers every timm model module): torch and
+# torchvision, open_clip, layers chosen by name; transformers has a section of its own.
+FAMILY_MODULES = ("test_torch_models", "test_families_open_clip", "test_patterns")
 
 
 def test_module_coverage(name: str) -> Dict[str, tuple]:
@@ -74,14 +74,42 @@ def timm_modules(modules: Optional[Sequence[str]] = None) -> Dict[str, tuple]:
     }
 
 
+# Set by main() before worker processes fork: the families and methods every row is computed from.
+_POOL_FAMILIES: Dict[str, tuple] = {}
+_POOL_METHODS: tuple = ()
+JOBS = 1
+
+
+def _row(family: str) -> List[str]:
+    build, make_input = _POOL_FAMILIES[family]
+    return [outcome(build, make_input, method).replace("|", "\\|") for method in _POOL_METHODS]
+
+
 def rows(families: Dict[str, tuple], methods: Sequence[str]) -> List[str]:
-    """One markdown row per family, printing each as it is done."""
-    lines = []
-    for family, (build, make_input) in families.items():
-        cells = [outcome(build, make_input, method).replace("|", "\\|") for method in methods]
-        lines.append(f"| {family} | " + " | ".join(cells) + " |")
-        print(family, *cells, sep="\n  ", flush=True)
-    return lines
+    """One markdown row per family, printing each as it is done; with ``JOBS`` > 1 the families run in
+    that many forked processes (one torch thread each), in order."""
+    global _POOL_FAMILIES, _POOL_METHODS
+    _POOL_FAMILIES, _POOL_METHODS = dict(families), tuple(methods)
+    if JOBS > 1:
+        import multiprocessing
+
+        _one_thread()  # no OpenMP pool in the parent to inherit across fork
+
+        with multiprocessing.get_context("fork").Pool(JOBS, initializer=_one_thread) as pool:
+            results = pool.imap(_row, list(families))
+            return [_emit(family, cells) for family, cells in zip(families, results)]
+    return [_emit(family, _row(family)) for family in families]
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _emit(family: str, cells: List[str]) -> str:
+    print(family, *cells, sep="\n  ", flush=True)
+    return f"| {family} | " + " | ".join(cells) + " |"
 
 
 def outcome(build, make_input, method: str) -> str:
@@ -162,23 +190,27 @@ def main() -> None:
         "fresh one (on models with BatchNorm, also with statistics=\"adapt\", the statistics saved). "
         "Anything else is refused with a SurgeryError before the model is changed; the reason is quoted.",
         "",
-        "| family | " + " | ".join(methods) + " |",
-        "|---|" + "---|" * len(methods),
-    ]
-    lines += rows(families, methods)
-    lines += transformers_lines(methods)
-    lines += [
-        "",
         "## timm, every registered model module",
         "",
         "By enumeration (tests/timm_sweep.py): each model module the installed timm registers, through its "
         "smallest entrypoint (by parameter count) in the first tiny configuration it builds with "
-        "(tests/timm_smallest.json), under the same contract.",
+        "(tests/timm_smallest.json). The variants of each family (fused and unfused projections, relative "
+        "positions, registers) are held to the same contract by tests/test_families_vit_like.py and "
+        "tests/test_families_hierarchical.py.",
         "",
         "| module (entrypoint) | " + " | ".join(methods) + " |",
         "|---|" + "---|" * len(methods),
     ]
     lines += rows(timm_modules(), methods)
+    lines += [
+        "",
+        "## torch and torchvision, open_clip, layers chosen by name",
+        "",
+        "| family | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    lines += rows(families, methods)
+    lines += transformers_lines(methods)
     lines += ["", "## Registered classes", ""] + registry_lines() + [""]
     (ROOT / "docs" / "coverage.md").write_text("\n".join(lines))
 
@@ -188,7 +220,10 @@ def cli(argv: Optional[Sequence[str]] = None) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--timm-table", action="store_true", help="regenerate tests/timm_smallest.json")
     group.add_argument("--timm-modules", nargs="+", metavar="MODULE", help="print these timm modules' rows only")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes for the rows (default 1)")
     args = parser.parse_args(argv)
+    global JOBS
+    JOBS = max(1, args.jobs)
     if args.timm_table:
         sys.path.insert(0, str(TESTS))
         import timm_sweep

@@ -107,7 +107,7 @@ def test_without_matplotlib_the_study_says_so_and_writes_the_csv(vtab_folder, tm
         ({"seeds": [0, "1"]}, "grid key 'seeds' must be a non-empty list of ints"),
         ({"shots": [0]}, "grid key 'shots' must be a non-empty list of positive ints"),
         ({"format": "coco"}, "grid key 'format' 'coco' is not one of"),
-        ({"runs": [{"method": "dora"}]}, "grid key runs[0].'method': unknown method 'dora'"),
+        ({"runs": [{"method": "glora"}]}, "grid key runs[0].'method': unknown method 'glora'"),
         ({"runs": [{"method": "patt", "rank": 2}]}, "unknown grid key runs[0].'rank'"),
         ({"runs": [{"options": {}}]}, "grid key runs[0].'method' is missing"),
         ({"runs": [{"method": "patt", "options": {"mid_dims": 4}}]}, "grid key runs[0] (patt): "),
