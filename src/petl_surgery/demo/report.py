@@ -126,24 +126,32 @@ def _interval_text(row: Mapping[str, Any]) -> str:
 
 
 def conclusions(gains: Sequence[Mapping[str, Any]]) -> List[str]:
-    """What the pooled intervals support, in words: where the pre-trained init is higher or lower with
-    the whole 95% interval on one side of zero, and how many cells are inconclusive."""
+    """What the intervals support, in words: pooled over the targets, where the pre-trained init is higher
+    or lower with the whole 95% interval on one side of zero, and how many cells are inconclusive; then the
+    same per target (one target's cells are fewer pairs, but its effect is not averaged with others')."""
     pooled = [g for g in gains if g["target"] == ALL_TARGETS]
     if not pooled:
         return []
-    by_verdict: Dict[str, List[str]] = {"higher": [], "lower": [], "inconclusive": []}
-    for g in pooled:
-        by_verdict[g["verdict"]].append(f"{g['method']} {g['shots']}-shot ({_interval_text(g)})")
-    lines = [f"what the intervals support ({INTERVAL_METHOD}; pooled over the targets):"]
-    if by_verdict["higher"]:
-        lines.append("  pre-trained init higher (whole interval above 0): " + "; ".join(by_verdict["higher"]))
-    if by_verdict["lower"]:
-        lines.append("  pre-trained init lower (whole interval below 0): " + "; ".join(by_verdict["lower"]))
-    lines.append(
-        f"  inconclusive (interval contains 0, no claim either way): {len(by_verdict['inconclusive'])} of "
-        f"{len(pooled)} method and shot cells"
-        + (": " + "; ".join(by_verdict["inconclusive"]) if by_verdict["inconclusive"] else "")
-    )
+    total = len(gains)
+    lines = [
+        f"what the intervals support ({INTERVAL_METHOD}; each interval is 95% on its own, so of these {total} "
+        f"cells about {total / 20:.1f} would exclude 0 by chance even with no effect anywhere):"
+    ]
+    for scope, cells in [("pooled over the targets", pooled)] + [
+        (f"on '{target}' alone", [g for g in gains if g["target"] == target])
+        for target in dict.fromkeys(g["target"] for g in gains if g["target"] != ALL_TARGETS)
+    ]:
+        higher = [f"{g['method']} {g['shots']}-shot ({_interval_text(g)})" for g in cells if g["verdict"] == "higher"]
+        lower = [f"{g['method']} {g['shots']}-shot ({_interval_text(g)})" for g in cells if g["verdict"] == "lower"]
+        found = "; ".join(
+            part for part in (
+                f"pre-trained init higher in {', '.join(higher)}" if higher else "",
+                f"lower in {', '.join(lower)}" if lower else "",
+            ) if part
+        )
+        rest = len(cells) - len(higher) - len(lower)
+        lines.append(f"  {scope}: {found + '; ' if found else ''}{rest} of {len(cells)} method and shot cells "
+                     f"inconclusive (interval contains 0, no claim either way)")
     return lines
 
 
