@@ -261,16 +261,6 @@ def _versions() -> Dict[str, str]:
     return {"petl_surgery": petl_surgery.__version__, "torch": torch.__version__, "timm": timm.__version__}
 
 
-def _input_config(model_name: str, image_size: Optional[int]) -> Tuple[int, Sequence[float], Sequence[float]]:
-    """Input size, mean and std from timm's pretrained config of ``model_name`` (``image_size`` wins)."""
-    import timm
-
-    config = timm.get_pretrained_cfg(model_name)
-    cfg = config.to_dict() if config is not None else {}
-    size = image_size or cfg.get("input_size", (3, 224, 224))[-1]
-    return size, cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
-
-
 def _device(name: str) -> Any:
     """The torch device ``--device`` names; an unavailable or unknown one is a usage error."""
     import petl_surgery as ps
@@ -349,6 +339,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     import petl_surgery as ps
     from petl_surgery.training import DataError, accuracy_report, evaluation_data
+    from petl_surgery.training.data import input_config
     from petl_surgery.training.outputs import head_classes
 
     if not Path(args.delta).is_file():
@@ -360,7 +351,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model_args = parse_options(args.model_arg)
     if args.image_size:
         model_args.setdefault("img_size", args.image_size)
-    size, mean, std = _input_config(args.model, args.image_size)
+    size, mean, std = input_config(args.model, args.image_size)
     try:
         data, layout, split = evaluation_data(args.data, size=size, mean=mean, std=std, format=args.format,
                                               split=args.split, classes=head_classes(Path(args.delta)))
@@ -389,6 +380,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import petl_surgery as ps
     from petl_surgery.training import DataError, EpochRecord, caching, distributed, fit, training_data
+    from petl_surgery.training.data import input_config
     from petl_surgery.training.outputs import check_output_paths, check_resume, read_run_log
 
     if args.method is None and args.resume is None:
@@ -426,7 +418,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.image_size:
         model_args.setdefault("img_size", args.image_size)
 
-    size, mean, std = _input_config(args.model, args.image_size)
+    size, mean, std = input_config(args.model, args.image_size)
     if args.val and args.val_split:
         raise UsageError("--val and --val-split exclude each other: give a validation folder or a fraction of --data")
     try:

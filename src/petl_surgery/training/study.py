@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 from ..errors import SurgeryError
-from .data import DataError
+from .data import DataError, input_config
 from .formats import FORMATS, TrainingData, evaluation_data, training_data
 from .loop import PRECISIONS, accuracy_report, choose_device, fit
 from .outputs import read_run_log
@@ -204,10 +204,7 @@ def _input(grid: Mapping[str, Any]) -> Tuple[int, Any, Any]:
 
     if not timm.is_model(grid["model"]):
         raise StudyError(f"grid key 'model': unknown timm model {grid['model']!r}")
-    config = timm.get_pretrained_cfg(grid["model"])
-    cfg = config.to_dict() if config is not None else {}
-    size = grid["image_size"] or cfg.get("input_size", (3, 224, 224))[-1]
-    return size, cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
+    return input_config(grid["model"], grid["image_size"])
 
 
 def _build(grid: Mapping[str, Any], classes: int, seed: int) -> torch.nn.Module:
