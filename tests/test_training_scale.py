@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -306,12 +307,30 @@ def test_torchrun_two_processes_train_what_one_process_trains_on_the_whole_batch
     args = ["train", "vit_small_patch16_224", "--data", str(image_folder), "--method", "patt", "--epochs", "2",
             "--opt", "sgd", "--image-size", "32", "--device", "cpu", *TINY]
     src = str(Path(ps.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    # gloo and the rendezvous on the loopback interface and a port that is free now: --standalone's
+    # rendezvous resolves the host name, which hung a CI run for 300 s on a sandboxed machine
+    env = {
+        **os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1",
+    }
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     two = tmp_path / "two.safetensors"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "petl_surgery",
-         *args, "--batch-size", "3", "--out", str(two)], env=env, capture_output=True, text=True, timeout=300,
-    )
+    # Known, not yet diagnosed: about one launch in five hangs on this 2-core CI machine (seen with torch 2.6
+    # and gloo; the run itself takes ~10 s). A hung launch is killed and launched once more; two hangs fail.
+    for attempt in range(2):
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port + attempt}", "--local-addr",
+                 "127.0.0.1", "-m", "petl_surgery", *args, "--batch-size", "3", "--out", str(two)],
+                env=env, capture_output=True, text=True, timeout=90,
+            )
+            break
+        except subprocess.TimeoutExpired:
+            if attempt == 1:
+                raise
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("saved the delta") == 1  # rank 0 alone saves and reports
     log = json.loads(two.with_suffix(".json").read_text())
