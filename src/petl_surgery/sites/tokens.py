@@ -266,12 +266,31 @@ def refuse(model: nn.Module, reason: str) -> SurgeryError:
     return _refuse(model, reason)
 
 
+def _timm_flat_holder(model: nn.Module, blocks: Sequence[Block]) -> Optional[nn.Module]:
+    """The timm flat-token model inside ``model`` that holds every block of ``blocks``: a backbone the
+    user's model wraps (timm's ``features_only`` wrapper ``FeatureGetterNet``, a segmentation model's
+    encoder); None when there is none or ``model`` itself is one. Block paths stay relative to
+    ``model``, as the layout's paths must be."""
+    classes = _timm_flat_classes()
+    if not blocks or not classes or isinstance(model, classes):
+        return None
+    for module in model.modules():
+        if isinstance(module, classes) and type(module) in classes:
+            inside = {id(m) for m in module.modules()}
+            if all(id(block.module) in inside for block in blocks):
+                return module
+    return None
+
+
 def token_layout(model: nn.Module, blocks: Sequence[Block]) -> TokenLayout:
     """The token layout of ``model`` given its discovered ``blocks``; raises SurgeryError naming the
     reason for a model whose tokens are not one flat sequence petl_surgery knows."""
     run_deferred()
     if type(model) in _timm_flat_classes():
         return timm_flat_layout(model, blocks)
+    holder = _timm_flat_holder(model, blocks)
+    if holder is not None:
+        return timm_flat_layout(holder, blocks)
     describer = TOKEN_LAYOUTS.get(type(model))
     if describer is not None:
         return describer(model, blocks)
