@@ -81,3 +81,22 @@ def test_convpass_without_the_patch_embedding_refuses_naming_it():
     tokens = torch.randn(2, 17, 64)
     with pytest.raises(RuntimeError, match="patch grid of this forward is unknown.*patch embedding did not run"):
         model.blocks(tokens)
+
+
+@pytest.mark.parametrize("method", ["vpt", "prefix", "convpass"])
+def test_set_input_size_on_a_rope_model_gives_the_model_built_at_that_size(method):
+    """EVA02: its rotary embedding follows the grid, and VPT's prompts stay out of it."""
+
+    def eva(size) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model(
+            "eva02_tiny_patch14_224", img_size=size, embed_dim=64, depth=2, num_heads=2, num_classes=5
+        ).eval()
+
+    size = (84, 70)  # 6 x 5 patches of 14 px, from 4 x 4
+    model = with_method(eva(56), method)
+    model.set_input_size(img_size=size)
+    reference = with_method(eva(size), method)
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels(size)), reference(pixels(size)), rtol=0, atol=1e-6)
