@@ -60,41 +60,33 @@ def assert_same_gradients(got: dict, expected: dict) -> None:
             torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
 
 
+def assert_timm_checkpointing_keeps_gradients(model: torch.nn.Module, reentrant: bool, run=None) -> None:
+    """``run(model)`` (default: ``model(images())``) gives the same gradients with timm's checkpointing."""
+    x = images()
+    run = run or (lambda m: m(x))
+    expected = gradients(model, run)
+    model.set_grad_checkpointing(True)
+    with timm_reentrant(reentrant):
+        got = gradients(model, run)
+    assert_same_gradients(got, expected)
+
+
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
 @pytest.mark.parametrize("method", METHODS)
 def test_timm_checkpointing_gives_every_inserted_tensor_its_gradient(method, reentrant):
-    model = with_method(make_vit(), method)
-    x = images()
-    expected = gradients(model, lambda m: m(x))
-    model.set_grad_checkpointing(True)
-    with timm_reentrant(reentrant):
-        got = gradients(model, lambda m: m(x))
-    assert_same_gradients(got, expected)
+    assert_timm_checkpointing_keeps_gradients(with_method(make_vit(), method), reentrant)
 
 
-def test_timm_reentrant_checkpointing_reaches_blocks_after_frozen_ones_and_swin_stages():
-    for model, layers in ((make_vit(), [2, 3]), (make_swin(), [5, 6])):
-        with_method(model, "patt", layers=layers)
-        x = images()
-        expected = gradients(model, lambda m: m(x))
-        model.set_grad_checkpointing(True)
-        with timm_reentrant(True):
-            got = gradients(model, lambda m: m(x))
-        assert_same_gradients(got, expected)
+@pytest.mark.parametrize("build, layers", [(make_vit, [2, 3]), (make_swin, [5, 6])], ids=["vit", "swin"])
+def test_timm_reentrant_checkpointing_reaches_blocks_after_frozen_ones_and_swin_stages(build, layers):
+    assert_timm_checkpointing_keeps_gradients(with_method(build(), "patt", layers=layers), reentrant=True)
 
 
 def test_timm_reentrant_checkpointing_under_forward_intermediates():
-    model = with_method(make_vit(), "adapter")
-    x = images()
-
     def run(m):
-        return torch.stack(m.forward_intermediates(x, intermediates_only=True)).sum(0)
+        return torch.stack(m.forward_intermediates(images(), intermediates_only=True)).sum(0)
 
-    expected = gradients(model, run)
-    model.set_grad_checkpointing(True)
-    with timm_reentrant(True):
-        got = gradients(model, run)
-    assert_same_gradients(got, expected)
+    assert_timm_checkpointing_keeps_gradients(with_method(make_vit(), "adapter"), True, run)
 
 
 def test_the_caller_tensor_keeps_its_flag_and_remove_takes_the_hooks_away():
