@@ -272,10 +272,10 @@ def _timm_flat_holder(model: nn.Module, blocks: Sequence[Block]) -> Optional[nn.
     encoder); None when there is none or ``model`` itself is one. Block paths stay relative to
     ``model``, as the layout's paths must be."""
     classes = _timm_flat_classes()
-    if not blocks or not classes or isinstance(model, classes):
+    if not blocks or type(model) in classes:
         return None
     for module in model.modules():
-        if isinstance(module, classes) and type(module) in classes:
+        if type(module) in classes:  # matched exactly, as the registry matches classes
             inside = {id(m) for m in module.modules()}
             if all(id(block.module) in inside for block in blocks):
                 return module
