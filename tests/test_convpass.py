@@ -130,14 +130,21 @@ def test_convpass_meets_the_family_contract_on_a_flat_vit_with_batchnorm(tmp_pat
     assert check_method(hybrid_vit_with_batchnorm, lambda: torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), "convpass", tmp_path) == "works"
 
 
+def tiny_transformers_vit() -> torch.nn.Module:
+    import transformers as T
+
+    config = T.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    return T.ViTForImageClassification._from_config(config)
+
+
 @pytest.mark.parametrize(
     "build, reason",
     [
         (make_swin, r"convpass' lays the patch tokens out on their grid .*SwinTransformer: it is hierarchical"),
-        (lambda: make_vit(dynamic_img_size=True), r"needs the patch grid of VisionTransformer, and it has no fixed one"),
+        (tiny_transformers_vit, r"reads the patch grid .* of ViTForImageClassification, and petl_surgery does not know"),
     ],
 )
-def test_models_without_a_fixed_flat_grid_are_refused_by_name(build, reason):
+def test_models_without_a_known_flat_grid_are_refused_by_name(build, reason):
     model = build()
     before = snapshot(model)
     with pytest.raises(ps.SurgeryError, match=reason):

@@ -117,7 +117,8 @@ def test_prompts_sit_after_the_prefix_tokens_and_never_reach_the_norm_or_pooling
     model(x)
     ps.apply(model, "vpt", num_tokens=4)
     block_input = {}
-    model.blocks[0].register_forward_hook(lambda m, args, out: block_input.setdefault("x", args[0]))
+    # (returns None: a forward hook's return value would replace the block's output)
+    model.blocks[0].register_forward_hook(lambda m, args, out: block_input.update(x=args[0]))
     model(x)
     tokens = seen["norm"][0]
     assert seen["norm"] == [tokens, tokens]

@@ -7,6 +7,7 @@ from typing import Any, List, Optional, Sequence, Set, Tuple, Union
 import torch
 from torch import nn
 
+from .checkpointing import guard_checkpointing
 from .errors import SurgeryError
 from .freezing import (
     compile_patterns,
@@ -139,6 +140,7 @@ def commit(model: nn.Module, insertions: Sequence[Insertion], statistics: str) -
     start_run_check(
         model, [(hook.target, hook.kind, insertion.path) for insertion in insertions for hook in insertion.hooks]
     )
+    guard_checkpointing(model)
 
 
 def apply(
@@ -246,6 +248,7 @@ def _take_out(model: nn.Module, present: Sequence[Tuple[str, PetlModule]], resto
         delattr(host, name)
         undo_patches(model, module.uid)
     forget_removed(model, [path for path, _ in present])
+    guard_checkpointing(model)
     if not inserted_modules(model):
         restore_original_flags(model)
         give_back_statistics(model, restore=restore_statistics)

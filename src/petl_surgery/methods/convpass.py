@@ -14,7 +14,9 @@ output is added to theirs (paper 3.2, the code's ``forward_block``)::
           z = Dropout(QuickGELU([front; patches])) ;  C(x) = W_u z + b_u        W_u: d x h
 
 - Flat-token models only, with the token layout prompt tuning uses (:mod:`petl_surgery.sites.tokens`):
-  the grid is the model's fixed patch grid, and the patch tokens are the last rows x cols tokens; the
+  the grid is read at every forward from the image the model's patch embedding receives (so it follows
+  timm's ``set_input_size`` and ``dynamic_img_size``), and the patch tokens are the last rows x cols
+  tokens; the
   code hard-codes ViT-B's 768 channels, 14 x 14 grid and one class token. Every token in front of the
   patches is treated as the class token is (registers, and prompt tokens VPT inserts, are our
   extension). Hierarchical models (Swin: the code's ``Convpass_swin`` convolves all tokens on the
@@ -42,7 +44,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..sites import Block
-from ..sites.tokens import token_layout
+from ..sites.tokens import GridSource, token_layout
 from .adapter import mlp_host, mlp_of
 from .base import (
     CHILD_PREFIX,
@@ -103,7 +105,7 @@ class ConvolutionalBypass(PetlModule):
     def __init__(
         self,
         width: int,
-        grid: Tuple[int, int],
+        source: GridSource,
         prefix: int,
         options: ConvpassOptions,
         reference: nn.Module,
@@ -114,7 +116,8 @@ class ConvolutionalBypass(PetlModule):
         super().__init__(method, recorded, block)
         kwargs = factory_kwargs(reference)
         hidden = options.bottleneck
-        self.grid = grid
+        self.grid_of = source.grid_of
+        self.grid: Optional[Tuple[int, int]] = None  # of the current forward, set by ``read_grid``
         self.prefix = prefix
         self.scale = float(options.scale)
         self.down = nn.Linear(width, hidden, **kwargs)
@@ -135,14 +138,19 @@ class ConvolutionalBypass(PetlModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``s * C(x)`` for tokens ``x`` (B, N, d): the patch tokens are the last rows x cols of them."""
+        if self.grid is None:
+            raise RuntimeError(
+                f"convpass of block {self.block}: the patch grid of this forward is unknown, because the model's "
+                "patch embedding did not run before this block (convpass reads the grid from the image it embeds)"
+            )
         rows, columns = self.grid
         batch, tokens, _ = x.shape
         front = tokens - rows * columns
         if front < self.prefix:
             raise RuntimeError(
                 f"convpass of block {self.block}: got {tokens} tokens, but the model's {rows} x {columns} patch "
-                f"grid and its {self.prefix} prefix tokens need at least {rows * columns + self.prefix}; the "
-                "image size must be the one the model was built for"
+                f"grid (of this forward's image) and its {self.prefix} prefix tokens need at least "
+                f"{rows * columns + self.prefix}"
             )
         z = quick_gelu(F.linear(branch_input(x, self.down.weight), self.down.weight, self.down.bias))
         patches = z[:, front:].reshape(batch, rows, columns, -1).permute(0, 3, 1, 2)
@@ -153,6 +161,11 @@ class ConvolutionalBypass(PetlModule):
         if self.training and self.dropout.p > 0:
             z = self.dropout(z)
         return F.linear(z, self.up.weight * self.scale, self.up.bias * self.scale)
+
+    def read_grid(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        """Forward-pre hook on the patch embedding: the grid of the image it is about to embed."""
+        height, width = args[0].shape[-2:]
+        self.grid = tuple(int(size) for size in self.grid_of((int(height), int(width))))
 
     def add_beside(self, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         return output + self._checked(args[0]).to(output.dtype)
@@ -183,17 +196,21 @@ class ConvpassPlanner:
                 f"method 'convpass' lays the patch tokens out on their grid and needs the flat token layout "
                 f"prompt tuning uses; {error}"
             ) from None
-        if layout.grid is None:
+        if layout.grid_source is None:
             raise SurgeryError(
-                f"method 'convpass' needs the patch grid of {type(model).__name__}, and it has no fixed one "
-                "(its image size may change per forward: build it without dynamic_img_size)"
+                f"method 'convpass' reads the patch grid of each forward from the patch embedding of "
+                f"{type(model).__name__}, and petl_surgery does not know where it is (it knows timm's flat-token "
+                "models)"
             )
-        self.grid = layout.grid
+        self.source = layout.grid_source
         self.prefix = layout.num_prefix_tokens
 
     def plan_block(self, block: Block, options: ConvpassOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
         def bypass(width: int, reference: nn.Module) -> ConvolutionalBypass:
-            return ConvolutionalBypass(width, self.grid, self.prefix, options, reference, method, block.index, recorded)
+            return ConvolutionalBypass(width, self.source, self.prefix, options, reference, method, block.index, recorded)
+
+        def grid_hook(inserted: ConvolutionalBypass) -> Hook:
+            return Hook(self.source.module, "forward_pre", inserted.read_grid)
 
         insertions = []
         if "attention" in options.positions:
@@ -210,7 +227,7 @@ class ConvpassPlanner:
                     f"{attention.output.width}"
                 )
             first = bypass(attention.in_features, attention.module)
-            hooks = [Hook(attention.module, "forward", first.add_beside)]
+            hooks = [grid_hook(first), Hook(attention.module, "forward", first.add_beside)]
             insertions.append(Insertion(block.index, attention.path, attention.module, CHILD_PREFIX + method, first, hooks))
         if "mlp" in options.positions:
             mlp = mlp_of(block, method)
@@ -224,6 +241,7 @@ class ConvpassPlanner:
                 hooks = [Hook(mlp.module, "forward", second.add_beside)]
             else:  # an MLP its block runs inline: read where it starts, add where it ends
                 hooks = [Hook(mlp.input_module, "forward_pre", second.read_input), Hook(mlp.module, "forward", second.add_read)]
+            hooks.insert(0, grid_hook(second))
             host_path, host = mlp_host(block, mlp)
             insertions.append(Insertion(block.index, host_path, host, CHILD_PREFIX + method, second, hooks))
         return insertions

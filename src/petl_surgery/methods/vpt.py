@@ -159,12 +159,39 @@ def pad_key_mask(mask: torch.Tensor, at: int, count: int) -> torch.Tensor:
     return torch.cat([mask[..., :at, :], rows, mask[..., at:, :]], dim=-2)
 
 
-class PromptPlanner:
-    """Plans VPT on one model: the token layout and the chosen blocks are known to every block's plan."""
+def refuse_intermediates(message: str, *args: Any, **kwargs: Any) -> Any:
+    """Installed in place of a model's ``forward_intermediates`` while prompts travel between blocks."""
+    raise SurgeryError(message)
 
-    def __init__(self, model: nn.Module, blocks: Sequence[Block], chosen: Sequence[int]) -> None:
+
+INTERMEDIATES = ("forward_intermediates", "get_intermediate_layers")
+
+
+class PromptPlanner:
+    """Plans VPT on one model: the token layout and the chosen blocks are known to every block's plan.
+
+    Where every block from the first chosen one to the model's last is chosen (deep), each block's
+    prompts are inserted before it and dropped after it: no tensor between blocks carries them, so
+    timm's ``forward_intermediates`` (dense prediction, ``features_only``) sees the plain model's
+    tokens. Otherwise prompts travel from one block to the next (VPT-shallow, or blocks after the last
+    chosen one) and the model's ``forward_intermediates``/``get_intermediate_layers`` are refused by name
+    while the surgery is present."""
+
+    def __init__(self, model: nn.Module, blocks: Sequence[Block], chosen: Sequence[int], deep: bool) -> None:
         self.layout = token_layout(model, blocks)
         self.first = chosen[0]
+        self.chosen = frozenset(chosen) if deep else frozenset(chosen[:1])
+        positions = [index for index, block in enumerate(blocks) if block.module is self.layout.last_block]
+        self.last = positions[0] if positions else None
+        end = self.last if self.last is not None else len(blocks)
+        # the blocks after which the prompts travel on to the next block (no block drops them there)
+        self.travelling = tuple(index for index in range(self.first, end) if index + 1 not in self.chosen)
+        self.intermediates = [
+            module
+            for module in model.modules()
+            if isinstance(getattr(module, "blocks", None), (nn.Sequential, nn.ModuleList))
+            and any(block is self.layout.last_block for block in module.blocks)
+        ]
         self.counters = tuple(
             (path, model.get_submodule(path))
             for counters in self.layout.prefix_counters[self.first :]
@@ -178,19 +205,35 @@ class PromptPlanner:
         )
 
     def plan_block(self, block: Block, options: VptOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
-        first = block.index == self.first
-        if not first and not options.deep:
+        index = block.index
+        first = index == self.first
+        if index not in self.chosen:
             return []  # shallow: the prompts inserted before the first chosen block travel on
-        prompts = PromptTokens(self.layout, options, method, block.index, recorded, factory_kwargs(block.module))
+        prompts = PromptTokens(self.layout, options, method, index, recorded, factory_kwargs(block.module))
+        arrive = prompts.insert if first or index - 1 in self.chosen else prompts.overwrite
+        hooks = [Hook(block.module, "forward_pre", arrive)]
+        if index == self.last or index + 1 in self.chosen:  # no block after it reads its prompts
+            hooks.append(Hook(block.module, "forward", prompts.drop))
         if not first:
-            hooks = [Hook(block.module, "forward_pre", prompts.overwrite)]
-            return [Insertion(block.index, block.path, block.module, CHILD_PREFIX + method, prompts, hooks)]
-        hooks = [
-            Hook(block.module, "forward_pre", prompts.insert),
-            Hook(self.layout.last_block, "forward", prompts.drop),
-        ]
+            return [Insertion(index, block.path, block.module, CHILD_PREFIX + method, prompts, hooks)]
+        if self.last not in self.chosen:  # the prompts travel on and leave after the model's last block
+            hooks.append(Hook(self.layout.last_block, "forward", prompts.drop))
         grow = functools.partial(operator.add, options.num_tokens)
         patches = [Patch(module, PREFIX_COUNTER, update=grow, shared=False) for _, module in self.counters]
+        if self.travelling:
+            message = (
+                f"VPT's prompt tokens travel on from block {self.travelling[0]} to the next one (deep={options.deep}, "
+                f"blocks {sorted(self.chosen)} with prompts of their own), so the intermediate features would "
+                "carry them; apply vpt with deep=True on every block from the first chosen one to the model's "
+                "last for forward_intermediates, features_only and dense prediction"
+            )
+            refusal = functools.partial(refuse_intermediates, message)
+            patches += [
+                Patch(module, name, refusal, shared=False)
+                for module in self.intermediates
+                for name in INTERMEDIATES
+                if callable(getattr(module, name, None))
+            ]
         for bias, module in self.biases:
             if bias.method is not None:
                 pad = functools.partial(functools.partial, prompts.padded_bias)  # of the method it replaces
@@ -213,7 +256,7 @@ class Vpt(Method):
                 f"prompt tokens are already inserted into {type(model).__name__} ({applied[0]!r}); a second "
                 "set would shift the first one's slots: remove it first"
             )
-        return PromptPlanner(model, blocks, chosen)
+        return PromptPlanner(model, blocks, chosen, options.deep)
 
     @classmethod
     def plan_block(cls, block: Block, options: Any, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:

@@ -54,7 +54,11 @@ def _is_inserted(module: nn.Module) -> bool:
 
 
 def _looks_like_attention(module: nn.Module) -> bool:
-    if type(module) in NOT_ATTENTION:
+    """An attention-like class name, ``nn.MultiheadAttention`` or a ``num_heads`` attribute, on a module
+    that holds parameters: one that holds none has no projections for a method to operate on, so it is
+    never refused as an attention petl_surgery does not understand (segmentation_models_pytorch's decoder
+    ``Attention`` wrapping an ``nn.Identity`` when no attention type is set)."""
+    if type(module) in NOT_ATTENTION or next(module.parameters(), None) is None:
         return False
     return isinstance(module, nn.MultiheadAttention) or bool(
         _ATTENTION_LIKE_NAME.search(type(module).__name__)

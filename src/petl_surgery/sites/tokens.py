@@ -69,6 +69,17 @@ class TokenBias:
 
 
 @dataclass(frozen=True)
+class GridSource:
+    """Where the patch grid of each forward comes from: ``module`` embeds the image (its first
+    positional input, (batch, channels, height, width)) and ``grid_of((height, width))`` gives the
+    (rows, columns) of patch tokens it makes. Read at every forward, so the grid follows timm's
+    ``set_input_size`` and ``dynamic_img_size``."""
+
+    module: nn.Module
+    grid_of: Callable[[Tuple[int, int]], Tuple[int, int]]
+
+
+@dataclass(frozen=True)
 class TokenLayout:
     """Where a flat-token model keeps its tokens.
 
@@ -86,8 +97,11 @@ class TokenLayout:
             rotary embedding aligned with the patch tokens).
         token_biases: per block (in discovery's order), the relative-position biases its attention
             adds, sized to the model's own tokens (BEiT, relative-position ViT); empty for others.
-        grid: (rows, columns) of the patch tokens, which follow the prefix tokens row by row; None when
-            the model does not fix it (an image size chosen per forward, timm's ``dynamic_img_size``).
+        grid: (rows, columns) of the patch tokens at the model's current image size, which follow the
+            prefix tokens row by row; None when the model does not fix it (an image size chosen per
+            forward, timm's ``dynamic_img_size``).
+        grid_source: where each forward's grid can be read (methods that lay the patch tokens out on
+            their grid read it there, never ``grid``); None when petl_surgery does not know it.
     """
 
     num_prefix_tokens: int
@@ -97,6 +111,7 @@ class TokenLayout:
     prefix_counters: Tuple[Tuple[str, ...], ...]
     token_biases: Tuple[Tuple[TokenBias, ...], ...] = ()
     grid: Optional[Tuple[int, int]] = None
+    grid_source: Optional[GridSource] = None
 
 
 def _timm_flat_classes() -> Tuple[Type[nn.Module], ...]:
@@ -188,6 +203,15 @@ def _grid(model: nn.Module) -> Optional[Tuple[int, int]]:
     return None
 
 
+def _grid_source(model: nn.Module) -> Optional[GridSource]:
+    """timm's patch embedding and its ``dynamic_feat_size`` (PatchEmbed, HybridEmbed), or None."""
+    embed = getattr(model, "patch_embed", None)
+    grid_of = getattr(embed, "dynamic_feat_size", None)
+    if isinstance(embed, nn.Module) and callable(grid_of):
+        return GridSource(embed, grid_of)
+    return None
+
+
 def _prefix_counters(blocks: Sequence[Block], prefix: int, model: nn.Module) -> Tuple[Tuple[str, ...], ...]:
     counters = []
     for block in blocks:
@@ -221,6 +245,7 @@ def timm_flat_layout(model: nn.Module, blocks: Sequence[Block]) -> TokenLayout:
         _prefix_counters(blocks, prefix, model),
         _token_biases(model, blocks),
         _grid(model),
+        _grid_source(model),
     )
 
 
@@ -241,12 +266,31 @@ def refuse(model: nn.Module, reason: str) -> SurgeryError:
     return _refuse(model, reason)
 
 
+def _timm_flat_holder(model: nn.Module, blocks: Sequence[Block]) -> Optional[nn.Module]:
+    """The timm flat-token model inside ``model`` that holds every block of ``blocks``: a backbone the
+    user's model wraps (timm's ``features_only`` wrapper ``FeatureGetterNet``, a segmentation model's
+    encoder); None when there is none or ``model`` itself is one. Block paths stay relative to
+    ``model``, as the layout's paths must be."""
+    classes = _timm_flat_classes()
+    if not blocks or type(model) in classes:
+        return None
+    for module in model.modules():
+        if type(module) in classes:  # matched exactly, as the registry matches classes
+            inside = {id(m) for m in module.modules()}
+            if all(id(block.module) in inside for block in blocks):
+                return module
+    return None
+
+
 def token_layout(model: nn.Module, blocks: Sequence[Block]) -> TokenLayout:
     """The token layout of ``model`` given its discovered ``blocks``; raises SurgeryError naming the
     reason for a model whose tokens are not one flat sequence petl_surgery knows."""
     run_deferred()
     if type(model) in _timm_flat_classes():
         return timm_flat_layout(model, blocks)
+    holder = _timm_flat_holder(model, blocks)
+    if holder is not None:
+        return timm_flat_layout(holder, blocks)
     describer = TOKEN_LAYOUTS.get(type(model))
     if describer is not None:
         return describer(model, blocks)
