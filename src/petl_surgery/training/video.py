@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DataError, seeded_split
-from .formats import draw_shots
+from .formats import TrainingData, draw_shots
 
 SPLITS = ("train", "val", "test")
 AUGMENTATIONS = ("multiscale", "none")
@@ -417,31 +417,13 @@ def check_videos(layout: VideoLayout, samples: Sequence[Sample], classes: Option
 
 
 @dataclass
-class VideoData:
-    """A run's videos: training clips, validation (single middle clip, centre crop) or None, the layout."""
-
-    layout: VideoLayout
-    train: VideoClips
-    val: Optional[VideoClips]
-    split: str
-    val_name: Optional[str]
-    shots: Optional[int] = None
-    shot_seed: Optional[int] = None
-
-    @property
-    def classes(self) -> List[str]:
-        return self.layout.classes
+class VideoData(TrainingData):
+    """A run's videos (``train``: :class:`VideoClips`; ``val``: the middle clip and centre crop of each
+    validation video, or None; ``layout``: a :class:`VideoLayout`); its record adds the clip sampling."""
 
     def record(self) -> Dict[str, Any]:
         spec = self.train.spec
-        entry: Dict[str, Any] = {
-            "data": str(self.layout.root), "format": "video", "split": self.split, "val": self.val_name,
-            "shots": self.shots, "shot_seed": self.shot_seed, "train_images": len(self.train),
-            "frames": spec.frames, "frame_stride": spec.stride, "video_aug": spec.aug,
-        }
-        if self.shots is not None:
-            entry["shot_images"] = [path for path, _ in self.train.samples]
-        return entry
+        return {**super().record(), "frames": spec.frames, "frame_stride": spec.stride, "video_aug": spec.aug}
 
 
 def video_training_data(
