@@ -126,3 +126,9 @@ def test_weights_from_a_file_for_another_zoo_load_all_but_a_head_of_another_size
     save_file({k: v.contiguous() for k, v in list(wrong.items())[:3]}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ModelSpecError, match="do not fit open_clip:ViT-S-32"):
         build_model(spec, 3, weights=str(tmp_path / "bad.safetensors"), model_args=kwargs)
+
+
+def test_plan_counts_the_head_of_a_model_of_another_zoo(capsys):
+    assert cli.main(["plan", "torchvision:swin3d_t", "-m", "bapat", "--num-classes", "51"]) == 0
+    head = [line for line in capsys.readouterr().out.splitlines() if line.startswith("classifier head")]
+    assert head and head[0].split()[-2] == f"{768 * 51 + 51:,}"

@@ -185,9 +185,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _head_parameters(model: Any) -> int:
-    get = getattr(model, "get_classifier", None)
-    head = get() if callable(get) else None
-    return sum(p.numel() for p in head.parameters()) if head is not None else 0
+    from petl_surgery.freezing import find_heads
+
+    return sum(p.numel() for head in find_heads(model) for p in head.parameters())
 
 
 def _ranges(values: Sequence[int]) -> str:
