@@ -52,8 +52,8 @@ def training_clips_per_second(dataset, batch: int, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kind", choices=("video", "frames"), default="video")
-    parser.add_argument("--canvas", type=int, default=64, help="video side in px (default 64)")
-    parser.add_argument("--videos", type=int, default=8, help="videos per class (4 classes; default 8)")
+    parser.add_argument("--canvas", type=int, default=112, help="video side in px (default 112)")
+    parser.add_argument("--videos", type=int, default=16, help="videos per class (4 classes; default 16)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training step (default 1)")

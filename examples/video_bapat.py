@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = 1 if args.quick else args.seeds
-    source_epochs, target_epochs = (2, 2) if args.quick else (12, 15)
+    source_epochs, target_epochs = (2, 2) if args.quick else (25, 15)
     per_source = {"train": 8 if args.quick else 48}
     per_target = {"train": 4 if args.quick else 8, "test": 4 if args.quick else 16}
     started = time.perf_counter()
@@ -69,7 +69,7 @@ def main() -> None:
 
         torch.manual_seed(0)
         backbone = video_swin()
-        fit(backbone, source.train, epochs=source_epochs, lr=2e-3, batch_size=8, seed=0)
+        fit(backbone, source.train, epochs=source_epochs, lr=3e-3, batch_size=8, seed=0)
         pretrained = {k: v for k, v in backbone.state_dict().items() if not k.startswith("head.")}
         source_test = accuracy_report(backbone, torch.utils.data.DataLoader(source.train, batch_size=8), source.classes)
         print(f"pre-trained on the diagonal directions: training accuracy {source_test['top1']:.3f} "

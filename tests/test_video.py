@@ -266,12 +266,13 @@ def test_a_two_run_video_study(videomae_dir, videos, tmp_path):
 
     grid = {"model": f"hf:{videomae_dir}", "data": str(videos), "format": "video", "epochs": 1, "batch_size": 4,
             "lr": 0.01, "frame_stride": 2, "test_clips": 2, "runs": [{"method": "bapat"}, {"method": "lora"}],
-            "seeds": [0]}
+            "shots": [1], "seeds": [0]}
     result = run_study(grid, tmp_path / "study", device="cpu", plot=False, log=lambda line: None)
     assert result.trained == 2 and [row["method"] for row in result.rows] == ["bapat", "lora"]
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in result.rows)
     run_log = json.loads(next((tmp_path / "study" / "runs").glob("bapat-*/log.json")).read_text())
     assert run_log["format"] == "video" and run_log["evaluation"]["images"] == 4
+    assert run_log["train_images"] == 4 and len(run_log["shot_images"]) == 4  # one video per class
 
 
 def test_a_user_model_taking_clips_trains_with_the_library_s_video_data(videos):
