@@ -81,7 +81,8 @@ def main() -> None:
             for seed in range(seeds):
                 torch.manual_seed(seed)
                 model = video_swin()
-                model.load_state_dict(pretrained, strict=False)  # a fresh head of the target's classes
+                missing = model.load_state_dict(pretrained, strict=False).missing_keys
+                assert sorted(missing) == ["head.bias", "head.weight"], missing  # only the head is fresh
                 if options is not None:
                     ps.apply(model, method, **options)
                 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
