@@ -291,3 +291,21 @@ def test_a_user_model_taking_clips_trains_with_the_library_s_video_data(videos):
     data = V.video_training_data(str(videos), spec())
     records = fit(model, data.train, epochs=1, batch_size=4, seed=0)
     assert records[0].train_loss > 0
+
+
+def test_two_dataloader_workers_decode_what_the_main_process_decodes(videos):
+    data = V.video_training_data(str(videos), spec(aug="none"))
+    main = torch.cat([x for x, _ in torch.utils.data.DataLoader(data.train, batch_size=4)])
+    workers = torch.cat([x for x, _ in torch.utils.data.DataLoader(data.train, batch_size=4, num_workers=2)])
+    assert torch.equal(main, workers)
+
+
+def test_training_clips_without_augmentation_are_the_middle_clip_every_time(videos):
+    data = V.video_training_data(str(videos), spec(aug="none"))
+    path = videos / data.train.samples[0][0]
+    middle = V._normalise(V.read_frames(path, [0, 2, 4, 6]), data.train.spec)  # 8 frames, span 7: start 0
+    data2 = V.video_training_data(str(videos), spec(aug="none", stride=1))
+    middle2 = V._normalise(V.read_frames(path, [2, 3, 4, 5]), data2.train.spec)  # span 4: start (8 - 4) // 2
+    for _ in range(3):
+        torch.testing.assert_close(data.train[0][0], V.test_crops(middle, SIZE, 1)[0])
+        torch.testing.assert_close(data2.train[0][0], V.test_crops(middle2, SIZE, 1)[0])

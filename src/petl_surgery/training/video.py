@@ -334,9 +334,9 @@ def _normalise(frames: torch.Tensor, spec: ClipSpec) -> torch.Tensor:
 
 
 class VideoClips(torch.utils.data.Dataset):
-    """``(clip (C, T, H, W), label)`` per sample. ``train``: a random clip and, with ``spec.aug``
-    ``"multiscale"``, a random multi-scale crop (drawn from torch's generator, which DataLoader seeds per
-    worker and epoch); otherwise the middle clip and the centre crop, deterministic."""
+    """``(clip (C, T, H, W), label)`` per sample. ``train`` with ``spec.aug`` ``"multiscale"``: a random clip
+    and a random multi-scale crop (drawn from torch's generator, which DataLoader seeds per worker and
+    epoch); otherwise (validation, or ``aug="none"``) the middle clip and the centre crop, deterministic."""
 
     def __init__(self, root: Path, samples: Sequence[Sample], lengths: Sequence[int], spec: ClipSpec,
                  train: bool) -> None:
@@ -348,14 +348,13 @@ class VideoClips(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         length, spec = self.lengths[index], self.spec
-        if self.train:
+        if self.train and spec.aug == "multiscale":
             rng = random.Random(int(torch.randint(0, 2**62, ())))
             start = random_start(length, spec.span, rng)
-        else:
-            rng, start = None, test_starts(length, spec.span, 1)[0]
-        clip = _normalise(read_frames(self.root / path, clip_indices(length, spec.frames, spec.stride, start)), spec)
-        if self.train and spec.aug == "multiscale":
+            clip = _normalise(read_frames(self.root / path, clip_indices(length, spec.frames, spec.stride, start)), spec)
             return multiscale_crop(clip, spec.size, rng), label
+        start = test_starts(length, spec.span, 1)[0]
+        clip = _normalise(read_frames(self.root / path, clip_indices(length, spec.frames, spec.stride, start)), spec)
         return test_crops(clip, spec.size, 1)[0], label
 
 
