@@ -65,7 +65,8 @@ def main() -> None:
         spec = ClipSpec(frames=8, stride=2, size=args.canvas)
         dataset = video_training_data(str(root), spec).train
         train = training_clips_per_second(dataset, args.batch, args.steps)
-        print(f"{len(dataset)} {args.kind} clips of 8 frames (stride 2) at {args.canvas} px; torch threads {args.threads}")
+        print(f"{len(dataset)} {args.kind} clips of 8 frames (stride 2) at {args.canvas} px; "
+              f"torch threads {args.threads}")
         print(f"training step (Video Swin, BAPAT, batch {args.batch}): {train:8.1f} clips/s")
         for workers in (0, 1, 2):
             decoded = clips_per_second(dataset, workers, args.batch)

@@ -47,7 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer videos, epochs and seeds")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; more threads on a busy machine ran slower)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1; more threads ran slower on a busy machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = 1 if args.quick else args.seeds

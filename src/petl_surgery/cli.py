@@ -4,6 +4,7 @@
     petl-surgery inspect delta.safetensors
     petl-surgery train vit_small_patch16_224 --data images/ --method lora --epochs 5 --out delta.safetensors
     petl-surgery evaluate vit_small_patch16_224 delta.safetensors --data test_images/ --json result.json
+    petl-surgery train torchvision:swin3d_t --format video --data hmdb51/ --frames 8 --frame-stride 2 -m bapat
     petl-surgery study grid.json --out study/
     petl-surgery demo --out petl_demo
 
@@ -21,8 +22,12 @@ from pathlib import Path
 from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 PROG = "petl-surgery"
-MODEL_HELP = ("a model spec: a timm name (or timm:NAME), torchvision:NAME (e.g. swin3d_t), hf:DIR (a local transformers "
-              "directory) or open_clip:NAME")
+MODEL_HELP = ("a model spec: a timm name (or timm:NAME), torchvision:NAME (e.g. swin3d_t), hf:DIR (a local "
+              "transformers directory) or open_clip:NAME")
+MODEL_ARG_HELP = ("a keyword for the zoo's model (timm.create_model, torchvision's get_model, a transformers config "
+                  "override, open_clip.create_model)")
+PRETRAINED_HELP = ("load the zoo's pretrained weights (timm, torchvision and open_clip: needs hub access; hf:DIR: the "
+                   "directory's own weights)")
 
 
 class UsageError(Exception):
@@ -90,8 +95,8 @@ def model_spec(text: str) -> Any:
         raise UsageError(str(error)) from None
 
 
-def create_model(name: str, *, pretrained: bool = False, weights: Optional[str] = None, num_classes: Optional[int] = None,
-                 **kwargs: Any) -> Any:
+def create_model(name: str, *, pretrained: bool = False, weights: Optional[str] = None,
+                 num_classes: Optional[int] = None, **kwargs: Any) -> Any:
     """The model of spec ``name`` (:func:`model_spec`) built by its zoo (:func:`petl_surgery.training.zoo.build_model`);
     without ``num_classes``, the zoo's default head (timm's and torchvision's 1000, a transformers config's own)."""
     from petl_surgery.training.zoo import build_model
@@ -303,9 +308,9 @@ def _device(name: str) -> Any:
 
 def _add_scale_arguments(p: argparse.ArgumentParser, train: bool) -> None:
     p.add_argument("--weights", metavar="FILE",
-                   help="pretrained weights from a local file (safetensors or a torch checkpoint): timm models load it "
-                        "as their hub weights, other zoos as a state dict of the model built (head tensors of another size "
-                        "dropped); for machines without hub access")
+                   help="pretrained weights from a local file (safetensors or a torch checkpoint): timm models load "
+                        "it as their hub weights, other zoos as a state dict of the model built (head tensors of "
+                        "another size dropped); for machines without hub access")
     if not train:
         return
     from petl_surgery.training.augment import AUGMENTATIONS
@@ -646,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     p.add_argument("--num-classes", type=int, help="classes of the model's head")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
-                   help="a keyword for timm.create_model, e.g. depth=6 (repeatable)")
+                   help=MODEL_ARG_HELP + ", e.g. depth=6 (repeatable)")
     p.add_argument("--skip-unsupported", action="store_true", help="skip blocks the method cannot operate on")
     p.set_defaults(run=cmd_plan)
 
@@ -658,8 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("delta", metavar="DELTA", help="a delta checkpoint (ps.load)")
     p.add_argument("--data", required=True, help="data directory: ImageFolder, VTAB-1k lists or FGVC JSON files")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="a keyword for the zoo's model (timm.create_model, torchvision's get_model, "
-                        "a transformers config override, open_clip.create_model)")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help=MODEL_ARG_HELP)
     p.add_argument("--image-size", type=int, help="input size (default: the model's)")
     p.add_argument("--batch-size", type=int, default=64)
     _add_format_arguments(p, "the split to evaluate (default: test for vtab, fgvc and video; an ImageFolder's own "
@@ -668,8 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast precision")
     p.add_argument("--json", help="also write the numbers as JSON here (top1 and top5 as fractions)")
-    p.add_argument("--pretrained", action="store_true", help="load the zoo's pretrained weights (timm, torchvision and open_clip: needs hub "
-                        "access; hf:DIR: the directory's own weights)")
+    p.add_argument("--pretrained", action="store_true", help=PRETRAINED_HELP)
     p.add_argument("--seed", type=int, default=0,
                    help="without --pretrained, the seed the base was built with by train (default 0, as train's)")
     _add_scale_arguments(p, train=False)
@@ -689,10 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--statistics", choices=("frozen", "adapt"), default=None,
         help="the base's BatchNorm statistics: frozen (default) or adapted and saved in the delta",
     )
-    p.add_argument("--pretrained", action="store_true", help="load the zoo's pretrained weights (timm, torchvision and open_clip: needs hub "
-                        "access; hf:DIR: the directory's own weights)")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="a keyword for the zoo's model (timm.create_model, torchvision's get_model, "
-                        "a transformers config override, open_clip.create_model)")
+    p.add_argument("--pretrained", action="store_true", help=PRETRAINED_HELP)
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help=MODEL_ARG_HELP)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
@@ -754,7 +755,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if show_traceback:
             raise
         message = " ".join(str(error).split()) or type(error).__name__
-        kind = "" if type(error).__name__ in ("SurgeryError", "BranchNeverRanError", "ModelSpecError") else f"{type(error).__name__}: "
+        plain = ("SurgeryError", "BranchNeverRanError", "ModelSpecError")
+        kind = "" if type(error).__name__ in plain else f"{type(error).__name__}: "
         print(f"{PROG}: error: {kind}{message}", file=sys.stderr)
         return 1
 
