@@ -4,6 +4,7 @@
     petl-surgery inspect delta.safetensors
     petl-surgery train vit_small_patch16_224 --data images/ --method lora --epochs 5 --out delta.safetensors
     petl-surgery evaluate vit_small_patch16_224 delta.safetensors --data test_images/ --json result.json
+    petl-surgery train torchvision:swin3d_t --format video --data hmdb51/ --frames 8 --frame-stride 2 -m bapat
     petl-surgery study grid.json --out study/
     petl-surgery demo --out petl_demo
 
@@ -21,6 +22,12 @@ from pathlib import Path
 from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 PROG = "petl-surgery"
+MODEL_HELP = ("a model spec: a timm name (or timm:NAME), torchvision:NAME (e.g. swin3d_t), hf:DIR (a local "
+              "transformers directory) or open_clip:NAME")
+MODEL_ARG_HELP = ("a keyword for the zoo's model (timm.create_model, torchvision's get_model, a transformers config "
+                  "override, open_clip.create_model)")
+PRETRAINED_HELP = ("load the zoo's pretrained weights (timm, torchvision and open_clip: needs hub access; hf:DIR: the "
+                   "directory's own weights)")
 
 
 class UsageError(Exception):
@@ -75,14 +82,37 @@ def parse_layers(text: Optional[str]) -> Union[None, int, slice, List[int]]:
     return items[0] if len(items) == 1 else items
 
 
-def create_model(name: str, *, pretrained: bool = False, **kwargs: Any) -> Any:
-    import timm
+def model_spec(text: str) -> Any:
+    """The parsed MODEL argument of every subcommand (``timm:NAME`` or ``NAME``, ``torchvision:NAME``,
+    ``hf:DIR``, ``open_clip:NAME``; :func:`petl_surgery.training.zoo.parse_model_spec`); an unknown one is
+    a usage error with close matches."""
+    import petl_surgery as ps
+    from petl_surgery.training.zoo import parse_model_spec
 
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:5] if name else []
-        hint = f"; similar: {', '.join(close)}" if close else ""
-        raise UsageError(f"unknown timm model {name!r}{hint}")
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        return parse_model_spec(text)
+    except ps.SurgeryError as error:
+        raise UsageError(str(error)) from None
+
+
+def create_model(name: str, *, pretrained: bool = False, weights: Optional[str] = None,
+                 num_classes: Optional[int] = None, **kwargs: Any) -> Any:
+    """The model of spec ``name`` (:func:`model_spec`) built by its zoo (:func:`petl_surgery.training.zoo.build_model`);
+    without ``num_classes``, the zoo's default head (timm's and torchvision's 1000, a transformers config's own)."""
+    from petl_surgery.training.zoo import build_model
+
+    spec = model_spec(name)
+    if num_classes is None:
+        num_classes = _default_classes(spec)
+    return build_model(spec, num_classes, pretrained=pretrained, weights=weights, model_args=kwargs)
+
+
+def _default_classes(spec: Any) -> int:
+    if spec.zoo == "hf":
+        import transformers
+
+        return int(transformers.AutoConfig.from_pretrained(spec.name).num_labels)
+    return 1000
 
 
 # -- plan -----------------------------------------------------------------------------------------------
@@ -106,6 +136,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from petl_surgery.api import plan
     from petl_surgery.inserted import SHARED_BLOCK
 
+    model_spec(args.model)
     model_args = parse_options(args.model_arg)
     if args.num_classes is not None:
         model_args["num_classes"] = args.num_classes
@@ -159,9 +190,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _head_parameters(model: Any) -> int:
-    get = getattr(model, "get_classifier", None)
-    head = get() if callable(get) else None
-    return sum(p.numel() for p in head.parameters()) if head is not None else 0
+    from petl_surgery.freezing import find_heads
+
+    return sum(p.numel() for head in find_heads(model) for p in head.parameters())
 
 
 def _ranges(values: Sequence[int]) -> str:
@@ -277,8 +308,9 @@ def _device(name: str) -> Any:
 
 def _add_scale_arguments(p: argparse.ArgumentParser, train: bool) -> None:
     p.add_argument("--weights", metavar="FILE",
-                   help="pretrained weights from a local file (safetensors or a torch checkpoint), loaded by timm "
-                        "as its hub weights would be; for machines without hub access")
+                   help="pretrained weights from a local file (safetensors or a torch checkpoint): timm models load "
+                        "it as their hub weights, other zoos as a state dict of the model built (head tensors of "
+                        "another size dropped); for machines without hub access")
     if not train:
         return
     from petl_surgery.training.augment import AUGMENTATIONS
@@ -318,51 +350,88 @@ def _check_scale_arguments(args: argparse.Namespace) -> None:
         raise UsageError(str(error)) from None
 
 
-def _train_transform(args: argparse.Namespace, size: int) -> Any:
-    from petl_surgery.training.augment import training_transform
+def _train_transform(args: argparse.Namespace, config: Any) -> Any:
+    """The training images' transform of ``--aug`` (None: the format's deterministic preprocessing)."""
+    from petl_surgery.training.augment import training_transform, transform_for
 
-    return training_transform(args.model, size, args.aug)[0]
+    if args.aug == "none" or args.format == "video":
+        return None
+    if model_spec(args.model).is_timm:
+        return training_transform(args.model, config.size, args.aug)[0]
+    return transform_for(config.size, config.mean, config.std)
 
 
-def _create_base(args: argparse.Namespace, num_classes: int, model_args: Dict[str, Any]) -> Any:
-    """The timm model: with ``--weights FILE`` the file's pretrained weights (timm's loading), with
-    ``--pretrained`` the hub's, else random weights from the seed."""
-    if not args.weights:
-        return create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, **model_args)
-    from petl_surgery.training.weights import create_with_weights
+def _check_video_arguments(args: argparse.Namespace) -> None:
+    """Options that do not apply to the data's kind, refused before anything is read."""
+    video = args.format == "video"
+    given = [name for name, value in (("--frames", args.frames), ("--frame-stride", args.frame_stride),
+                                      ("--video-aug", getattr(args, "video_aug", None)),
+                                      ("--test-clips", getattr(args, "test_clips", None)),
+                                      ("--test-crops", getattr(args, "test_crops", None))) if value is not None]
+    if given and not video:
+        raise UsageError(f"{', '.join(given)} apply to videos: give --format video")
+    if video and getattr(args, "aug", "none") != "none":
+        raise UsageError("--aug augments images; for videos give --video-aug multiscale (the default) or none")
+    if video and getattr(args, "cache_features", False):
+        raise UsageError("--cache-features caches images; it does not take --format video")
 
-    return create_with_weights(args.model, args.weights, num_classes=num_classes, **model_args)
+
+def _create_base(args: argparse.Namespace, num_classes: int, model_args: Dict[str, Any]) -> Tuple[Any, Any]:
+    """(model, its input config): the model of the spec with ``--weights FILE``'s weights, or with
+    ``--pretrained`` its zoo's, else random weights from the seed; the input config from the model as built
+    (``--image-size`` wins)."""
+    from petl_surgery.training.zoo import input_config
+
+    spec = model_spec(args.model)
+    if args.image_size and spec.is_timm:
+        model_args.setdefault("img_size", args.image_size)
+    model = create_model(args.model, pretrained=args.pretrained, weights=args.weights, num_classes=num_classes,
+                         **model_args)
+    return model, input_config(model, spec, args.image_size)
+
+
+def _clip_spec(args: argparse.Namespace, config: Any) -> Any:
+    """The clip sampling of ``--format video`` (None for images)."""
+    if args.format != "video":
+        return None
+    from petl_surgery.training.inputs import clip_spec
+
+    return clip_spec(config, args.frames, args.frame_stride, getattr(args, "video_aug", None) or "multiscale",
+                     getattr(args, "test_clips", None) or 1, getattr(args, "test_crops", None) or 1)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     import petl_surgery as ps
-    from petl_surgery.training import DataError, accuracy_report, evaluation_data
-    from petl_surgery.training.data import input_config
+    from petl_surgery.training import DataError, accuracy_report
+    from petl_surgery.training.inputs import class_names, run_evaluation_data
     from petl_surgery.training.outputs import head_classes
 
     if not Path(args.delta).is_file():
         raise UsageError(f"no delta checkpoint at {args.delta}")
     _check_weights(args)
+    _check_video_arguments(args)
     device = _device(args.device)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1; got {args.batch_size}")
     model_args = parse_options(args.model_arg)
-    if args.image_size:
-        model_args.setdefault("img_size", args.image_size)
-    size, mean, std = input_config(args.model, args.image_size)
+    model_spec(args.model)
     try:
-        data, layout, split = evaluation_data(args.data, size=size, mean=mean, std=std, format=args.format,
-                                              split=args.split, classes=head_classes(Path(args.delta)))
+        count = head_classes(Path(args.delta)) or len(class_names(args.data, args.format, args.split, "eval"))
+    except DataError as error:
+        raise UsageError(str(error)) from None
+    torch.manual_seed(args.seed)  # a base built without weights is the one `train --seed` built
+    model, config = _create_base(args, count, model_args)
+    try:
+        data, layout, split, wrap = run_evaluation_data(args.data, args.format, config, clips=_clip_spec(args, config),
+                                                        split=args.split, classes=count)
     except DataError as error:
         raise UsageError(str(error)) from None
     classes = layout.classes
-    torch.manual_seed(args.seed)  # a base built without weights is the one `train --seed` built
-    model = _create_base(args, len(classes), model_args)
     ps.load(model, args.delta)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size)
-    report = accuracy_report(model.to(device), loader, classes, device, args.amp)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.workers)
+    report = accuracy_report(wrap(model).to(device), loader, classes, device, args.amp)
     report.update(model=args.model, delta=str(args.delta), data=str(args.data), format=layout.format, split=split,
                   device=str(device), precision=args.amp)
     where = f"{args.data}" + (f" ({layout.format} split {split})" if split else "")
@@ -379,8 +448,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     import petl_surgery as ps
-    from petl_surgery.training import DataError, EpochRecord, caching, distributed, fit, training_data
-    from petl_surgery.training.data import input_config
+    from petl_surgery.training import DataError, EpochRecord, caching, distributed, fit
+    from petl_surgery.training.inputs import class_names, run_training_data
     from petl_surgery.training.outputs import check_output_paths, check_resume, read_run_log
 
     if args.method is None and args.resume is None:
@@ -402,6 +471,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsageError(str(error)) from None
     device = _device(args.device)
     _check_scale_arguments(args)
+    _check_video_arguments(args)
     for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)):
         if value < 1:
             raise UsageError(f"{name} must be at least 1; got {value}")
@@ -415,23 +485,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ps.SurgeryError as error:
         raise UsageError(str(error)) from None
     model_args = parse_options(args.model_arg)
-    if args.image_size:
-        model_args.setdefault("img_size", args.image_size)
-
-    size, mean, std = input_config(args.model, args.image_size)
+    model_spec(args.model)
     if args.val and args.val_split:
         raise UsageError("--val and --val-split exclude each other: give a validation folder or a fraction of --data")
     try:
-        data = training_data(
-            args.data, size=size, mean=mean, std=std, format=args.format, split=args.split, val=args.val,
+        count = len(class_names(args.data, args.format, args.split, "train"))
+    except DataError as error:
+        raise UsageError(str(error)) from None
+    model, config = _create_base(args, count, model_args)  # head from the classes
+    size = config.size
+    try:
+        data = run_training_data(
+            args.data, args.format, config, clips=_clip_spec(args, config), split=args.split, val=args.val,
             val_split=args.val_split, shots=args.shots, seed=args.seed,
             shot_seed=args.seed if args.shot_seed is None else args.shot_seed,
-            transform=_train_transform(args, size),
+            transform=_train_transform(args, config),
         )
     except DataError as error:
         raise UsageError(str(error)) from None
     train_set, val_set, classes = data.train, data.val, data.classes
-    model = _create_base(args, len(classes), model_args)  # head from the classes
     options = parse_options(args.option)
     if args.resume:
         ps.load(model, args.resume)
@@ -550,11 +622,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- main -----------------------------------------------------------------------------------------------
 
 
-def _add_format_arguments(p: argparse.ArgumentParser, split_help: str) -> None:
-    p.add_argument("--format", choices=("auto", "imagefolder", "vtab", "fgvc"), default="auto",
+def _add_format_arguments(p: argparse.ArgumentParser, split_help: str, train: bool) -> None:
+    p.add_argument("--format", choices=("auto", "imagefolder", "vtab", "fgvc", "video"), default="auto",
                    help="the layout of --data: auto (by the files present; default), imagefolder, vtab "
-                        "(train800.txt, val200.txt, train800val200.txt, test.txt), fgvc (train/val/test.json)")
+                        "(train800.txt, val200.txt, train800val200.txt, test.txt), fgvc (train/val/test.json), "
+                        "video (train/val/test.csv: 'path label' or 'frame_dir num_frames label'; never auto)")
     p.add_argument("--split", help=split_help + "; for an ImageFolder, a sub-directory")
+    p.add_argument("--frames", type=int, help="videos: frames per clip (default: the model's, else 8)")
+    p.add_argument("--frame-stride", type=int, help="videos: take every S-th frame (default 4; V-PETL's HMDB51: 2)")
+    if train:
+        p.add_argument("--video-aug", choices=("multiscale", "none"),
+                       help="videos: a random clip and V-PETL's multi-scale crop (multiscale; default) or the middle "
+                            "clip and the centre crop (none)")
+    else:
+        p.add_argument("--test-clips", type=int, help="videos: K evenly spaced clips per video (default 1)")
+        p.add_argument("--test-crops", type=int, choices=(1, 3), help="videos: 1 or 3 crops per clip (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -563,13 +645,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("plan", help="dry run: where a method would go in a timm model, and its parameter counts")
-    p.add_argument("model", metavar="MODEL", help="timm model name (built without weights)")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP + " (built without weights)")
     p.add_argument("--method", "-m", required=True, help="patt, adapter, bapat, lora, ...")
     p.add_argument("--layers", "-l", help="blocks: all (default), 3, 0,2,4, 6:12; negative as --layers=-4:")
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     p.add_argument("--num-classes", type=int, help="classes of the model's head")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
-                   help="a keyword for timm.create_model, e.g. depth=6 (repeatable)")
+                   help=MODEL_ARG_HELP + ", e.g. depth=6 (repeatable)")
     p.add_argument("--skip-unsupported", action="store_true", help="skip blocks the method cannot operate on")
     p.set_defaults(run=cmd_plan)
 
@@ -578,24 +660,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("evaluate", help="top-1, top-5 and per-class accuracy of a model with a delta")
-    p.add_argument("model", metavar="MODEL", help="timm model name")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("delta", metavar="DELTA", help="a delta checkpoint (ps.load)")
     p.add_argument("--data", required=True, help="data directory: ImageFolder, VTAB-1k lists or FGVC JSON files")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="a keyword for timm.create_model")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help=MODEL_ARG_HELP)
     p.add_argument("--image-size", type=int, help="input size (default: the model's)")
     p.add_argument("--batch-size", type=int, default=64)
-    _add_format_arguments(p, "the split to evaluate (default: test for vtab and fgvc; an ImageFolder's own directory)")
+    _add_format_arguments(p, "the split to evaluate (default: test for vtab, fgvc and video; an ImageFolder's own "
+                             "directory)", train=False)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast precision")
     p.add_argument("--json", help="also write the numbers as JSON here (top1 and top5 as fractions)")
-    p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs hub access)")
+    p.add_argument("--pretrained", action="store_true", help=PRETRAINED_HELP)
     p.add_argument("--seed", type=int, default=0,
                    help="without --pretrained, the seed the base was built with by train (default 0, as train's)")
     _add_scale_arguments(p, train=False)
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("train", help="train a method on an ImageFolder directory and save the delta")
-    p.add_argument("model", metavar="MODEL", help="timm model name")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--data", required=True, help="ImageFolder directory (one sub-directory per class)")
     p.add_argument("--val", help="validation data: an ImageFolder directory (same classes), or for vtab and fgvc "
                                   "a split of --data (val200, val)")
@@ -608,8 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--statistics", choices=("frozen", "adapt"), default=None,
         help="the base's BatchNorm statistics: frozen (default) or adapted and saved in the delta",
     )
-    p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs hub access)")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="a keyword for timm.create_model")
+    p.add_argument("--pretrained", action="store_true", help=PRETRAINED_HELP)
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help=MODEL_ARG_HELP)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
@@ -624,8 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1, help="batches whose gradients make one step (default 1)")
     p.add_argument("--out", default="delta.safetensors", help="where the delta goes (default delta.safetensors)")
     p.add_argument("--log", help="the JSON log (default: --out with .json)")
-    _add_format_arguments(p, "the split to train on (default: train800val200 for vtab, train for fgvc; an "
-                             "ImageFolder's own directory)")
+    _add_format_arguments(p, "the split to train on (default: train800val200 for vtab, train for fgvc and video; "
+                             "an ImageFolder's own directory)", train=True)
     p.add_argument("--shots", type=int, help="train on K images per class, drawn with --shot-seed")
     p.add_argument("--shot-seed", type=int, help="the seed of the --shots draw (default: --seed)")
     _add_scale_arguments(p, train=True)
@@ -671,7 +755,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if show_traceback:
             raise
         message = " ".join(str(error).split()) or type(error).__name__
-        kind = "" if type(error).__name__ in ("SurgeryError", "BranchNeverRanError") else f"{type(error).__name__}: "
+        plain = ("SurgeryError", "BranchNeverRanError", "ModelSpecError")
+        kind = "" if type(error).__name__ in plain else f"{type(error).__name__}: "
         print(f"{PROG}: error: {kind}{message}", file=sys.stderr)
         return 1
 

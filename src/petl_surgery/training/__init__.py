@@ -1,7 +1,7 @@
-"""Training a delta on images, apart from the command line that calls it: the data (``data``, and the
-VTAB-1k, FGVC and ImageFolder layouts in ``formats``), the loop and evaluation (``loop``), a progress
-display (``progress``), the checks of a run's outputs (``outputs``) and the V-PETL study (``study``,
-``tradeoff``)."""
+"""Training a delta on images or videos, apart from the command line that calls it: the models of every zoo
+by one spec (``zoo``), the data (``data``, the VTAB-1k, FGVC and ImageFolder layouts in ``formats``, videos in
+``video``, either for a run in ``inputs``), the loop and evaluation (``loop``), a progress display
+(``progress``), the checks of a run's outputs (``outputs``) and the V-PETL study (``study``, ``tradeoff``)."""
 
 from .data import DataError, image_folder_splits
 from .formats import FORMATS, TrainingData, draw_shots, evaluation_data, open_layout, training_data

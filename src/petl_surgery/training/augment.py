@@ -35,3 +35,11 @@ def training_transform(model_name: str, size: int, aug: str) -> Tuple[Optional[C
     if aug != "timm":
         raise SurgeryError(f"unknown augmentation {aug!r}; choose one of {', '.join(AUGMENTATIONS)}")
     return create_transform(**config, is_training=True), config
+
+
+def transform_for(size: int, mean: Any, std: Any) -> Callable[[Any], Any]:
+    """timm's training pipeline (``create_transform`` with its defaults, see the module) at ``size`` with the
+    given normalisation: for models of other zoos, whose statistics come from their own configs."""
+    from timm.data import create_transform
+
+    return create_transform(input_size=(3, size, size), mean=tuple(mean), std=tuple(std), is_training=True)

@@ -60,14 +60,3 @@ def seeded_split(count: int, fraction: float, seed: int) -> Tuple[List[int], Lis
         raise DataError(f"a validation split of {fraction} leaves no training or no validation images of {count}")
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
     return order[n_val:], order[:n_val]
-
-
-def input_config(model_name: str, image_size: Optional[int]) -> Tuple[int, Sequence[float], Sequence[float]]:
-    """Input size, mean and std from timm's pretrained config of ``model_name`` (``image_size`` wins;
-    without a config: 224 px, mean and std 0.5)."""
-    import timm
-
-    config = timm.get_pretrained_cfg(model_name)
-    cfg = config.to_dict() if config is not None else {}
-    size = image_size or cfg.get("input_size", (3, 224, 224))[-1]
-    return size, cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))

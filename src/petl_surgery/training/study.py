@@ -28,8 +28,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 from ..errors import SurgeryError
-from .data import DataError, input_config
-from .formats import FORMATS, TrainingData, evaluation_data, training_data
+from .data import DataError
+from .inputs import ALL_FORMATS, class_names, clip_spec, run_evaluation_data, run_training_data
 from .loop import PRECISIONS, accuracy_report, choose_device, fit
 from .outputs import read_run_log
 from .tradeoff import plot_tradeoff
@@ -58,6 +58,11 @@ GRID_KEYS: Dict[str, Tuple[Tuple[type, ...], Any]] = {
     "shots": ((list,), [None]),
     "weight_decay": ((int, float), 1e-4),
     "precision": ((str,), "none"),
+    "frames": ((int, type(None)), None),
+    "frame_stride": ((int, type(None)), None),
+    "video_aug": ((str, type(None)), None),
+    "test_clips": ((int, type(None)), None),
+    "test_crops": ((int, type(None)), None),
 }
 RUN_KEYS: Dict[str, Tuple[Tuple[type, ...], Any]] = {
     "method": ((str,), REQUIRED),
@@ -66,7 +71,8 @@ RUN_KEYS: Dict[str, Tuple[Tuple[type, ...], Any]] = {
 }
 # the grid's settings a finished run depends on besides its own (method, options, layers, shots, seed)
 COMMON = ("model", "model_args", "image_size", "pretrained", "data", "format", "train_split", "eval_split",
-          "epochs", "batch_size", "lr", "weight_decay", "precision")
+          "epochs", "batch_size", "lr", "weight_decay", "precision", "frames", "frame_stride", "video_aug", "test_clips",
+          "test_crops")
 CSV_COLUMNS = ("method", "options", "layers", "shots", "seed", "trainable_parameters", "delta_bytes", "accuracy",
                "seconds", "run")
 
@@ -158,7 +164,9 @@ def load_grid(grid: Union[str, Path, Mapping[str, Any]]) -> Dict[str, Any]:
     ``lr``, ``runs`` (each ``method``, optional ``options`` and ``layers``) and ``seeds``; optional:
     ``model_args`` ({}), ``image_size`` (the model's), ``pretrained`` (false), ``format`` ("auto"),
     ``train_split`` and ``eval_split`` (the format's), ``shots`` ([null]: every image),
-    ``weight_decay`` (1e-4), ``precision`` ("none")."""
+    ``weight_decay`` (1e-4), ``precision`` ("none"); for ``"format": "video"``: ``frames`` and
+    ``frame_stride`` (the model's clip length, else 8, and 4), ``video_aug`` ("multiscale"), ``test_clips`` and
+    ``test_crops`` (1 and 1). ``model`` is a model spec of any zoo (:mod:`.zoo`)."""
     from ..methods import METHODS
 
     if not isinstance(grid, Mapping):
@@ -175,8 +183,11 @@ def load_grid(grid: Union[str, Path, Mapping[str, Any]]) -> Dict[str, Any]:
     for key in ("epochs", "batch_size"):
         if filled[key] < 1:
             raise StudyError(f"grid key {key!r} must be at least 1; got {filled[key]}")
-    if filled["format"] not in FORMATS:
-        raise StudyError(f"grid key 'format' {filled['format']!r} is not one of {', '.join(FORMATS)}")
+    if filled["format"] not in ALL_FORMATS:
+        raise StudyError(f"grid key 'format' {filled['format']!r} is not one of {', '.join(ALL_FORMATS)}")
+    video_keys = [key for key in ("frames", "frame_stride", "video_aug", "test_clips", "test_crops") if filled[key] is not None]
+    if video_keys and filled["format"] != "video":
+        raise StudyError(f"grid keys {', '.join(video_keys)} apply to videos: set 'format' to 'video'")
     if filled["precision"] not in PRECISIONS:
         raise StudyError(f"grid key 'precision' {filled['precision']!r} is not one of {', '.join(PRECISIONS)}")
     if not filled["runs"]:
@@ -199,37 +210,52 @@ def load_grid(grid: Union[str, Path, Mapping[str, Any]]) -> Dict[str, Any]:
     return filled
 
 
-def _input(grid: Mapping[str, Any]) -> Tuple[int, Any, Any]:
-    import timm
+def _spec(grid: Mapping[str, Any]) -> Any:
+    from .zoo import parse_model_spec
 
-    if not timm.is_model(grid["model"]):
-        raise StudyError(f"grid key 'model': unknown timm model {grid['model']!r}")
-    return input_config(grid["model"], grid["image_size"])
+    try:
+        return parse_model_spec(grid["model"])
+    except SurgeryError as error:
+        raise StudyError(f"grid key 'model': {error}") from None
 
 
 def _build(grid: Mapping[str, Any], classes: int, seed: int) -> torch.nn.Module:
-    import timm
+    from .zoo import build_model
 
+    spec = _spec(grid)
     model_args = dict(grid["model_args"])
-    if grid["image_size"]:
+    if grid["image_size"] and spec.is_timm:
         model_args.setdefault("img_size", grid["image_size"])
     torch.manual_seed(seed)  # the base's weights without pretrained ones
-    return timm.create_model(grid["model"], pretrained=grid["pretrained"], num_classes=classes, **model_args)
+    return build_model(spec, classes, pretrained=grid["pretrained"], model_args=model_args)
 
 
-def _check_runs(grid: Mapping[str, Any], classes: int) -> None:
-    """Plan every run on one model (no training): unknown options and bad layers are refused now."""
+def _probe(grid: Mapping[str, Any], classes: int) -> Tuple[Any, Any]:
+    """(the input config, the clip spec or None) of the grid's model, built once without pretrained
+    weights, on which every run is planned (no training): unknown options and bad layers are refused now."""
     from ..api import plan
+    from .zoo import input_config
 
     try:
         model = _build({**grid, "pretrained": False}, classes, 0)
+    except StudyError:
+        raise
     except Exception as error:
         raise StudyError(f"grid keys 'model'/'model_args': cannot build {grid['model']!r}: {error}") from None
+    config = input_config(model, _spec(grid), grid["image_size"])
+    clips = None
+    if grid["format"] == "video":
+        try:
+            clips = clip_spec(config, grid["frames"], grid["frame_stride"], grid["video_aug"] or "multiscale",
+                              grid["test_clips"] or 1, grid["test_crops"] or 1)
+        except DataError as error:
+            raise StudyError(f"grid keys 'model'/'frames': {error}") from None
     for i, run in enumerate(grid["runs"]):
         try:
             plan(model, run["method"], _layers(run["layers"], ""), False, **run["options"])
         except SurgeryError as error:
             raise StudyError(f"grid key runs[{i}] ({run['method']}): {error}") from None
+    return config, clips
 
 
 def _same_grid(out: Path, grid: Mapping[str, Any]) -> None:
@@ -288,15 +314,20 @@ def run_study(
     grid = load_grid(grid)
     out = Path(out)
     device = choose_device(device) if isinstance(device, str) else device
-    size, mean, std = _input(grid)
+    _spec(grid)
     try:
-        evaluation, layout, eval_split = evaluation_data(grid["data"], size=size, mean=mean, std=std,
-                                                         format=grid["format"], split=grid["eval_split"])
-        data_of: Dict[Tuple[Optional[int], Optional[int]], TrainingData] = {}
+        classes = len(class_names(grid["data"], grid["format"], grid["eval_split"], "eval"))
+    except DataError as error:
+        raise StudyError(f"grid key 'data': {error}") from None
+    config, clips = _probe(grid, classes)
+    try:
+        evaluation, layout, eval_split, wrap = run_evaluation_data(grid["data"], grid["format"], config, clips=clips,
+                                                                   split=grid["eval_split"])
+        data_of: Dict[Tuple[Optional[int], Optional[int]], Any] = {}
         for shots in grid["shots"]:
             for seed in grid["seeds"] if shots is not None else [None]:  # every image: the same data for all seeds
-                data_of[shots, seed] = training_data(
-                    grid["data"], size=size, mean=mean, std=std, format=grid["format"], split=grid["train_split"],
+                data_of[shots, seed] = run_training_data(
+                    grid["data"], grid["format"], config, clips=clips, split=grid["train_split"],
                     shots=shots, shot_seed=seed or 0,
                 )
     except DataError as error:
@@ -308,8 +339,8 @@ def run_study(
             raise StudyError(f"grid key 'eval_split': the evaluation split {eval_split or grid['data']!r} shares "
                              f"{len(shared)} images with the training split {data.split or grid['data']!r} "
                              f"(e.g. {shared[0]}); give train_split and eval_split")
-    classes = len(layout.classes)
-    _check_runs(grid, classes)
+    if len(layout.classes) != classes:
+        raise StudyError(f"grid key 'data': the evaluation split has {len(layout.classes)} classes, the lists {classes}")
     if out.exists() and not out.is_dir():
         raise StudyError(f"--out {out} is a file, not a directory")
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -330,7 +361,7 @@ def run_study(
             continue
         folder.mkdir(exist_ok=True)
         outcome = _train_one(grid, run, data_of[run.shots, None if run.shots is None else run.seed], eval_loader, classes, layout.classes,
-                             eval_split, device, delta, log_path)
+                             eval_split, device, delta, log_path, wrap)
         result.rows.append(_row(run, outcome))
         result.trained += 1
         log(f"[{number}/{len(runs)}] {run.name}: accuracy {outcome['accuracy']:.4f}, "
@@ -348,8 +379,9 @@ def run_study(
 
 
 def _train_one(
-    grid: Mapping[str, Any], run: Run, data: TrainingData, eval_loader: Any, classes: int, class_names: List[str],
+    grid: Mapping[str, Any], run: Run, data: Any, eval_loader: Any, classes: int, class_names: List[str],
     eval_split: Optional[str], device: torch.device, delta: Path, log_path: Path,
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda model: model,
 ) -> Dict[str, Any]:
     import timm
 
@@ -371,7 +403,7 @@ def _train_one(
                   batch_size=grid["batch_size"], seed=run.seed, device=device, precision=grid["precision"])
     seconds = time.perf_counter() - started
     save(model, delta)
-    report = accuracy_report(model, eval_loader, class_names, device, grid["precision"])
+    report = accuracy_report(wrap(model), eval_loader, class_names, device, grid["precision"])
     record["history"] = [epoch.as_dict() for epoch in history]
     record["evaluation"] = report
     record["result"] = {
