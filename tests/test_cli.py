@@ -211,7 +211,7 @@ def test_resume_refuses_another_seed_on_a_randomly_initialised_base(seeded_delta
 def test_output_paths_are_checked_before_the_first_epoch(image_folder, tmp_path, capsys, out, log, message):
     (tmp_path / "plain.txt").write_text("keep me\n")
     (tmp_path / "folder").mkdir()
-    argv = _train_argv(image_folder, tmp_path / out, "--method", "patt") + (["--log", str(tmp_path / log)] if log else [])
+    argv = _train_argv(image_folder, tmp_path / out, "--method", "patt") + (["--log-file", str(tmp_path / log)] if log else [])
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err and "epoch" not in err

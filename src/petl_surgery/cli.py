@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
@@ -30,6 +31,24 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
+
+
+class RenamedOption(argparse.Action):
+    """The old spelling of a renamed option: still accepted, with a FutureWarning naming the new one.
+
+    Options are renamed where torchrun's own parser (which allows abbreviations and reads the options
+    after ``-m petl_surgery``) takes them for an abbreviation of one of its options, e.g. ``--log`` for
+    ``--log-dir``: under torchrun only the new spelling passes through (tests/test_torchrun_options.py)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, renamed_to: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.renamed_to = renamed_to
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        warnings.warn(f"{option_string} is deprecated, use {self.renamed_to} (torchrun refuses {option_string} as an "
+                      "ambiguous abbreviation of its own options)", FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
 
 
 # -- argument values ------------------------------------------------------------------------------------
@@ -623,7 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: autocast in bf16 or fp16 (with a gradient scaler); default none")
     p.add_argument("--grad-accum", type=int, default=1, help="batches whose gradients make one step (default 1)")
     p.add_argument("--out", default="delta.safetensors", help="where the delta goes (default delta.safetensors)")
-    p.add_argument("--log", help="the JSON log (default: --out with .json)")
+    p.add_argument("--log-file", dest="log", metavar="FILE", help="the JSON log (default: --out with .json)")
+    p.add_argument("--log", dest="log", action=RenamedOption, renamed_to="--log-file", help=argparse.SUPPRESS)
     _add_format_arguments(p, "the split to train on (default: train800val200 for vtab, train for fgvc; an "
                              "ImageFolder's own directory)")
     p.add_argument("--shots", type=int, help="train on K images per class, drawn with --shot-seed")

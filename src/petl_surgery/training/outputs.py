@@ -62,7 +62,7 @@ def check_output_paths(out: Path, log: Path) -> None:
     if out.exists() and not is_delta(out):
         raise SurgeryError(f"{out} exists and is not a petl_surgery delta: not overwriting it (choose another --out)")
     if log.exists() and read_run_log(log) is None:
-        raise SurgeryError(f"{log} exists and is not a petl-surgery training log: not overwriting it (choose another --log)")
+        raise SurgeryError(f"{log} exists and is not a petl-surgery training log: not overwriting it (choose another --log-file)")
 
 
 def check_resume(delta: Path, log: Optional[Dict[str, Any]], *, seed: int, pretrained: bool) -> None:
