@@ -359,7 +359,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import petl_surgery as ps
     from petl_surgery.training import DataError, accuracy_report, evaluation_data
     from petl_surgery.training.data import input_config
-    from petl_surgery.training.outputs import head_classes
+    from petl_surgery.training.outputs import check_base, check_classes, head_classes, read_run_log
 
     if not Path(args.delta).is_file():
         raise UsageError(f"no delta checkpoint at {args.delta}")
@@ -377,6 +377,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except DataError as error:
         raise UsageError(str(error)) from None
     classes = layout.classes
+    trained = read_run_log(Path(args.delta).with_suffix(".json"))  # the run's log beside its delta, if there
+    try:
+        check_classes(Path(args.delta), trained, classes)
+        check_base(Path(args.delta), trained, seed=args.seed, pretrained=args.pretrained, weights=args.weights,
+                   action="evaluate")
+    except ps.SurgeryError as error:
+        raise UsageError(str(error)) from None
     torch.manual_seed(args.seed)  # a base built without weights is the one `train --seed` built
     model = _create_base(args, len(classes), model_args)
     ps.load(model, args.delta)
@@ -400,7 +407,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import petl_surgery as ps
     from petl_surgery.training import DataError, EpochRecord, caching, distributed, fit, training_data
     from petl_surgery.training.data import input_config
-    from petl_surgery.training.outputs import check_output_paths, check_resume, read_run_log
+    from petl_surgery.training.outputs import check_base, check_output_paths, file_digest, read_run_log
 
     if args.method is None and args.resume is None:
         raise UsageError("give --method (a new delta) or --resume DELTA (continue one)")
@@ -414,9 +421,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if ignored:
             raise UsageError(f"--resume takes the surgery from {args.resume}: {', '.join(ignored)} would be ignored; "
                              "leave it out")
+        _check_weights(args)
         try:
-            check_resume(Path(args.resume), read_run_log(Path(args.resume).with_suffix(".json")),
-                         seed=args.seed, pretrained=args.pretrained)
+            check_base(Path(args.resume), read_run_log(Path(args.resume).with_suffix(".json")),
+                       seed=args.seed, pretrained=args.pretrained, weights=args.weights, action="resume")
         except ps.SurgeryError as error:
             raise UsageError(str(error)) from None
     device = _device(args.device)
@@ -498,6 +506,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     log.update({  # scale: what ran where, and how
         "weights": str(args.weights) if args.weights else None,
+        "weights_sha256": file_digest(Path(args.weights)) if args.weights else None,  # checked by evaluate, --resume
         "weight_decay": args.weight_decay,
         "aug": args.aug,
         "opt": args.opt,
