@@ -67,6 +67,13 @@ def descendants(pid: int) -> list:
     return found
 
 
+def _signal(pid: int, number: int) -> None:
+    try:
+        os.kill(pid, number)
+    except ProcessLookupError:
+        pass
+
+
 def launch(folder: Path, data: Path, run: int, timeout: float, env: dict) -> tuple:
     """One torchrun launch: ("pass" | "fail" | "hang", seconds, the tail of its output)."""
     out = folder / f"run{run}.safetensors"
@@ -85,13 +92,12 @@ def launch(folder: Path, data: Path, run: int, timeout: float, env: dict) -> tup
         outcome = "pass" if code == 0 and out.is_file() else "fail"
     except subprocess.TimeoutExpired:
         outcome = "hang"
-        for pid in [process.pid, *descendants(process.pid)]:
-            try:
-                os.kill(pid, signal.SIGUSR1)  # faulthandler: every thread's stack to the log
-            except ProcessLookupError:
-                pass
+        processes = [process.pid, *descendants(process.pid)]  # the workers run in sessions of their own
+        for pid in processes:
+            _signal(pid, signal.SIGUSR1)  # faulthandler: every thread's stack to the log
         time.sleep(2)
-        os.killpg(process.pid, signal.SIGKILL)
+        for pid in reversed(processes):
+            _signal(pid, signal.SIGKILL)
         process.wait()
     seconds = time.perf_counter() - started
     log.seek(0)
