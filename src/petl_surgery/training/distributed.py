@@ -23,7 +23,8 @@ from ..errors import SurgeryError
 # wait() has returned. If the caller's Python tensor is gone by then, that drop frees the Python object
 # and needs the GIL; destroy_process_group() holds the GIL while the group's destructor joins that very
 # thread: a deadlock. It hung about one 2-process CPU launch in five on torch 2.6 (the rank that reaches
-# finish() first, right after the last all_reduce; benchmarks/torchrun_stress.py shows the stacks).
+# finish() first, right after the last all_reduce; benchmarks/torchrun_stress.py shows the stacks); not
+# seen with torch 2.14. One small tensor an epoch: nothing worth freeing earlier.
 _handed_to_collectives: List[torch.Tensor] = []
 
 
