@@ -94,7 +94,10 @@ def test_layer_selection(layers, chosen):
         ([0, 7], "layer 7 is out of range"),
         ([1, -3], "layer -3 is selected twice"),
         ([], "selects no block"),
-        (slice(10, 12), "selects no block"),
+        (slice(10, 12), r"layers=slice\(10, 12, None\) is out of range: the model has 4 blocks"),
+        (slice(2, 10), r"layers=slice\(2, 10, None\) is out of range"),  # Python would clip it to blocks 2-3
+        (slice(-5, None), "out of range"),
+        (slice(3, 3), "selects no block"),
         ("0", "layers must be"),
         (True, "bool"),
         ([0.5], "layers must be ints"),

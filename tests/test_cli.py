@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+import torch
 
 import petl_surgery as ps
 from petl_surgery import cli
@@ -104,6 +106,7 @@ def test_demo_command(tmp_path, capsys, monkeypatch):
         (["plan", "vit_small_patch16_224", "--method", "nonsense"], "unknown method 'nonsense'"),
         (["plan", "not_a_model", "--method", "patt"], "unknown timm model"),
         (["plan", "vit_small_patch16_224", "--method", "patt", "--layers", "9", *TINY], "out of range"),
+        (["plan", "vit_small_patch16_224", "--method", "patt", "--layers", "1:10", *TINY], "layers=slice(1, 10, None) is out of range: the model has 2 blocks"),
         (["plan", "vit_small_patch16_224", "--method", "patt", "-o", "bad"], "key=value"),
         (["inspect", "/no/such/file.safetensors"], "no checkpoint file"),
         (["train", "vit_small_patch16_224", "--data", "/no/such/dir", "--method", "lora"], "no data directory at /no/such/dir"),
@@ -211,8 +214,68 @@ def test_resume_refuses_another_seed_on_a_randomly_initialised_base(seeded_delta
 def test_output_paths_are_checked_before_the_first_epoch(image_folder, tmp_path, capsys, out, log, message):
     (tmp_path / "plain.txt").write_text("keep me\n")
     (tmp_path / "folder").mkdir()
-    argv = _train_argv(image_folder, tmp_path / out, "--method", "patt") + (["--log", str(tmp_path / log)] if log else [])
+    argv = _train_argv(image_folder, tmp_path / out, "--method", "patt") + (["--log-file", str(tmp_path / log)] if log else [])
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err and "epoch" not in err
     assert (tmp_path / "plain.txt").read_text() == "keep me\n"
+
+
+def _evaluate_argv(delta, data, *extra):
+    return ["evaluate", "vit_small_patch16_224", str(delta), "--data", str(data), "--image-size", "32", *TINY, *extra]
+
+
+def test_evaluate_refuses_data_whose_class_names_are_not_the_trained_ones(seeded_delta, image_folder, tmp_path, capsys):
+    renamed = tmp_path / "renamed"  # the same images and count; "red" is now "crimson", which sorts first
+    shutil.copytree(image_folder, renamed)
+    (renamed / "red").rename(renamed / "crimson")
+    assert cli.main(_evaluate_argv(seeded_delta, renamed, "--seed", "3")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the data's classes [blue, crimson, green] are not the classes" in err[0]
+    assert "trained on, [blue, green, red]" in err[0] and "only in the data: ['crimson']" in err[0]
+    assert cli.main(_evaluate_argv(seeded_delta, image_folder, "--seed", "3")) == 0
+    capsys.readouterr()
+
+
+def test_class_names_in_another_order_are_refused_as_a_permutation(tmp_path):
+    from petl_surgery.training.outputs import check_classes
+
+    check_classes(tmp_path / "d.safetensors", {"classes": ["a", "b"]}, ["a", "b"])
+    check_classes(tmp_path / "d.safetensors", None, ["b", "a"])  # no log: nothing to check against
+    with pytest.raises(ps.SurgeryError, match=r"\[b, a\] are not .* \[a, b\]: the same names in another order"):
+        check_classes(tmp_path / "d.safetensors", {"classes": ["a", "b"]}, ["b", "a"])
+
+
+def test_evaluate_refuses_another_base_than_the_delta_was_trained_on(seeded_delta, image_folder, tmp_path, capsys):
+    assert cli.main(_evaluate_argv(seeded_delta, image_folder)) == 2  # --seed 0, trained with --seed 3
+    err = capsys.readouterr().err
+    assert "initialised with --seed 3" in err and "--seed 0 would build another base" in err
+    assert cli.main(_evaluate_argv(seeded_delta, image_folder, "--pretrained", "--seed", "3")) == 2
+    assert "was trained without --pretrained; evaluate it the same way" in capsys.readouterr().err
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    assert cli.main(_evaluate_argv(seeded_delta, image_folder, "--weights", str(weights), "--seed", "3")) == 2
+    assert "was trained without --weights; --weights" in capsys.readouterr().err
+
+
+def test_evaluate_and_resume_check_the_weights_file_by_its_bytes(image_folder, tmp_path, capsys):
+    import safetensors.torch
+    import timm
+
+    torch.manual_seed(1)
+    base = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                             num_classes=0)
+    weights, other = tmp_path / "w.safetensors", tmp_path / "other.safetensors"
+    safetensors.torch.save_file(base.state_dict(), weights)
+    safetensors.torch.save_file({k: v + 1 for k, v in base.state_dict().items()}, other)
+    delta = tmp_path / "d.safetensors"
+    assert cli.main(_train_argv(image_folder, delta, "--method", "patt", "--weights", str(weights))) == 0
+    assert cli.main(_evaluate_argv(delta, image_folder, "--weights", str(weights))) == 0
+    capsys.readouterr()
+    assert cli.main(_evaluate_argv(delta, image_folder, "--weights", str(other))) == 2
+    assert f"--weights {other} holds other bytes" in capsys.readouterr().err
+    assert cli.main(_evaluate_argv(delta, image_folder)) == 2
+    assert f"trained on the base weights of --weights {weights}; evaluate it with the same file" in capsys.readouterr().err
+    resumed = tmp_path / "r.safetensors"
+    assert cli.main(_train_argv(image_folder, resumed, "--resume", str(delta), "--weights", str(other))) == 2
+    assert "holds other bytes" in capsys.readouterr().err and not resumed.exists()

@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
@@ -37,6 +38,24 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
+
+
+class RenamedOption(argparse.Action):
+    """The old spelling of a renamed option: still accepted, with a FutureWarning naming the new one.
+
+    Options are renamed where torchrun's own parser (which allows abbreviations and reads the options
+    after ``-m petl_surgery``) takes them for an abbreviation of one of its options, e.g. ``--log`` for
+    ``--log-dir``: under torchrun only the new spelling passes through (tests/test_torchrun_options.py)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, renamed_to: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.renamed_to = renamed_to
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        warnings.warn(f"{option_string} is deprecated, use {self.renamed_to} (torchrun refuses {option_string} as an "
+                      "ambiguous abbreviation of its own options)", FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
 
 
 # -- argument values ------------------------------------------------------------------------------------
@@ -406,7 +425,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import petl_surgery as ps
     from petl_surgery.training import DataError, accuracy_report
     from petl_surgery.training.inputs import class_names, run_evaluation_data
-    from petl_surgery.training.outputs import head_classes
+    from petl_surgery.training.outputs import check_base, check_classes, head_classes, read_run_log
 
     if not Path(args.delta).is_file():
         raise UsageError(f"no delta checkpoint at {args.delta}")
@@ -429,6 +448,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except DataError as error:
         raise UsageError(str(error)) from None
     classes = layout.classes
+    trained = read_run_log(Path(args.delta).with_suffix(".json"))  # the run's log beside its delta, if there
+    try:
+        check_classes(Path(args.delta), trained, classes)
+        check_base(Path(args.delta), trained, seed=args.seed, pretrained=args.pretrained, weights=args.weights,
+                   action="evaluate")
+    except ps.SurgeryError as error:
+        raise UsageError(str(error)) from None
     ps.load(model, args.delta)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.workers)
     report = accuracy_report(wrap(model).to(device), loader, classes, device, args.amp)
@@ -450,7 +476,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import petl_surgery as ps
     from petl_surgery.training import DataError, EpochRecord, caching, distributed, fit
     from petl_surgery.training.inputs import class_names, run_training_data
-    from petl_surgery.training.outputs import check_output_paths, check_resume, read_run_log
+    from petl_surgery.training.outputs import check_base, check_output_paths, file_digest, read_run_log
 
     if args.method is None and args.resume is None:
         raise UsageError("give --method (a new delta) or --resume DELTA (continue one)")
@@ -464,9 +490,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if ignored:
             raise UsageError(f"--resume takes the surgery from {args.resume}: {', '.join(ignored)} would be ignored; "
                              "leave it out")
+        _check_weights(args)
         try:
-            check_resume(Path(args.resume), read_run_log(Path(args.resume).with_suffix(".json")),
-                         seed=args.seed, pretrained=args.pretrained)
+            check_base(Path(args.resume), read_run_log(Path(args.resume).with_suffix(".json")),
+                       seed=args.seed, pretrained=args.pretrained, weights=args.weights, action="resume")
         except ps.SurgeryError as error:
             raise UsageError(str(error)) from None
     device = _device(args.device)
@@ -551,6 +578,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     log.update({  # scale: what ran where, and how
         "weights": str(args.weights) if args.weights else None,
+        "weights_sha256": file_digest(Path(args.weights)) if args.weights else None,  # checked by evaluate, --resume
         "weight_decay": args.weight_decay,
         "aug": args.aug,
         "opt": args.opt,
@@ -707,7 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: autocast in bf16 or fp16 (with a gradient scaler); default none")
     p.add_argument("--grad-accum", type=int, default=1, help="batches whose gradients make one step (default 1)")
     p.add_argument("--out", default="delta.safetensors", help="where the delta goes (default delta.safetensors)")
-    p.add_argument("--log", help="the JSON log (default: --out with .json)")
+    p.add_argument("--log-file", dest="log", metavar="FILE", help="the JSON log (default: --out with .json)")
+    p.add_argument("--log", dest="log", action=RenamedOption, renamed_to="--log-file", help=argparse.SUPPRESS)
     _add_format_arguments(p, "the split to train on (default: train800val200 for vtab, train for fgvc and video; "
                              "an ImageFolder's own directory)", train=True)
     p.add_argument("--shots", type=int, help="train on K images per class, drawn with --shot-seed")

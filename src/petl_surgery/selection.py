@@ -23,12 +23,18 @@ def select_layers(layers: LayerSelection, count: int) -> List[int]:
     """Block indices chosen by ``layers``, sorted.
 
     ``None`` takes every block; an int, an iterable of ints or a slice picks blocks by their global index,
-    negative indices counting from the end as in Python. Out-of-range, repeated and empty selections are
-    refused.
+    negative indices counting from the end as in Python. Out-of-range indices, slice bounds past the
+    blocks (``2:10`` on 4 blocks: Python would clip it to ``2:4``), repeated and empty selections are refused.
     """
     if layers is None:
         return list(range(count))
     if isinstance(layers, slice):
+        for bound in (layers.start, layers.stop):  # Python clips a slice; a bound past the blocks is a mistake
+            if isinstance(bound, int) and not -count <= bound <= count:
+                raise SurgeryError(
+                    f"layers={layers!r} is out of range: the model has {count} blocks (a slice's bounds run "
+                    f"from -{count} to {count})"
+                )
         try:
             chosen = list(range(count))[layers]
         except (TypeError, ValueError) as error:

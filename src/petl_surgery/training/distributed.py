@@ -18,6 +18,15 @@ from torch import nn
 
 from ..errors import SurgeryError
 
+# Every tensor handed to a collective, referenced from Python until the process group is destroyed.
+# Why: gloo's worker thread drops its reference to a finished collective's tensors after the caller's
+# wait() has returned. If the caller's Python tensor is gone by then, that drop frees the Python object
+# and needs the GIL; destroy_process_group() holds the GIL while the group's destructor joins that very
+# thread: a deadlock. It hung about one 2-process CPU launch in five on torch 2.6 (the rank that reaches
+# finish() first, right after the last all_reduce; benchmarks/torchrun_stress.py shows the stacks); not
+# seen with torch 2.14. One small tensor an epoch: nothing worth freeing earlier.
+_handed_to_collectives: List[torch.Tensor] = []
+
 
 def launched() -> bool:
     """True in a process torchrun started with more than one process (``WORLD_SIZE`` > 1)."""
@@ -63,6 +72,7 @@ def finish() -> None:
     """Leave the process group this module joined (a no-op outside torchrun)."""
     if active():
         dist.destroy_process_group()
+    _handed_to_collectives.clear()  # the group's threads are joined: nothing else references them now
 
 
 def sampler(dataset: Any, seed: int) -> torch.utils.data.DistributedSampler:
@@ -78,6 +88,7 @@ def sum_over_ranks(values: Sequence[float], device: torch.device) -> List[float]
     if not active():
         return list(values)
     tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    _handed_to_collectives.append(tensor)
     dist.all_reduce(tensor)
     return tensor.tolist()
 

@@ -1,13 +1,14 @@
-"""Where a run writes (its delta and its JSON log), checked before the first epoch, and what a resumed
-run must agree with."""
+"""Where a run writes (its delta and its JSON log), checked before the first epoch, and what a resumed or
+evaluated delta must agree with (the base and the classes its run log records)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from ..errors import SurgeryError
 
@@ -62,21 +63,65 @@ def check_output_paths(out: Path, log: Path) -> None:
     if out.exists() and not is_delta(out):
         raise SurgeryError(f"{out} exists and is not a petl_surgery delta: not overwriting it (choose another --out)")
     if log.exists() and read_run_log(log) is None:
-        raise SurgeryError(f"{log} exists and is not a petl-surgery training log: not overwriting it (choose another --log)")
+        raise SurgeryError(f"{log} exists and is not a petl-surgery training log: not overwriting it (choose another --log-file)")
 
 
-def check_resume(delta: Path, log: Optional[Dict[str, Any]], *, seed: int, pretrained: bool) -> None:
-    """Refuse to resume ``delta`` on another base than the one it was trained on, as its run ``log``
-    (None: not found) records: with ``--pretrained`` or without it, and without it the seed that
-    initialised the base's weights."""
+def file_digest(path: Path) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB pieces: the identity of a ``--weights`` file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for piece in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def check_base(
+    delta: Path, log: Optional[Dict[str, Any]], *, seed: int, pretrained: bool, weights: Optional[Path], action: str
+) -> None:
+    """Refuse to ``action`` (resume, evaluate) ``delta`` on another base than the one its run ``log``
+    (None: not found, nothing checked) records: with ``--pretrained`` or without it, with the same
+    ``--weights`` file (its sha256, where the log records one) or without one, and with neither the seed
+    that initialised the base's weights. Each refusal names what the log records and what was given."""
     if log is None:
         return
     if bool(log.get("pretrained")) != pretrained:
         was = "with" if log.get("pretrained") else "without"
-        raise SurgeryError(f"{delta} was trained {was} --pretrained; resume it the same way")
-    if not pretrained and log.get("seed") is not None and log["seed"] != seed:
+        raise SurgeryError(f"{delta} was trained {was} --pretrained; {action} it the same way")
+    recorded = log.get("weights")
+    if bool(recorded) != bool(weights):
+        if recorded:
+            raise SurgeryError(f"{delta} was trained on the base weights of --weights {recorded}; {action} it with "
+                               "the same file")
+        raise SurgeryError(f"{delta} was trained without --weights; --weights {weights} would be another base")
+    if weights and log.get("weights_sha256") and file_digest(Path(weights)) != log["weights_sha256"]:
+        raise SurgeryError(f"{delta} was trained on --weights {recorded} (sha256 {log['weights_sha256'][:12]}...); "
+                           f"--weights {weights} holds other bytes")
+    if not pretrained and not weights and log.get("seed") is not None and log["seed"] != seed:
         raise SurgeryError(f"{delta} was trained on a base initialised with --seed {log['seed']} (no --pretrained); "
                            f"--seed {seed} would build another base: give --seed {log['seed']}")
+
+
+def check_classes(delta: Path, log: Optional[Dict[str, Any]], classes: Sequence[str]) -> None:
+    """Refuse evaluation data whose class names (in label order) are not those of the run ``log``
+    (None: not found, nothing checked): the head's outputs would be read as other classes."""
+    if log is None or log.get("classes") is None:
+        return
+    trained = [str(name) for name in log["classes"]]
+    given = [str(name) for name in classes]
+    if trained == given:
+        return
+    if sorted(trained) == sorted(given):
+        problem = "the same names in another order (the labels would be permuted)"
+    else:
+        problem = f"other names (only in the data: {sorted(set(given) - set(trained))[:5]}, only in training: " \
+                  f"{sorted(set(trained) - set(given))[:5]})"
+    raise SurgeryError(f"the data's classes {_short(given)} are not the classes {delta} was trained on, "
+                       f"{_short(trained)}: {problem}")
+
+
+def _short(names: Sequence[str], most: int = 8) -> str:
+    shown = ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
+    return f"[{shown}]"
 
 
 def head_classes(delta: Path) -> Optional[int]:
