@@ -436,10 +436,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size must be at least 1; got {args.batch_size}")
     model_args = parse_options(args.model_arg)
     model_spec(args.model)
+    trained = read_run_log(Path(args.delta).with_suffix(".json"))  # the run's log beside its delta, if there
     try:
-        count = head_classes(Path(args.delta)) or len(class_names(args.data, args.format, args.split, "eval"))
-    except DataError as error:
+        names = class_names(args.data, args.format, args.split, "eval")
+        check_base(Path(args.delta), trained, seed=args.seed, pretrained=args.pretrained, weights=args.weights,
+                   action="evaluate")
+        check_classes(Path(args.delta), trained, names)  # before the base is built or anything is read in full
+    except (DataError, ps.SurgeryError) as error:
         raise UsageError(str(error)) from None
+    count = head_classes(Path(args.delta)) or len(names)
     torch.manual_seed(args.seed)  # a base built without weights is the one `train --seed` built
     model, config = _create_base(args, count, model_args)
     try:
@@ -448,13 +453,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except DataError as error:
         raise UsageError(str(error)) from None
     classes = layout.classes
-    trained = read_run_log(Path(args.delta).with_suffix(".json"))  # the run's log beside its delta, if there
-    try:
-        check_classes(Path(args.delta), trained, classes)
-        check_base(Path(args.delta), trained, seed=args.seed, pretrained=args.pretrained, weights=args.weights,
-                   action="evaluate")
-    except ps.SurgeryError as error:
-        raise UsageError(str(error)) from None
     ps.load(model, args.delta)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.workers)
     report = accuracy_report(wrap(model).to(device), loader, classes, device, args.amp)
