@@ -18,7 +18,7 @@ from .freezing import (
 )
 from .hooks import hook_owner
 from .inventory import delta_names, inserted_modules, next_order
-from .methods import Insertion, PetlModule, get_method
+from .methods import Insertion, PetlModule, capable, get_method
 from .methods.base import MergeableModule, UnsupportedBlockError, options_dict
 from .patches import undo_patches
 from .selection import LayerSelection, select_layers
@@ -27,11 +27,6 @@ from .statistics import give_back_statistics, resolve_mode, take_statistics
 from .summary import Summary, summarize
 from .verification import forget_removed, start_run_check
 from .wrappers import inner
-
-
-# methods whose branches cast their input to their own dtype (apply's ``branch_dtype``)
-BRANCH_DTYPE_METHODS = ("patt", "adapter", "bapat", "lora", "ssf")
-BRANCH_DTYPE_METHODS += ("houlsby", "adapter_plus", "convpass", "repadapter")
 
 
 def blocks(model: nn.Module) -> List[Block]:
@@ -158,8 +153,8 @@ def apply(
 
     Args:
         model: a timm (or torch) model; its class, parameters and state_dict keys stay as they are.
-        method: "patt", "adapter", "bapat", "lora", "prefix", "vpt", "ssf", "houlsby", "adapter_plus",
-            "convpass", "repadapter", "fact" or "dora" (see the README for each).
+        method: the name of a registered method (``petl_surgery.METHODS``: "patt", "lora", "vpt", ...;
+            see the methods' pages).
         layers: which blocks: None (all), an int, an iterable of ints or a slice, over the global block
             index of :func:`blocks` (negative indices count from the end). Not with LoRA's and SSF's
             ``modules`` option, which chooses layers by name pattern instead (any model, blocks or not).
@@ -172,7 +167,8 @@ def apply(
             softmax over tokens, a missing projection) and the attention modules petl_surgery does not
             understand, instead of refusing the model (default False). ``summary`` lists what was
             skipped.
-        branch_dtype: the floating dtype of the inserted modules' tensors (patt, adapter, bapat, lora);
+        branch_dtype: the floating dtype of the inserted modules' tensors, for the methods that declare
+            ``takes_branch_dtype`` (``petl_surgery.methods.capable("takes_branch_dtype")``);
             None (default): that of the base parameters beside them. ``torch.float32`` on a bfloat16 or
             float16 model keeps the trainable branches in float32: each branch casts its input to
             float32 and its result back to the model's dtype, except under autocast, which chooses the
@@ -197,9 +193,9 @@ def apply(
     if branch_dtype is not None:
         if not isinstance(branch_dtype, torch.dtype) or not branch_dtype.is_floating_point:
             raise SurgeryError(f"branch_dtype must be a floating torch.dtype or None; got {branch_dtype!r}")
-        if method not in BRANCH_DTYPE_METHODS:
+        if not get_method(method).takes_branch_dtype:
             raise SurgeryError(
-                f"branch_dtype is supported by methods {', '.join(BRANCH_DTYPE_METHODS)}; not by {method!r}"
+                f"branch_dtype is supported by methods {', '.join(capable('takes_branch_dtype'))}; not by {method!r}"
             )
     mode = resolve_mode(inner(model), statistics)
     insertions = plan(model, method, layers, skip_unsupported, **options)
@@ -284,7 +280,7 @@ def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
     others = sorted({module.method for _, module in present if not isinstance(module, MergeableModule)})
     if not mergeable:
         raise SurgeryError(
-            f"{type(model).__name__} carries no mergeable method (LoRA, DoRA, FacT, SSF, ...); applied: "
+            f"{type(model).__name__} carries no mergeable method ({', '.join(capable('mergeable'))}); applied: "
             f"{', '.join(others) or 'none'}"
         )
     if others and not keep_unmergeable:

@@ -269,6 +269,7 @@ def mlp_of(block: Block, method: str) -> MlpSite:
 class Adapter(Method):
     name = "adapter"
     Options = AdapterOptions
+    takes_branch_dtype = True
 
     @classmethod
     def plan_block(cls, block: Block, options: AdapterOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:

@@ -55,6 +55,7 @@ class BapatOptions:
 class Bapat(Method):
     name = "bapat"
     Options = BapatOptions
+    takes_branch_dtype = True
 
     @classmethod
     def parse_options(cls, given: Mapping[str, Any]) -> Any:

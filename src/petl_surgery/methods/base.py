@@ -118,10 +118,32 @@ class Insertion:
 
 
 class Method:
-    """A PETL method: a name, an options dataclass, and the insertions it plans for one block."""
+    """A PETL method: a name, an options dataclass, and the insertions it plans for one block.
+
+    Its capabilities are declared here, on the class, and read by ``apply``, ``merge``, the tests, the
+    benchmarks and the coverage script; no list of method names is kept anywhere else. A new method sets
+    the ones that differ from these defaults and registers itself in :mod:`petl_surgery.methods`.
+    """
 
     name: ClassVar[str]
     Options: ClassVar[Type[Any]]
+
+    # ``merge`` can fold it into the base weights: every module it inserts is a :class:`MergeableModule`.
+    mergeable: ClassVar[bool] = False
+    # It lengthens the token sequence (prefix keys and values, prompt tokens): the added tokens take part
+    # in attention from the start, so no initialisation leaves the model's outputs exactly as they were.
+    adds_tokens: ClassVar[bool] = False
+    # Its default initialisation leaves the model's outputs exactly unchanged (a zero last layer).
+    identity_at_init: ClassVar[bool] = True
+    # Options that give an exactly unchanged model at init when the default does not (a paper's
+    # near-identity init, e.g. Houlsby's truncated normal, has an exact-identity alternative); empty otherwise.
+    identity_options: ClassVar[Mapping[str, Any]] = {}
+    # ``apply(..., branch_dtype=...)`` can keep its branches in another floating dtype than the base's
+    # (each branch casts its input to its own dtype and its result back).
+    takes_branch_dtype: ClassVar[bool] = False
+    # It needs the patch grid of the tokens (a convolution over them): refused on models whose image size
+    # may change per forward.
+    needs_token_grid: ClassVar[bool] = False
 
     @classmethod
     def parse_options(cls, given: Mapping[str, Any]) -> Any:

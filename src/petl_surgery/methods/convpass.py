@@ -232,6 +232,8 @@ class ConvpassPlanner:
 class Convpass(Method):
     name = "convpass"
     Options = ConvpassOptions
+    takes_branch_dtype = True
+    needs_token_grid = True
 
     @classmethod
     def planner(cls, model: nn.Module, blocks: Sequence[Block], chosen: Sequence[int], options: Any) -> ConvpassPlanner:

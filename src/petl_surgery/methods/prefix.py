@@ -316,6 +316,8 @@ def sdpa_refusal(attention: nn.Module) -> Optional[str]:
 class Prefix(Method):
     name = "prefix"
     Options = PrefixOptions
+    adds_tokens = True
+    identity_at_init = False
 
     @classmethod
     def plan_block(

@@ -194,6 +194,8 @@ class ReparameterisableAdapter(MergeableModule):
 class RepAdapter(Method):
     name = "repadapter"
     Options = RepAdapterOptions
+    mergeable = True
+    takes_branch_dtype = True
 
     @classmethod
     def plan_block(cls, block: Block, options: RepAdapterOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:

@@ -204,6 +204,8 @@ class PromptPlanner:
 class Vpt(Method):
     name = "vpt"
     Options = VptOptions
+    adds_tokens = True
+    identity_at_init = False
 
     @classmethod
     def planner(cls, model: nn.Module, blocks: Sequence[Block], chosen: Sequence[int], options: Any) -> PromptPlanner:
