@@ -312,7 +312,7 @@ def test_switching_implementation_after_the_prefix_keeps_it_or_refuses() -> None
         torch.testing.assert_close(first_output(model(x)), sdpa, **tolerance("eager"))
         model.set_attn_implementation("flex_attention")
         attention = ps.blocks(model)[0].attention.module  # called alone: the model would build a block mask first
-        with pytest.raises(ps.SurgeryError, match="attn_implementation is 'flex_attention'"):
+        with pytest.raises(ps.SurgeryRuntimeError, match="attn_implementation is 'flex_attention'"):
             attention(torch.randn(BATCH, 17, 64, dtype=torch.float64))
 
 
@@ -323,7 +323,7 @@ def test_a_causal_call_is_refused_rather_than_cut() -> None:
     config = T.CLIPTextConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     text = T.CLIPTextModel._from_config(config)
     ps.apply(text, "prefix", length=LENGTH)
-    with pytest.raises(ps.SurgeryError, match="is causal"):
+    with pytest.raises(ps.SurgeryRuntimeError, match="is causal"):
         text(input_ids=torch.tensor([[1, 2, 3]]))
 
 

@@ -257,7 +257,7 @@ def test_videomae_prefix_is_refused_under_flex_attention() -> None:
 def test_videomae_prefix_raises_once_its_attention_stops_calling_sdpa() -> None:
     model = ps.apply(MODELS["videomae_sdpa"].build(), "prefix")
     model.set_attn_implementation("eager")
-    with pytest.raises(ps.SurgeryError, match="made no F.scaled_dot_product_attention call"):
+    with pytest.raises(ps.SurgeryRuntimeError, match="made no F.scaled_dot_product_attention call"):
         model(videos())
 
 

@@ -12,7 +12,14 @@ from .version import __version__
 
 from .api import apply, blocks, merge, remove, summary
 from .checkpoints import save
-from .errors import SurgeryError
+from .errors import (
+    CheckpointError,
+    OptionError,
+    SurgeryError,
+    SurgeryRuntimeError,
+    UnsupportedBlockError,
+    UnsupportedModelError,
+)
 from .interop import export
 from .loading import load
 from .methods import METHODS
@@ -25,9 +32,14 @@ __all__ = [
     "METHODS",
     "BranchNeverRanError",
     "Block",
+    "CheckpointError",
+    "OptionError",
     "Summary",
     "StatefulBaseError",
     "SurgeryError",
+    "SurgeryRuntimeError",
+    "UnsupportedBlockError",
+    "UnsupportedModelError",
     "__version__",
     "apply",
     "blocks",

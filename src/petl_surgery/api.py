@@ -7,7 +7,7 @@ from typing import Any, List, Optional, Sequence, Set, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import SurgeryError
+from .errors import OptionError, SurgeryError, UnsupportedBlockError, UnsupportedModelError
 from .freezing import (
     compile_patterns,
     head_parameter_names,
@@ -19,7 +19,7 @@ from .freezing import (
 from .hooks import hook_owner
 from .inventory import delta_names, inserted_modules, next_order
 from .methods import Insertion, PetlModule, capable, get_method
-from .methods.base import MergeableModule, UnsupportedBlockError, options_dict
+from .methods.base import MergeableModule, options_dict
 from .patches import undo_patches
 from .selection import LayerSelection, select_layers
 from .sites import Block, discover
@@ -51,7 +51,7 @@ def plan(
     by_name = method_type.plan_modules(inner(model), parsed, method, options_dict(parsed))
     if by_name is not None:  # layers chosen by name pattern, not blocks
         if layers is not None:
-            raise SurgeryError(
+            raise OptionError(
                 f"method {method!r}: option 'modules' chooses layers by name pattern, and layers= chooses "
                 "blocks; give one of them"
             )
@@ -59,12 +59,12 @@ def plan(
     found = discover(inner(model))
     if found.unsupported and not skip_unsupported:
         listed = "; ".join(f"{u.path!r} ({u.class_name}): {u.reason}" for u in found.unsupported[:5])
-        raise SurgeryError(
+        raise UnsupportedModelError(
             f"{type(model).__name__} has attention modules petl_surgery cannot operate on: {listed}. "
             "Pass skip_unsupported=True to operate on the supported blocks only"
         )
     if not found.blocks:
-        raise SurgeryError(
+        raise UnsupportedModelError(
             f"found no transformer block that petl_surgery can operate on in {type(model).__name__}"
         )
     recorded = options_dict(parsed)
@@ -78,7 +78,7 @@ def plan(
             planned = planner.plan_block(found.blocks[index], parsed, method, recorded)
         except UnsupportedBlockError as error:
             if not skip_unsupported:
-                raise SurgeryError(f"{error}; pass skip_unsupported=True to skip such blocks") from None
+                raise UnsupportedBlockError(f"{error}; pass skip_unsupported=True to skip such blocks") from None
             skipped.append(str(error))
             continue
         for insertion in planned:
@@ -99,7 +99,7 @@ def plan(
                 )
             insertions.append(insertion)
     if not insertions:
-        raise SurgeryError(f"method {method!r} can operate on none of the chosen blocks: {skipped[0]}")
+        raise UnsupportedModelError(f"method {method!r} can operate on none of the chosen blocks: {skipped[0]}")
     return insertions
 
 
@@ -192,9 +192,9 @@ def apply(
     """
     if branch_dtype is not None:
         if not isinstance(branch_dtype, torch.dtype) or not branch_dtype.is_floating_point:
-            raise SurgeryError(f"branch_dtype must be a floating torch.dtype or None; got {branch_dtype!r}")
+            raise OptionError(f"branch_dtype must be a floating torch.dtype or None; got {branch_dtype!r}")
         if not get_method(method).takes_branch_dtype:
-            raise SurgeryError(
+            raise OptionError(
                 f"branch_dtype is supported by methods {', '.join(capable('takes_branch_dtype'))}; not by {method!r}"
             )
     mode = resolve_mode(inner(model), statistics)

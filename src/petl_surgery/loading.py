@@ -14,7 +14,7 @@ from torch import nn
 
 from .checkpoints.delta import load_delta
 from .checkpoints.files import PathLike, check_path
-from .errors import SurgeryError
+from .errors import CheckpointError, OptionError
 from .interop import FORMATS, detect, is_adapter_directory, load_any
 from .interop.files import safetensors_header
 
@@ -37,18 +37,18 @@ def load(
     documents the ``options`` each importer takes; ``head`` goes to importers that take one).
     """
     if not isinstance(model, nn.Module):
-        raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        raise OptionError(f"expected a torch.nn.Module, got {type(model).__name__}")
     check_path(path)
     if head is not None and not isinstance(head, bool):
-        raise SurgeryError(f"head must be True, False or None; got {head!r}")
+        raise OptionError(f"head must be True, False or None; got {head!r}")
     if format is not None and format not in FORMATS:
-        raise SurgeryError(f"unknown checkpoint format {format!r}; known formats: {', '.join(FORMATS)}")
+        raise OptionError(f"unknown checkpoint format {format!r}; known formats: {', '.join(FORMATS)}")
     source = Path(path)
     chosen = format
     if chosen is None and source.exists():
         chosen = "peft" if is_adapter_directory(source) is not None else detect(source)
         if chosen is None and source.suffix != ".safetensors" and safetensors_header(source) is None:
-            raise SurgeryError(
+            raise CheckpointError(
                 f"cannot tell the format of {source}: it is not a safetensors file, nor a checkpoint of one of "
                 f"{', '.join(FORMATS)} (pass format= if it is one)"
             )
@@ -56,8 +56,8 @@ def load(
         given = {"methods": methods, "blocks": blocks, "block_map": block_map}
         only_ours = [name for name, value in given.items() if value is not None]
         if only_ours:
-            raise SurgeryError(f"{', '.join(only_ours)} apply to petl_surgery delta checkpoints, not to {chosen!r} ones")
+            raise OptionError(f"{', '.join(only_ours)} apply to petl_surgery delta checkpoints, not to {chosen!r} ones")
         return load_any(model, source, chosen, **options, **({} if head is None else {"head": head}))
     if options:
-        raise SurgeryError(f"unknown option {next(iter(options))!r} for a petl_surgery delta checkpoint")
+        raise OptionError(f"unknown option {next(iter(options))!r} for a petl_surgery delta checkpoint")
     return load_delta(model, source, head=True if head is None else head, methods=methods, blocks=blocks, block_map=block_map)

@@ -14,7 +14,7 @@ from torch import nn
 from ..version import __version__
 from ..wrappers import inner
 from ..api import commit, plan, remove
-from ..errors import SurgeryError
+from ..errors import CheckpointError, OptionError, SurgeryError
 from ..freezing import head_parameter_names, set_trainable
 from ..inventory import delta_names, inserted_modules, surgery_record
 from ..methods import Insertion, get_method
@@ -91,7 +91,7 @@ def _unique_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def _architecture_mismatch(
     path: PathLike, model: nn.Module, metadata: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, list]
-) -> SurgeryError:
+) -> CheckpointError:
     saved = metadata["model"]
     here = model_description(model, [block.path for block in discover(model).blocks])
     recorded = metadata["base_shapes"]  # the saved base's names and shapes, the head included
@@ -103,7 +103,7 @@ def _architecture_mismatch(
         {n: s for n, s in shapes.items() if n not in model_head}
     ) == metadata["fingerprint_without_head"]:
         detail = f" ({listed})" if differing else ""
-        return SurgeryError(
+        return CheckpointError(
             f"the head in {path} does not fit this model{detail}; pass head=False to load the rest and keep "
             "the model's own head"
         )
@@ -129,7 +129,7 @@ def _architecture_mismatch(
             message += f" (only in the checkpoint's base: {', '.join(only_saved[:5])})"
         if only_here:
             message += f" (only in this model: {', '.join(only_here[:5])})"
-    return SurgeryError(message)
+    return CheckpointError(message)
 
 
 def _select_calls(
@@ -140,17 +140,17 @@ def _select_calls(
     saved_blocks = sorted({b for call in calls for b in call["blocks"]})
     for name in methods or ():
         if name not in recorded:
-            raise SurgeryError(f"{path} holds no method {name!r}; it holds {', '.join(recorded)}")
+            raise CheckpointError(f"{path} holds no method {name!r}; it holds {', '.join(recorded)}")
     for index in blocks or ():
         if index not in saved_blocks:
-            raise SurgeryError(f"{path} has no surgery on block {index}; it has blocks {saved_blocks}")
+            raise CheckpointError(f"{path} has no surgery on block {index}; it has blocks {saved_blocks}")
     chosen = []
     for call in calls:
         kept = [b for b in call["blocks"] if blocks is None or b in blocks]
         if (methods is None or call["method"] in methods) and kept:
             chosen.append({**call, "blocks": kept})
     if not chosen:
-        raise SurgeryError(f"the methods and blocks chosen select nothing from {path}")
+        raise CheckpointError(f"the methods and blocks chosen select nothing from {path}")
     return chosen
 
 
@@ -161,7 +161,7 @@ def _block_mapping(
     user's ``block_map``."""
     if block_map is None:
         if len(saved_paths) != len(model_paths):
-            raise SurgeryError(
+            raise CheckpointError(
                 f"{path} was saved from a model with {len(saved_paths)} blocks and this model has "
                 f"{len(model_paths)}; pass block_map={{saved_block: model_block, ...}} to choose where its "
                 "blocks go"
@@ -170,15 +170,15 @@ def _block_mapping(
     if not isinstance(block_map, Mapping) or not all(
         type(saved) is int and type(target) is int for saved, target in block_map.items()
     ):
-        raise SurgeryError(f"block_map must map saved block indices (int) to model block indices (int); got {block_map!r}")
+        raise OptionError(f"block_map must map saved block indices (int) to model block indices (int); got {block_map!r}")
     mapping = dict(block_map)
     for saved, target in mapping.items():
         if not 0 <= saved < len(saved_paths):
-            raise SurgeryError(f"block_map: saved block {saved} is out of range: {path} has {len(saved_paths)} blocks")
+            raise CheckpointError(f"block_map: saved block {saved} is out of range: {path} has {len(saved_paths)} blocks")
         if not 0 <= target < len(model_paths):
-            raise SurgeryError(f"block_map: block {target} is out of range: the model has {len(model_paths)} blocks")
+            raise CheckpointError(f"block_map: block {target} is out of range: the model has {len(model_paths)} blocks")
     if len(set(mapping.values())) != len(mapping):
-        raise SurgeryError("block_map sends two saved blocks to the same block")
+        raise CheckpointError("block_map sends two saved blocks to the same block")
     return mapping
 
 
@@ -187,13 +187,13 @@ def _check_values(path: PathLike, tensors: Mapping[str, torch.Tensor], dtypes: M
     delta overflowing a float16 model); warn, naming the tensors, when loading casts to another dtype."""
     bad = sorted(n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
     if bad:
-        raise SurgeryError(f"{path} holds NaN or infinite values in: {', '.join(bad[:5])}")
+        raise CheckpointError(f"{path} holds NaN or infinite values in: {', '.join(bad[:5])}")
     cast = {n: (t.dtype, dtypes[n]) for n, t in tensors.items() if dtypes.get(n) is not None and t.dtype != dtypes[n]}
     overflow = sorted(
         n for n, (_, to) in cast.items() if to.is_floating_point and not torch.isfinite(tensors[n].to(to)).all()
     )
     if overflow:
-        raise SurgeryError(
+        raise CheckpointError(
             f"{path}: values of {', '.join(overflow[:5])} overflow the model's dtype "
             f"{cast[overflow[0]][1]}; load into a model of the checkpoint's dtype"
         )
@@ -220,7 +220,7 @@ def _check_mapped_architecture(
     without_head = {n: s for n, s in shapes.items() if n not in model_head}
     if fingerprint(outside_blocks(without_head, model_paths)) != metadata["fingerprint_outside_blocks"]:
         saved = metadata["model"]
-        raise SurgeryError(
+        raise CheckpointError(
             f"{path} does not fit this model: outside its blocks, the model's tensors differ from those of the "
             f"model it was saved from ({saved['class']}, timm name {saved['timm_name']!r}); block_map moves "
             "blocks between models of one architecture, not between architectures"
@@ -229,7 +229,7 @@ def _check_mapped_architecture(
     wrong = [(saved, target) for saved, target in mapping.items() if metadata["block_fingerprints"][saved] != here[target]]
     if wrong:
         listed = ", ".join(f"saved block {saved} -> block {target}" for saved, target in wrong[:5])
-        raise SurgeryError(f"{path}: block_map pairs blocks whose tensors differ in names or shapes: {listed}")
+        raise CheckpointError(f"{path}: block_map pairs blocks whose tensors differ in names or shapes: {listed}")
 
 
 def _renamer(saved_paths: List[str], model_paths: List[str], mapping: Dict[int, int]) -> Callable[[str], Optional[str]]:
@@ -261,7 +261,7 @@ def _plan_recorded(model: nn.Module, path: PathLike, calls: List[Dict[str, Any]]
             try:
                 insertions = plan(model, call["method"], _layers(call["blocks"]), True, **call["options"])
             except SurgeryError as error:
-                raise SurgeryError(f"{path} records surgery this model cannot take: {error}") from None
+                raise CheckpointError(f"{path} records surgery this model cannot take: {error}") from None
             placed = {insertion.block for insertion in insertions}
             for block in call["blocks"]:
                 if block not in placed:  # planned with skip_unsupported to pass other attention; not this block
@@ -270,14 +270,14 @@ def _plan_recorded(model: nn.Module, path: PathLike, calls: List[Dict[str, Any]]
                         reason = "it is not placed there"
                     except SurgeryError as error:
                         reason = str(error)
-                    raise SurgeryError(
+                    raise CheckpointError(
                         f"{path} records method {call['method']!r} on block {block}, which this model's block "
                         f"cannot take: {reason}"
                     )
             for insertion in insertions:
                 key = (id(insertion.host), insertion.name)
                 if key in taken:
-                    raise SurgeryError(f"{path} records method {call['method']!r} twice on block {insertion.block}")
+                    raise CheckpointError(f"{path} records method {call['method']!r} twice on block {insertion.block}")
                 taken.add(key)
             planned.append(insertions)
     return planned
@@ -314,16 +314,16 @@ def _check_arguments(model: Any, path: Any, head: Any, methods: Any, blocks: Any
     inner(model)  # a plain module: surgery on a compile/DDP/FSDP wrapper is refused
     check_path(path)
     if not isinstance(head, bool):
-        raise SurgeryError(f"head must be True or False; got {head!r}")
+        raise OptionError(f"head must be True or False; got {head!r}")
     if methods is not None and (isinstance(methods, str) or not all(isinstance(m, str) for m in _iterable(methods, "methods"))):
-        raise SurgeryError(f"methods must be a list of method names; got {methods!r}")
+        raise OptionError(f"methods must be a list of method names; got {methods!r}")
     if blocks is not None and not all(type(b) is int for b in _iterable(blocks, "blocks")):
-        raise SurgeryError(f"blocks must be a list of saved block indices (int); got {blocks!r}")
+        raise OptionError(f"blocks must be a list of saved block indices (int); got {blocks!r}")
 
 
 def _iterable(value: Any, name: str) -> list:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise SurgeryError(f"{name} must be a list; got {value!r}")
+        raise OptionError(f"{name} must be a list; got {value!r}")
     return list(value)
 
 
@@ -351,19 +351,19 @@ def load_delta(
             only the blocks named are taken. Without it, a depth mismatch raises.
 
     Anything that does not fit (another architecture, other shapes, missing or unexpected tensors,
-    another surgery, a damaged file or an unknown format version) raises SurgeryError before the model
+    another surgery, a damaged file or an unknown format version) raises CheckpointError before the model
     is changed.
     """
     _check_arguments(model, path, head, methods, blocks)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        raise SurgeryError(
+        raise CheckpointError(
             f"{type(model).__name__} is on the meta device (tensors without values): loaded values would be "
             "dropped. Materialise it first (model.to_empty(device=...) and its weights), then load"
         )
     tensors, raw_metadata = read(path)
     metadata = decode(raw_metadata, str(path))
     if tensors_digest(tensors) != metadata["tensors_sha256"]:
-        raise SurgeryError(f"{path} is corrupt: its tensors do not match the checksum recorded when it was saved")
+        raise CheckpointError(f"{path} is corrupt: its tensors do not match the checksum recorded when it was saved")
     statistics = resolve_mode(model, metadata["statistics"])  # decode checked it
     delta_now = delta_names(model)
     shapes = base_shapes(model, delta_now)
@@ -382,13 +382,13 @@ def load_delta(
         {b for call in metadata["methods"] for b in call["blocks"] if not 0 <= b < len(saved_paths) and b != OUTSIDE_BLOCKS}
     )
     if beyond:
-        raise SurgeryError(f"{path} records surgery on block {beyond[0]}, but its model had {len(saved_paths)} blocks")
+        raise CheckpointError(f"{path} records surgery on block {beyond[0]}, but its model had {len(saved_paths)} blocks")
     model_paths = [block.path for block in discover(model).blocks]
     shared = sorted({p for p in saved_paths + model_paths if saved_paths.count(p) > 1 or model_paths.count(p) > 1})
     if shared and (blocks is not None or block_map is not None):
         # tensors are matched to blocks by path: blocks that share one (TNT's inner and outer
         # transformer, a parallel block's branches) can be loaded together, not chosen or moved apart
-        raise SurgeryError(
+        raise CheckpointError(
             f"blocks= and block_map= cannot choose among blocks that share a module path ({shared[0]!r} holds "
             "several blocks: TNT's inner and outer transformer, or a parallel block's branches); load the "
             "whole checkpoint instead"
@@ -404,7 +404,7 @@ def load_delta(
     ]
     calls = [call for call in calls if call["blocks"]]
     if not calls:
-        raise SurgeryError(f"block_map takes none of the blocks {path} has surgery on")
+        raise CheckpointError(f"block_map takes none of the blocks {path} has surgery on")
     rename = _renamer(saved_paths, model_paths, mapping)
 
     taken_methods = {call["method"] for call in calls}
@@ -413,10 +413,10 @@ def load_delta(
         try:
             get_method(name)
         except SurgeryError as error:
-            raise SurgeryError(f"{path} records surgery this model cannot take: {error}") from None
+            raise CheckpointError(f"{path} records surgery this model cannot take: {error}") from None
     stray = sorted(name for name in tensors if _method_of(name) not in (None, *recorded_methods))
     if stray:
-        raise SurgeryError(
+        raise CheckpointError(
             f"{path} holds tensors of a method its metadata does not record: {', '.join(stray[:5])}"
         )
     chosen: Dict[str, torch.Tensor] = {}
@@ -434,7 +434,7 @@ def load_delta(
     planned: List[List[Insertion]] = []
     if current:
         if current != calls:
-            raise SurgeryError(
+            raise CheckpointError(
                 f"the model already carries surgery {current}, which differs from what {path} gives here, "
                 f"{calls}; remove it first or load into a fresh model"
             )
@@ -464,15 +464,15 @@ def load_delta(
         expected.update({name: list(base_state[name].shape) for name in statistics_names(model)})
     missing = sorted(name for name in expected if name not in chosen)
     if missing:
-        raise SurgeryError(f"{path} lacks tensors the surgery needs: {', '.join(missing[:5])}")
+        raise CheckpointError(f"{path} lacks tensors the surgery needs: {', '.join(missing[:5])}")
     base_names = [name for name in chosen if name not in expected]  # trainable base parameters
     unexpected = sorted(name for name in base_names if name not in shapes)
     if unexpected:
-        raise SurgeryError(f"{path} has tensors this model does not have: {', '.join(unexpected[:5])}")
+        raise CheckpointError(f"{path} has tensors this model does not have: {', '.join(unexpected[:5])}")
     parameters = {name for name, _ in model.named_parameters()}
     buffers = sorted(name for name in base_names if name not in parameters)
     if buffers:
-        raise SurgeryError(
+        raise CheckpointError(
             f"{path} holds base buffers outside its surgery (statistics={statistics!r}): {', '.join(buffers[:5])}"
         )
     wrong = [
@@ -481,7 +481,7 @@ def load_delta(
         if list(tensor.shape) != expected.get(name, shapes.get(name))
     ]
     if wrong:
-        raise SurgeryError(f"{path} has tensors of the wrong shape: {', '.join(wrong[:5])}")
+        raise CheckpointError(f"{path} has tensors of the wrong shape: {', '.join(wrong[:5])}")
 
     state = model.state_dict()
     _check_values(path, chosen, {name: dtypes.get(name, state[name].dtype if name in state else None) for name in chosen})

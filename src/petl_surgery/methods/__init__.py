@@ -3,7 +3,7 @@
 import dataclasses
 from typing import Dict, List, Type
 
-from ..errors import SurgeryError
+from ..errors import OptionError, SurgeryError
 from .adapter import Adapter, AdapterOptions, BottleneckAdapter
 from .bapat import Bapat, BapatOptions
 from .dora import Dora, DoraOptions, WeightDecomposedAdapter
@@ -55,7 +55,7 @@ for _method in (Patt, Adapter, Bapat, Lora, Prefix, Vpt, Ssf, Houlsby, AdapterPl
 def get_method(name: object) -> Type[Method]:
     """The method called ``name``; raises SurgeryError listing the known ones otherwise."""
     if not isinstance(name, str) or name not in METHODS:
-        raise SurgeryError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+        raise OptionError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
     return METHODS[name]
 
 

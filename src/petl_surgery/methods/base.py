@@ -13,7 +13,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optio
 import torch
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import OptionError, SurgeryError, UnsupportedBlockError  # UnsupportedBlockError: re-exported
 from ..inserted import CHILD_PREFIX, OUTSIDE_BLOCKS, PetlModule  # re-exported: methods build on them
 from ..patches import Patch, apply_patch
 from ..sites import AttentionSite, Block, Projection
@@ -48,10 +48,6 @@ class MergeableModule(PetlModule, abc.ABC):
     @abc.abstractmethod
     def merge_into(self, host: nn.Module) -> None:
         """Fold this module into ``host``'s producers (after ``merge_refusal`` gave None)."""
-
-
-class UnsupportedBlockError(SurgeryError):
-    """A block lacks what a method needs (``apply(..., skip_unsupported=True)`` skips such blocks)."""
 
 
 def layout_refusal(site: AttentionSite) -> Optional[str]:
@@ -179,7 +175,7 @@ def parse_options(method: str, options_type: Type[Any], given: Mapping[str, Any]
     valid = [f.name for f in dataclasses.fields(options_type)]
     unknown = [name for name in given if name not in valid]
     if unknown:
-        raise SurgeryError(
+        raise OptionError(
             f"unknown option {unknown[0]!r} for method {method!r}; valid options: {', '.join(valid)}"
         )
     return options_type(**given)
@@ -191,7 +187,7 @@ def options_dict(options: Any) -> Dict[str, Any]:
 
 def check_choice(method: str, option: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
-        raise SurgeryError(
+        raise OptionError(
             f"option {option!r} of method {method!r} must be one of {', '.join(map(repr, choices))}; got {value!r}"
         )
 
@@ -204,7 +200,7 @@ def parse_sublayers(method: str, option: str, value: Any) -> Tuple[str, ...]:
     ``SUBLAYERS``), as a tuple in ``SUBLAYERS``'s order."""
     names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
     if not names or len(set(names)) != len(names) or any(name not in SUBLAYERS for name in names):
-        raise SurgeryError(
+        raise OptionError(
             f"option {option!r} of method {method!r} must name distinct sublayers among "
             f"{', '.join(map(repr, SUBLAYERS))}; got {value!r}"
         )
@@ -213,7 +209,7 @@ def parse_sublayers(method: str, option: str, value: Any) -> Tuple[str, ...]:
 
 def check_positive_int(method: str, option: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise SurgeryError(f"option {option!r} of method {method!r} must be a positive int; got {value!r}")
+        raise OptionError(f"option {option!r} of method {method!r} must be a positive int; got {value!r}")
 
 
 def check_number(method: str, option: str, value: Any, *, low: float = float("-inf"), high: float = float("inf")) -> None:
@@ -224,7 +220,7 @@ def check_number(method: str, option: str, value: Any, *, low: float = float("-i
         or not math.isfinite(value)
         or not low <= value <= high
     ):
-        raise SurgeryError(
+        raise OptionError(
             f"option {option!r} of method {method!r} must be a finite number in [{low}, {high}]; got {value!r}"
         )
 

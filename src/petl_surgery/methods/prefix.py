@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..errors import SurgeryError
+from ..errors import OptionError, SurgeryRuntimeError
 from ..patches import Patch, host_patches, installed
 from ..sites import AttentionSite, Block
 from ..sites.descriptors import ATTENTION_CALL
@@ -125,7 +125,7 @@ class PrefixOptions:
     def __post_init__(self) -> None:
         check_positive_int("prefix", "length", self.length)
         if not isinstance(self.reparam, bool):
-            raise SurgeryError(f"option 'reparam' of method 'prefix' must be True or False; got {self.reparam!r}")
+            raise OptionError(f"option 'reparam' of method 'prefix' must be True or False; got {self.reparam!r}")
         check_positive_int("prefix", "mid_dim", self.mid_dim)
         check_choice("prefix", "init", self.init, INITS)
 
@@ -178,7 +178,7 @@ class PrefixTokens(PetlModule):
         with mode:
             output = inner(*args, **kwargs)
         if mode.calls == 0:
-            raise SurgeryError(
+            raise SurgeryRuntimeError(
                 f"the attention of {self.where} made no F.scaled_dot_product_attention call, so its prefix "
                 "could not be used; remove the surgery and report the model"
             )
@@ -204,7 +204,7 @@ class PrefixTokens(PetlModule):
         dropout_p, is_causal, ...)``: the prefix in front of k and v, the mask padded for it."""
         query, key, value, attn_mask, dropout_p, is_causal, *rest = args
         if is_causal:
-            raise SurgeryError(f"the attention of {self.where} is causal; a prefix for causal attention is not defined")
+            raise SurgeryRuntimeError(f"the attention of {self.where} is causal; a prefix for causal attention is not defined")
         key, value, attn_mask = self.extend(query, key, value, attn_mask)
         return (query, key, value, attn_mask, dropout_p, is_causal, *rest)
 
@@ -213,7 +213,7 @@ class PrefixTokens(PetlModule):
         :meth:`into_call`."""
         ran, self.ran = self.ran, False
         if not ran:
-            raise SurgeryError(
+            raise SurgeryRuntimeError(
                 f"the attention of {self.where} ran without its prefix: its forward was replaced after the surgery"
             )
 
@@ -237,14 +237,14 @@ class PrefixIntoAttention(TorchFunctionMode):
             return func(*args, **kwargs)
         self.calls += 1
         if self.calls > 1:
-            raise SurgeryError(
+            raise SurgeryRuntimeError(
                 f"the attention of {self.where} called F.scaled_dot_product_attention more than once in one "
                 "forward; prefix tuning is defined for one attention call"
             )
         call = {**dict(zip(SDPA_PARAMETERS, args)), **kwargs}
         query, key, value = call.pop("query"), call.pop("key"), call.pop("value")
         if call.get("is_causal"):
-            raise SurgeryError(f"the attention of {self.where} is causal; a prefix for causal attention is not defined")
+            raise SurgeryRuntimeError(f"the attention of {self.where} is causal; a prefix for causal attention is not defined")
         tokens = key.shape[-2]
         key = prepend(key, self.keys, "key", self.where)
         value = prepend(value, self.values, "value", self.where)
@@ -261,7 +261,7 @@ def prepend(tokens: torch.Tensor, prefix: torch.Tensor, role: str, where: str) -
     ``enable_gqa``)."""
     width = prefix.shape[1]
     if tokens.dim() != 4 or width % tokens.shape[3] or tokens.shape[1] % (width // tokens.shape[3]):
-        raise SurgeryError(
+        raise SurgeryRuntimeError(
             f"the attention of {where} computes its attention on {role} of shape "
             f"{tuple(tokens.shape)}; the prefix needs (batch, heads, tokens, head_dim) with heads * head_dim "
             f"a multiple of its width {width}"
