@@ -165,8 +165,8 @@ def load_script(path: Path) -> types.ModuleType:
 
 def test_the_page_names_the_files_of_each_extension() -> None:
     text = PAGE.read_text()
-    for named in ("src/petl_surgery/methods/<name>.py", "src/petl_surgery/methods/__init__.py", "tests/test_<name>.py",
-                  "src/petl_surgery/sites/<zoo>_layouts.py", "src/petl_surgery/sites/__init__.py"):
+    for named in ("src/petl_surgery/methods/<name>.py", "src/petl_surgery/methods/__init__.py", "src/petl_surgery/__init__.py",
+                  "tests/test_<name>.py", "src/petl_surgery/sites/<zoo>_layouts.py", "src/petl_surgery/sites/__init__.py"):
         assert f"`{named}`" in text
     assert len(page_code("Add a method")) == 3 and len(page_code("Add a model family")) == 3
 

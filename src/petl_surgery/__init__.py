@@ -10,7 +10,7 @@
 
 from .version import __version__
 
-from .api import apply, blocks, merge, remove, summary
+from .api import apply, blocks, merge, plan, remove, summary
 from .checkpoints import save
 from .errors import (
     CheckpointError,
@@ -22,7 +22,22 @@ from .errors import (
 )
 from .interop import export
 from .loading import load
-from .methods import METHODS
+from .methods import (
+    METHODS,
+    AdapterOptions,
+    AdapterPlusOptions,
+    BapatOptions,
+    ConvpassOptions,
+    DoraOptions,
+    FactOptions,
+    HoulsbyOptions,
+    LoraOptions,
+    PattOptions,
+    PrefixOptions,
+    RepAdapterOptions,
+    SsfOptions,
+    VptOptions,
+)
 from .sites import Block
 from .statistics import StatefulBaseError
 from .summary import Summary
@@ -30,6 +45,19 @@ from .verification import BranchNeverRanError
 
 __all__ = [
     "METHODS",
+    "AdapterOptions",
+    "AdapterPlusOptions",
+    "BapatOptions",
+    "ConvpassOptions",
+    "DoraOptions",
+    "FactOptions",
+    "HoulsbyOptions",
+    "LoraOptions",
+    "PattOptions",
+    "PrefixOptions",
+    "RepAdapterOptions",
+    "SsfOptions",
+    "VptOptions",
     "BranchNeverRanError",
     "Block",
     "CheckpointError",
@@ -46,6 +74,7 @@ __all__ = [
     "export",
     "load",
     "merge",
+    "plan",
     "remove",
     "save",
     "summary",

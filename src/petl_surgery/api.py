@@ -7,6 +7,7 @@ from typing import Any, List, Optional, Sequence, Set, Tuple, Union
 import torch
 from torch import nn
 
+from .deprecation import renamed
 from .errors import OptionError, SurgeryError, UnsupportedBlockError, UnsupportedModelError
 from .freezing import (
     compile_patterns,
@@ -45,7 +46,14 @@ def plan(
     skip_unsupported: bool = False,
     **options: Any,
 ) -> List[Insertion]:
-    """The insertions ``apply`` would make, built without changing the model."""
+    """The dry run of :func:`apply`: the insertions it would make, built without changing the model (what
+    ``petl-surgery plan`` prints).
+
+    Takes ``apply``'s ``method``, ``layers``, ``skip_unsupported`` and the method's options, and refuses
+    what ``apply`` refuses, with the same exceptions. Each :class:`~petl_surgery.methods.Insertion` names
+    its ``block``, its ``path`` (the inserted module's path once committed) and its ``module``, whose
+    parameters are the ones ``apply`` would add.
+    """
     method_type = get_method(method)
     parsed = method_type.parse_options(options)
     by_name = method_type.plan_modules(inner(model), parsed, method, options_dict(parsed))
@@ -212,22 +220,38 @@ def apply(
     return model
 
 
-def remove(model: nn.Module, method: Optional[str] = None) -> nn.Module:
-    """Remove ``method`` (or, with None, every method) from ``model`` in place and return it.
+def remove(
+    model: nn.Module, methods: Union[None, str, Sequence[str]] = None, *, method: Optional[str] = None
+) -> nn.Module:
+    """Remove ``methods`` (a list of applied methods' names, as :func:`petl_surgery.load` takes, or one
+    name; None, the default: every method) from ``model`` in place and return it.
 
     The removed modules and their hooks are gone; once no method is left, the model's modules,
     outputs, state_dict (running statistics included), requires_grad flags and train/eval modes are
     exactly those it had before the first apply (the modes as last set by ``train()``/``eval()``).
+
+    Deprecated: ``method="lora"`` works and warns; pass ``methods=["lora"]``.
     """
+    if method is not None:
+        renamed("remove", "method", "methods")
+        if methods is not None:
+            raise OptionError("remove takes methods= (a list of names); give it alone, without the deprecated method=")
+        methods = [method]
+    if isinstance(methods, str):
+        methods = [methods]
+    if methods is not None and (not isinstance(methods, (list, tuple)) or not methods):
+        raise OptionError(f"methods must be a method name or a non-empty list of them; got {methods!r}")
     present = inserted_modules(inner(model))
     if not present:
         raise SurgeryError(f"{type(model).__name__} carries no petl_surgery method to remove")
-    if method is not None:
-        get_method(method)
+    if methods is not None:
+        for name in methods:
+            get_method(name)
         applied = sorted({module.method for _, module in present})
-        present = [(path, module) for path, module in present if module.method == method]
-        if not present:
-            raise SurgeryError(f"method {method!r} is not applied to this model; applied: {', '.join(applied)}")
+        absent = [name for name in methods if name not in applied]
+        if absent:
+            raise SurgeryError(f"method {absent[0]!r} is not applied to this model; applied: {', '.join(applied)}")
+        present = [(path, module) for path, module in present if module.method in methods]
     _take_out(model, present)
     return model
 

@@ -104,7 +104,7 @@ def _architecture_mismatch(
     ) == metadata["fingerprint_without_head"]:
         detail = f" ({listed})" if differing else ""
         return CheckpointError(
-            f"the head in {path} does not fit this model{detail}; pass head=False to load the rest and keep "
+            f"the head in {path} does not fit this model{detail}; pass load_head=False to load the rest and keep "
             "the model's own head"
         )
     message = f"{path} does not fit this model: it was saved from another base architecture"
@@ -116,7 +116,7 @@ def _architecture_mismatch(
     if len(saved["block_paths"]) != len(here["block_paths"]):
         message += (
             f"; it was saved from a model with {len(saved['block_paths'])} blocks and this model has "
-            f"{len(here['block_paths'])}; pass block_map={{saved_block: model_block, ...}} (and head=False) to "
+            f"{len(here['block_paths'])}; pass block_map={{saved_block: model_block, ...}} (and load_head=False) to "
             "move its modules to a model of another depth"
         )
     elif differing:
@@ -314,11 +314,11 @@ def _check_arguments(model: Any, path: Any, head: Any, methods: Any, blocks: Any
     inner(model)  # a plain module: surgery on a compile/DDP/FSDP wrapper is refused
     check_path(path)
     if not isinstance(head, bool):
-        raise OptionError(f"head must be True or False; got {head!r}")
+        raise OptionError(f"load_head must be True or False; got {head!r}")
     if methods is not None and (isinstance(methods, str) or not all(isinstance(m, str) for m in _iterable(methods, "methods"))):
         raise OptionError(f"methods must be a list of method names; got {methods!r}")
-    if blocks is not None and not all(type(b) is int for b in _iterable(blocks, "blocks")):
-        raise OptionError(f"blocks must be a list of saved block indices (int); got {blocks!r}")
+    if blocks is not None and not all(type(b) is int for b in _iterable(blocks, "layers")):
+        raise OptionError(f"layers must be a list of saved block indices (int); got {blocks!r}")
 
 
 def _iterable(value: Any, name: str) -> list:
@@ -344,7 +344,7 @@ def load_delta(
 
     Starting a new task from pre-trained modules (PVP):
         head: False leaves the checkpoint's classifier head out; the model keeps its own head (another
-            number of classes, say), trainable. A head that does not fit raises unless head=False.
+            number of classes, say), trainable. A head that does not fit raises unless head=False (load_head=False in load).
         methods: take only these of the recorded methods.
         blocks: take only these (saved) block indices.
         block_map: ``{saved block: model block}`` for a model of another depth (or to move modules):
@@ -389,7 +389,7 @@ def load_delta(
         # tensors are matched to blocks by path: blocks that share one (TNT's inner and outer
         # transformer, a parallel block's branches) can be loaded together, not chosen or moved apart
         raise CheckpointError(
-            f"blocks= and block_map= cannot choose among blocks that share a module path ({shared[0]!r} holds "
+            f"layers= and block_map= cannot choose among blocks that share a module path ({shared[0]!r} holds "
             "several blocks: TNT's inner and outer transformer, or a parallel block's branches); load the "
             "whole checkpoint instead"
         )

@@ -13,7 +13,7 @@ from .lora import Lora, LoraOptions, LowRankAdapter
 from .patt import ParallelAttentionBranch, Patt, PattOptions
 from .prefix import Prefix, PrefixOptions, PrefixTokens
 from .ssf import FeatureScaleShift, Ssf, SsfOptions
-from .vpt import Vpt
+from .vpt import Vpt, VptOptions
 from .houlsby import Houlsby, HoulsbyOptions
 from .adapter_plus import AdapterPlus, AdapterPlusOptions
 from .convpass import ConvolutionalBypass, Convpass, ConvpassOptions
@@ -96,6 +96,7 @@ __all__ = [
     "SharedFactors",
     "SsfOptions",
     "Vpt",
+    "VptOptions",
     "WeightDecomposedAdapter",
     "capable",
     "get_method",
