@@ -36,6 +36,8 @@ from transformers.modeling_utils import AttentionInterface
 
 import petl_surgery as ps
 
+pytestmark = pytest.mark.slow  # a family sweep: -m "not slow" leaves it out
+
 WORKS = "works"
 METHODS = tuple(ps.METHODS)
 IMPLEMENTATIONS = ("eager", "sdpa")

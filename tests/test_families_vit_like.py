@@ -23,6 +23,8 @@ from torch import nn
 
 import petl_surgery as ps
 
+pytestmark = pytest.mark.slow  # a family sweep: -m "not slow" leaves it out
+
 WORKS = "works"
 VIT = dict(img_size=64, embed_dim=64, depth=2, num_heads=2)
 # Families whose layer scale starts at 1e-5 or 1e-6 start it at 0.5 here: at 1e-5 a branch's effect on
