@@ -187,13 +187,13 @@ def test_recorded_sizes_are_checked_before_anything_is_allocated(tmp_path, monke
     calls[0]["options"][option] = value
     forged = rewrite(path, tmp_path / "large.safetensors", metadata={"methods": calls})
     planned_on = []
-    real_plan = delta._plan_recorded
+    real_plan = delta.plan_calls
 
     def spy(*args, **kwargs):
         planned_on.append("meta" if base._planning_on_meta[-1] else "model's device")
         return real_plan(*args, **kwargs)
 
-    monkeypatch.setattr(delta, "_plan_recorded", spy)
+    monkeypatch.setattr(delta, "plan_calls", spy)
     refuses(make_vit(), forged, "wrong shape")
     assert planned_on == ["meta"]
 

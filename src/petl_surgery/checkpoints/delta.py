@@ -13,8 +13,8 @@ from torch import nn
 
 from ..version import __version__
 from ..wrappers import inner
-from ..api import commit, plan, remove
 from ..errors import CheckpointError, OptionError, SurgeryError
+from ..replay import RecordedCall, commit_calls, plan_calls
 from ..freezing import head_parameter_names, set_trainable
 from ..inventory import delta_names, inserted_modules, surgery_record
 from ..methods import Insertion, get_method
@@ -248,57 +248,9 @@ def _renamer(saved_paths: List[str], model_paths: List[str], mapping: Dict[int, 
     return rename
 
 
-def _layers(blocks: List[int]) -> Optional[List[int]]:
-    """The ``layers`` that re-plan recorded blocks: None for surgery on layers chosen by name pattern."""
-    return None if blocks == [OUTSIDE_BLOCKS] else blocks
-
-
-def _plan_recorded(model: nn.Module, path: PathLike, calls: List[Dict[str, Any]]) -> List[List[Insertion]]:
-    planned: List[List[Insertion]] = []
-    taken = set()
-    with torch.random.fork_rng(devices=[]):  # branch inits are overwritten: leave the user's RNG alone
-        for call in calls:
-            try:
-                insertions = plan(model, call["method"], _layers(call["blocks"]), True, **call["options"])
-            except SurgeryError as error:
-                raise CheckpointError(f"{path} records surgery this model cannot take: {error}") from None
-            placed = {insertion.block for insertion in insertions}
-            for block in call["blocks"]:
-                if block not in placed:  # planned with skip_unsupported to pass other attention; not this block
-                    try:
-                        plan(model, call["method"], [block], True, **call["options"])
-                        reason = "it is not placed there"
-                    except SurgeryError as error:
-                        reason = str(error)
-                    raise CheckpointError(
-                        f"{path} records method {call['method']!r} on block {block}, which this model's block "
-                        f"cannot take: {reason}"
-                    )
-            for insertion in insertions:
-                key = (id(insertion.host), insertion.name)
-                if key in taken:
-                    raise CheckpointError(f"{path} records method {call['method']!r} twice on block {insertion.block}")
-                taken.add(key)
-            planned.append(insertions)
-    return planned
-
-
-def _apply_recorded(model: nn.Module, path: PathLike, calls: List[Dict[str, Any]], statistics: str) -> List[List[Insertion]]:
-    """Plan and commit the recorded calls one after the other, as the user's apply calls were made: a
-    later call then finds what an earlier one installed (the hookable stand-in projections of
-    nn.MultiheadAttention, shared by PATT and LoRA). Every check has passed on the sizes-only plan, so
-    nothing should refuse here; if something does, the model is given back as it was."""
-    committed: List[List[Insertion]] = []
-    try:
-        for call in calls:
-            insertions = _plan_recorded(model, path, [call])[0]
-            commit(model, insertions, statistics)
-            committed.append(insertions)
-    except BaseException:
-        if committed:
-            remove(model)
-        raise
-    return committed
+def _recorded(calls: List[Dict[str, Any]]) -> List[RecordedCall]:
+    """The metadata's method entries (checked by ``decode``) as calls to replay."""
+    return [RecordedCall(call["method"], call["blocks"], call["options"]) for call in calls]
 
 
 def _method_of(name: str) -> Optional[str]:
@@ -442,7 +394,7 @@ def load_delta(
         dtypes = {}
     else:
         with sizes_only():  # the recorded options' sizes, checked against the file before any allocation
-            sized = _plan_recorded(model, path, calls)
+            sized = plan_calls(model, _recorded(calls), str(path))
         planned_tensors = {
             f"{insertion.path}.{key}": tensor
             for insertions in sized
@@ -487,7 +439,7 @@ def load_delta(
     _check_values(path, chosen, {name: dtypes.get(name, state[name].dtype if name in state else None) for name in chosen})
 
     if not current:
-        planned = _apply_recorded(model, path, calls, statistics)
+        planned = commit_calls(model, _recorded(calls), statistics, str(path))
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for name, tensor in chosen.items():
