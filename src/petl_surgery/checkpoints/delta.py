@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set
 
 import torch
@@ -13,11 +14,11 @@ from torch import nn
 
 from ..version import __version__
 from ..wrappers import inner
-from ..errors import CheckpointError, OptionError, SurgeryError
+from ..errors import CheckpointError, OptionError, SurgeryError, UnsupportedModelError
 from ..replay import RecordedCall, commit_calls, plan_calls
 from ..freezing import head_parameter_names, set_trainable
 from ..inventory import delta_names, inserted_modules, surgery_record
-from ..methods import Insertion, get_method
+from ..methods import get_method
 from ..methods.base import CHILD_PREFIX, OUTSIDE_BLOCKS, sizes_only
 from ..sites import discover
 from ..statistics import adapted_names, mode_of, resolve_mode, statistics_names
@@ -304,11 +305,54 @@ def load_delta(
 
     Anything that does not fit (another architecture, other shapes, missing or unexpected tensors,
     another surgery, a damaged file or an unknown format version) raises CheckpointError before the model
-    is changed.
+    is changed. The stages: read and check the file, select and map its blocks, plan the surgery (sizes
+    only), verify every tensor against the plan, and only then commit.
     """
     _check_arguments(model, path, head, methods, blocks)
+    tensors, metadata = _read_checked(model, path)
+    target = _Target.of(model, metadata)
+    if block_map is None:
+        _check_architecture(path, model, metadata, tensors, target, head)
+    selection = _select(path, model, metadata, tensors, target, head, methods, blocks, block_map)
+    expected, dtypes, current = _plan(path, model, selection.calls, target)
+    base_names = _verify(path, model, selection, expected, dtypes, target, whole=blocks is None and block_map is None)
+    _commit(path, model, selection, current, base_names, target, head)
+    return model
+
+
+@dataclass
+class _Target:
+    """What load_delta reads from the model before changing it: its surgery's statistics setting (as the
+    file records it), its current delta, its base shapes and its head's parameters."""
+
+    statistics: str
+    delta_now: Set[str]
+    shapes: Dict[str, Any]
+    head: Set[str]
+
+    @classmethod
+    def of(cls, model: nn.Module, metadata: Dict[str, Any]) -> "_Target":
+        statistics = resolve_mode(model, metadata["statistics"])  # decode checked it
+        delta_now = delta_names(model)
+        return cls(statistics, delta_now, base_shapes(model, delta_now), head_parameter_names(model))
+
+
+@dataclass
+class _Selection:
+    """The calls to replay (blocks mapped onto the model's), the file's tensors taken under the model's
+    names, and the saved and the model's block paths."""
+
+    calls: List[Dict[str, Any]]
+    chosen: Dict[str, torch.Tensor]
+    saved_paths: List[str]
+    model_paths: List[str]
+
+
+def _read_checked(model: nn.Module, path: PathLike) -> tuple:
+    """Stage 1, read and check: the file's tensors and decoded metadata, its checksum verified, on a model
+    whose tensors have values."""
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        raise CheckpointError(
+        raise UnsupportedModelError(
             f"{type(model).__name__} is on the meta device (tensors without values): loaded values would be "
             "dropped. Materialise it first (model.to_empty(device=...) and its weights), then load"
         )
@@ -316,18 +360,32 @@ def load_delta(
     metadata = decode(raw_metadata, str(path))
     if tensors_digest(tensors) != metadata["tensors_sha256"]:
         raise CheckpointError(f"{path} is corrupt: its tensors do not match the checksum recorded when it was saved")
-    statistics = resolve_mode(model, metadata["statistics"])  # decode checked it
-    delta_now = delta_names(model)
-    shapes = base_shapes(model, delta_now)
-    saved_head: Set[str] = set(metadata["head"])
-    model_head = head_parameter_names(model)
-    if block_map is None:
-        if head and fingerprint(shapes) != metadata["fingerprint"]:
-            raise _architecture_mismatch(path, model, metadata, tensors, shapes)
-        without_head = {n: s for n, s in shapes.items() if n not in model_head}
-        if not head and fingerprint(without_head) != metadata["fingerprint_without_head"]:
-            raise _architecture_mismatch(path, model, metadata, tensors, without_head)
+    return tensors, metadata
 
+
+def _check_architecture(path: PathLike, model: nn.Module, metadata: Dict[str, Any], tensors: Dict[str, torch.Tensor],
+                        target: _Target, head: bool) -> None:
+    """Without a block map, the model's base shapes (with or without the head) are the saved model's."""
+    if head and fingerprint(target.shapes) != metadata["fingerprint"]:
+        raise _architecture_mismatch(path, model, metadata, tensors, target.shapes)
+    without_head = {n: s for n, s in target.shapes.items() if n not in target.head}
+    if not head and fingerprint(without_head) != metadata["fingerprint_without_head"]:
+        raise _architecture_mismatch(path, model, metadata, tensors, without_head)
+
+
+def _select(
+    path: PathLike,
+    model: nn.Module,
+    metadata: Dict[str, Any],
+    tensors: Dict[str, torch.Tensor],
+    target: _Target,
+    head: bool,
+    methods: Optional[Sequence[str]],
+    blocks: Optional[Sequence[int]],
+    block_map: Optional[Mapping[int, int]],
+) -> _Selection:
+    """Stage 2, select and map blocks: the recorded calls the arguments choose, their blocks mapped onto
+    the model's, and the file's tensors they take, under the model's names."""
     calls = _select_calls(path, metadata["methods"], methods, blocks)
     saved_paths = metadata["model"]["block_paths"]
     beyond = sorted(
@@ -347,9 +405,9 @@ def load_delta(
         )
     mapping = _block_mapping(path, saved_paths, model_paths, block_map)
     if block_map is not None:
-        _check_mapped_architecture(path, metadata, shapes, model_head, model_paths, mapping)
+        _check_mapped_architecture(path, metadata, target.shapes, target.head, model_paths, mapping)
     if blocks is not None:
-        mapping = {saved: target for saved, target in mapping.items() if saved in blocks}
+        mapping = {saved: placed for saved, placed in mapping.items() if saved in blocks}
     calls = [
         {**call, "blocks": sorted(mapping[b] if b in mapping else b for b in call["blocks"] if b in mapping or b == OUTSIDE_BLOCKS)}
         for call in calls
@@ -371,6 +429,7 @@ def load_delta(
         raise CheckpointError(
             f"{path} holds tensors of a method its metadata does not record: {', '.join(stray[:5])}"
         )
+    saved_head: Set[str] = set(metadata["head"])
     chosen: Dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if name in saved_head:
@@ -378,38 +437,51 @@ def load_delta(
                 chosen[name] = tensor
             continue
         method = _method_of(name)
-        target = rename(name)
-        if target is not None and (method is None or method in taken_methods):
-            chosen[target] = tensor
+        renamed = rename(name)
+        if renamed is not None and (method is None or method in taken_methods):
+            chosen[renamed] = tensor
+    return _Selection(calls, chosen, saved_paths, model_paths)
 
+
+def _plan(path: PathLike, model: nn.Module, calls: List[Dict[str, Any]], target: _Target) -> tuple:
+    """Stage 3, plan: the delta's tensor shapes and dtypes the surgery needs, from a sizes-only plan of the
+    recorded calls on a model without surgery, or from the model's own modules when it already carries
+    exactly that surgery; and the surgery the model carries (empty: none)."""
     current = json.loads(json.dumps(surgery_record(model)))
-    planned: List[List[Insertion]] = []
     if current:
         if current != calls:
             raise CheckpointError(
                 f"the model already carries surgery {current}, which differs from what {path} gives here, "
                 f"{calls}; remove it first or load into a fresh model"
             )
-        expected = {name: list(t.shape) for name, t in _unique_state(model).items() if name in delta_now}
-        dtypes = {}
-    else:
-        with sizes_only():  # the recorded options' sizes, checked against the file before any allocation
-            sized = plan_calls(model, _recorded(calls), str(path))
-        planned_tensors = {
-            f"{insertion.path}.{key}": tensor
-            for insertions in sized
-            for insertion in insertions
-            for key, tensor in insertion.module.state_dict().items()
-        }
-        expected = {name: list(tensor.shape) for name, tensor in planned_tensors.items()}
-        dtypes = {name: tensor.dtype for name, tensor in planned_tensors.items()}
-    if blocks is not None or block_map is not None:
+        expected = {name: list(t.shape) for name, t in _unique_state(model).items() if name in target.delta_now}
+        return expected, {}, current
+    with sizes_only():  # the recorded options' sizes, checked against the file before any allocation
+        sized = plan_calls(model, _recorded(calls), str(path))
+    planned_tensors = {
+        f"{insertion.path}.{key}": tensor
+        for insertions in sized
+        for insertion in insertions
+        for key, tensor in insertion.module.state_dict().items()
+    }
+    expected = {name: list(tensor.shape) for name, tensor in planned_tensors.items()}
+    dtypes = {name: tensor.dtype for name, tensor in planned_tensors.items()}
+    return expected, dtypes, current
+
+
+def _verify(path: PathLike, model: nn.Module, selection: _Selection, expected: Dict[str, List[int]],
+            dtypes: Dict[str, torch.dtype], target: _Target, whole: bool) -> List[str]:
+    """Stage 4, verify: every tensor the surgery needs is in the file, every other one is a trainable base
+    parameter of the model, all shapes fit and all values are finite; returns the base parameters' names.
+    ``whole``: the whole delta is taken (no choice of blocks, no block map)."""
+    chosen, shapes, statistics = selection.chosen, target.shapes, target.statistics
+    if not whole:
         # tensors shared by the blocks of a call (FacT's factors, outside every block) are planned for
         # the blocks taken: those for widths no taken block has are left out
-        inside = tuple(f"{block}." for block in (*saved_paths, *model_paths))
+        inside = tuple(f"{block}." for block in (*selection.saved_paths, *selection.model_paths))
         for name in [n for n in chosen if n not in expected and _method_of(n) is not None and not n.startswith(inside)]:
             del chosen[name]
-    if statistics == "adapt" and blocks is None and block_map is None:
+    if statistics == "adapt" and whole:
         # the whole delta: every running statistic of the base was trained and saved (a choice of blocks
         # takes those it finds and leaves the model's own elsewhere)
         base_state = model.state_dict()
@@ -437,13 +509,17 @@ def load_delta(
 
     state = model.state_dict()
     _check_values(path, chosen, {name: dtypes.get(name, state[name].dtype if name in state else None) for name in chosen})
+    return base_names
 
-    if not current:
-        planned = commit_calls(model, _recorded(calls), statistics, str(path))
+
+def _commit(path: PathLike, model: nn.Module, selection: _Selection, current: list, base_names: List[str],
+            target: _Target, head: bool) -> None:
+    """Stage 5, commit: replay the recorded calls on a model without surgery, then copy the tensors; the
+    saved base parameters (and, with ``head=False``, the model's own head) are trainable afterwards."""
+    planned = [] if current else commit_calls(model, _recorded(selection.calls), target.statistics, str(path))
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for name, tensor in chosen.items():
+        for name, tensor in selection.chosen.items():
             targets[name].copy_(tensor)
     if planned:
-        set_trainable(model, set(base_names) | (set() if head else model_head))
-    return model
+        set_trainable(model, set(base_names) | (set() if head else target.head))
