@@ -72,6 +72,26 @@ def test_the_scan_finds_a_list_of_method_names(tmp_path) -> None:
     assert method_name_lists(sample, set(ps.METHODS)) == ["ADDS", "SOME"]
 
 
+ZOOS = ("timm", "torchvision", "transformers", "open_clip")
+
+
+def test_methods_name_no_class_of_a_model_zoo() -> None:
+    """Methods are written against site descriptions: what a zoo's class does (how its attention is called,
+    for prefix tuning) is declared by that zoo's layouts in sites/."""
+    found = []
+    for path in sorted((ROOT / "src" / "petl_surgery" / "methods").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names = [node.value]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            found += [f"{path.name}: {name}" for name in names if name.split(".")[0] in ZOOS and "." in name]
+    assert not found
+
+
 @pytest.mark.parametrize("method", list(ps.METHODS))
 def test_a_mergeable_method_inserts_mergeable_modules_only(method: str) -> None:
     model = ps.apply(make_vit(), method, **ps.METHODS[method].identity_options)
@@ -134,7 +154,10 @@ def registries():
     """The method and layout registries as they were, after the test (the page registers its examples)."""
     saved = {
         "methods": dict(ps.METHODS),
-        **{name: dict(getattr(registry, name)) for name in ("ATTENTION_LAYOUTS", "MLP_LAYOUTS", "BLOCK_LAYOUTS", "MLP_PROJECTIONS")},
+        **{
+            name: dict(getattr(registry, name))
+            for name in ("ATTENTION_LAYOUTS", "MLP_LAYOUTS", "BLOCK_LAYOUTS", "MLP_PROJECTIONS", "PREFIX_CALLS")
+        },
     }
     yield
     ps.METHODS.clear()
@@ -186,10 +209,9 @@ def test_the_toy_method_of_the_page_is_a_method_like_any_other(registries, tmp_p
 
 
 # Every registered method on the page's toy family: "works", or the refusal's reason (what the family
-# does not declare: a token layout for prompts, a patch grid, one sdpa call for prefix keys and values).
+# does not declare: a token layout for prompts, a patch grid).
 TOY_REFUSALS: Dict[str, str] = {
     "vpt": r"prompt tokens cannot be added to ToyTransformer",
-    "prefix": r"method 'prefix' cannot operate on block 0 .*ToyAttention",
     "convpass": r"method 'convpass' .*ToyTransformer",
 }
 
