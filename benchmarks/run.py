@@ -50,26 +50,35 @@ except ImportError:  # run from a checkout without installing
 MODELS = {"vit_s16": "vit_small_patch16_224", "swin_t": "swin_tiny_patch4_window7_224"}
 LARGE = {"full": "vit_large_patch16_224", "quick": "vit_base_patch16_224"}
 
-# name -> (method, options); "full" and "floor" are the baselines, "peft_lora" is PEFT's
-METHODS: Dict[str, Tuple[str, Dict[str, Any]]] = {
-    "patt": ("patt", {}),  # kv, m = 128, every block
-    "adapter": ("adapter", {}),  # parallel, r = 64
-    "bapat": ("bapat", {}),
-    "lora_qkv": ("lora", {"rank": 8, "targets": ["q", "k", "v"]}),  # three rank-8 updates
-    "lora_fused": ("lora", {"rank": 8, "targets": ["qkv"]}),  # one rank-8 update of the fused qkv, as PEFT's
-    "prefix": ("prefix", {}),  # L = 16, reparameterised
-    "vpt": ("vpt", {}),  # deep, 10 tokens
-    "ssf": ("ssf", {}),  # q, k, v, proj, fc1, fc2
-    "houlsby": ("houlsby", {}),  # h = 8, after proj and after the MLP
-    "adapter_plus": ("adapter_plus", {}),  # r = 8, channel scale, after the block's MLP residual
-    "convpass": ("convpass", {}),  # h = 8, beside attention and MLP (flat-token models only)
-    "repadapter": ("repadapter", {}),  # h = 8, g = 2, on the inputs of qkv and fc1
-    "fact_tt": ("fact", {"variant": "tt"}),  # r = 8, q, k, v, proj, fc1, fc2, factors shared across blocks
-    "fact_tk": ("fact", {"variant": "tk", "rank": 32}),  # r = 32 (the code's TK configs use 16 or 32)
-    "dora": ("dora", {"rank": 8, "targets": ["q", "v"]}),  # rank-8 DoRA on the q and v slices of qkv
+# The configurations measured, as name -> (method, options): every registered method at its defaults,
+# under its own name, except the methods configured here (their named configurations instead). "full"
+# and "floor" are the baselines, "peft_lora" is PEFT's. The defaults: PATT kv, m = 128, every block; the
+# adapter parallel, r = 64; prefix L = 16, reparameterised; VPT deep, 10 tokens; SSF on q, k, v, proj,
+# fc1, fc2; Houlsby h = 8 after proj and after the MLP; Adapter+ r = 8 after the MLP residual; Convpass
+# h = 8 beside attention and MLP (flat-token models only); RepAdapter h = 8, g = 2 on the inputs of qkv
+# and fc1.
+CONFIGURED: Dict[str, Dict[str, Dict[str, Any]]] = {
+    "lora": {
+        "lora_qkv": {"rank": 8, "targets": ["q", "k", "v"]},  # three rank-8 updates
+        "lora_fused": {"rank": 8, "targets": ["qkv"]},  # one rank-8 update of the fused qkv, as PEFT's
+    },
+    "fact": {
+        "fact_tt": {"variant": "tt"},  # r = 8, q, k, v, proj, fc1, fc2, factors shared across blocks
+        "fact_tk": {"variant": "tk", "rank": 32},  # r = 32 (the code's TK configs use 16 or 32)
+    },
+    "dora": {"dora": {"rank": 8, "targets": ["q", "v"]}},  # rank-8 DoRA on the q and v slices of qkv
 }
-# merged configuration -> the configuration of METHODS it merges (``petl_surgery.merge``)
-MERGED = {"lora_merged": "lora_qkv", "repadapter_merged": "repadapter"}
+METHODS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    config: (method, options)
+    for method in ps.METHODS
+    for config, options in CONFIGURED.get(method, {method: {}}).items()
+}
+# merged configuration -> the configuration of METHODS it merges (``petl_surgery.merge``): the first
+# configuration of every method that declares itself mergeable
+MERGED: Dict[str, str] = {}
+for _config, (_method, _) in METHODS.items():
+    if ps.METHODS[_method].mergeable and _method not in {METHODS[c][0] for c in MERGED.values()}:
+        MERGED[f"{_method}_merged"] = _config
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -147,6 +147,22 @@ def registry_lines() -> List[str]:
     ]
 
 
+def capability_lines() -> List[str]:
+    """The methods' declared capabilities (the boolean class attributes of petl_surgery.methods.Method), one
+    row per registered method: read from the classes, so a new method or capability needs no edit here."""
+    from petl_surgery import METHODS
+    from petl_surgery.methods import Method
+
+    capabilities = [name for name, value in vars(Method).items() if isinstance(value, bool)]
+
+    lines = ["| method | " + " | ".join(capabilities) + " | exact identity at init with |", "|---|" + "---|" * (len(capabilities) + 1)]
+    for name, method in METHODS.items():
+        marks = ["yes" if getattr(method, capability) else "" for capability in capabilities]
+        identity = ", ".join(f"`{key}={value!r}`" for key, value in method.identity_options.items())
+        lines.append(f"| {name} | " + " | ".join(marks) + f" | {identity} |")
+    return lines
+
+
 def transformers_lines(methods: tuple) -> List[str]:
     """The transformers section: each model class of tests/test_families_transformers.py (its
     ``COVERAGE``) under attn_implementation "eager" and "sdpa", against every method; empty when
@@ -190,6 +206,14 @@ def main() -> None:
         "fresh one (on models with BatchNorm, also with statistics=\"adapt\", the statistics saved). "
         "Anything else is refused with a SurgeryError before the model is changed; the reason is quoted.",
         "",
+        "## What each method declares",
+        "",
+        "Read from the method classes (`petl_surgery.methods.Method`); the contract runs methods that add "
+        "tokens without the unchanged-at-init check, and the others with the options listed in the last "
+        "column.",
+        "",
+        *capability_lines(),
+        "",
         "## timm, every registered model module",
         "",
         "By enumeration (tests/timm_sweep.py): each model module the installed timm registers, through its "
@@ -220,6 +244,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--timm-table", action="store_true", help="regenerate tests/timm_smallest.json")
     group.add_argument("--timm-modules", nargs="+", metavar="MODULE", help="print these timm modules' rows only")
+    group.add_argument("--capabilities", action="store_true", help="print the methods' declared capabilities only")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes for the rows (default 1)")
     args = parser.parse_args(argv)
     global JOBS
@@ -229,6 +254,8 @@ def cli(argv: Optional[Sequence[str]] = None) -> None:
         import timm_sweep
 
         timm_sweep.make_table()
+    elif args.capabilities:
+        print("\n".join(capability_lines()))
     elif args.timm_modules:
         import petl_surgery
         import torch

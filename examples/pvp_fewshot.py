@@ -11,7 +11,7 @@ better. This reproduces the experiment in miniature, offline on the CPU:
 3. on each target task (scikit-learn's real handwritten digits; 6 textures; 4 texture-colour pairs of
    values never seen before; the object's quadrant), for 1, 2, 4, 8 and 16 shots per class and several
    seeds, each method is tuned from a random init (``ps.apply``) and from the source checkpoint
-   (``ps.load(model, path, head=False)``, a new head), with the same data, head init, steps and
+   (``ps.load(model, path, load_head=False)``, a new head), with the same data, head init, steps and
    learning rate;
 4. the V-PETL trade-off on the digits: every method in all blocks and in the upper half.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -9,6 +10,12 @@ import pytest
 import timm
 import torch
 from torch import nn
+
+# Under pytest-xdist (pyproject's addopts: a worker per core), each worker takes its share of the cores:
+# torch's default of every core per process would oversubscribe them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 VIT_FAMILY: Dict[str, Callable[..., nn.Module]] = {
     "vit": lambda **kw: timm.create_model(

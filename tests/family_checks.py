@@ -131,12 +131,7 @@ def first_output(output) -> torch.Tensor:
     return first_output(output[0])
 
 
-ADD_TOKENS = ("prefix", "vpt")
 WORKS = "works"
-# Methods whose default init is near-identity by their paper's design (Houlsby's and Adapter+'s truncated
-# normal, std 0.01) run the contract with their exact-identity init, so that "unchanged at init" is exact;
-# their defaults are specified in their own test files.
-IDENTITY_INIT: Dict[str, Dict[str, object]] = {"houlsby": {"init": "lora"}, "adapter_plus": {"init": "lora"}}
 
 
 def assert_outcome(outcome: str, expected: str) -> None:
@@ -158,10 +153,13 @@ def check_method(
     """Run the whole contract for ``method`` on the model ``build()`` makes; returns "works" or the
     refusal's message. ``build`` must return the same base weights each call (seed inside it).
 
-    Prefix tuning and VPT add tokens that take part in attention from the start, so for them "unchanged
-    at init" is not part of the contract. Methods in ``IDENTITY_INIT`` get their exact-identity init unless
-    ``options`` say otherwise."""
-    options = {**IDENTITY_INIT.get(method, {}), **options}
+    Methods that declare ``adds_tokens`` (prefix tuning, VPT) add tokens that take part in attention from
+    the start, so for them "unchanged at init" is not part of the contract. Methods whose default init is
+    near-identity by their paper's design (Houlsby's truncated normal) run it with their declared
+    ``identity_options`` unless ``options`` say otherwise; their defaults are specified in their own test
+    files."""
+    declared = ps.METHODS.get(method)  # None for a name apply is to refuse
+    options = {**(declared.identity_options if declared is not None else {}), **options}
     model = revive(build()).eval()
     x = make_input()
     heads = head_parameter_names(model)
@@ -178,7 +176,7 @@ def check_method(
         return f"refused: {refusal}"
     with torch.no_grad():
         at_init = first_output(model(x))  # also the first forward: every branch must run
-    if method not in ADD_TOKENS:
+    if declared is not None and not declared.adds_tokens:
         if any(block.attention is not None and block.attention.patches for block in ps.blocks(model)):
             # the site's patches route a fused bias add through the hookable projection (timm's
             # qkv_bias_separate): the same sums in another order, equal up to rounding

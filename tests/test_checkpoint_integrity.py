@@ -107,7 +107,7 @@ def test_block_map_keeps_the_architecture_check(saved):
     model = make_family("deit_distilled")
     before = snapshot(model)
     with pytest.raises(ps.SurgeryError, match="outside its blocks"):
-        ps.load(model, saved, block_map={0: 0, 1: 1}, head=False)
+        ps.load(model, saved, block_map={0: 0, 1: 1}, load_head=False)
     assert_same_snapshot(before, snapshot(model))
 
 
@@ -154,10 +154,10 @@ def test_tensors_of_an_unrecorded_method_are_refused(saved, tmp_path):
 @pytest.mark.parametrize(
     "keywords, message",
     [
-        ({"blocks": 1}, "blocks must be a list"),
-        ({"blocks": [True]}, "blocks must be a list of saved block indices"),
+        ({"layers": 1}, "layers must be a list"),
+        ({"layers": [True]}, "layers must be a list of saved block indices"),
         ({"block_map": {"0": 0}}, "block_map must map saved block indices"),
-        ({"head": 123}, "head must be True, False or None"),
+        ({"load_head": 123}, "load_head must be True, False or None"),
         ({"methods": "bapat"}, "methods must be a list of method names"),
     ],
 )
@@ -187,13 +187,13 @@ def test_recorded_sizes_are_checked_before_anything_is_allocated(tmp_path, monke
     calls[0]["options"][option] = value
     forged = rewrite(path, tmp_path / "large.safetensors", metadata={"methods": calls})
     planned_on = []
-    real_plan = delta._plan_recorded
+    real_plan = delta.plan_calls
 
     def spy(*args, **kwargs):
         planned_on.append("meta" if base._planning_on_meta[-1] else "model's device")
         return real_plan(*args, **kwargs)
 
-    monkeypatch.setattr(delta, "_plan_recorded", spy)
+    monkeypatch.setattr(delta, "plan_calls", spy)
     refuses(make_vit(), forged, "wrong shape")
     assert planned_on == ["meta"]
 
@@ -237,8 +237,8 @@ def test_an_unrecognised_pickle_names_its_format_problem(tmp_path):
 def test_a_delta_without_its_head_into_a_model_with_another_head_suggests_head_false(tmp_path):
     path = tmp_path / "headless.safetensors"
     ps.save(ps.apply(make_vit(), "patt", train_head=False), path)
-    refuses(make_vit(num_classes=7), path, r"the head in .* does not fit this model \(head.bias: checkpoint \[5\], model \[7\].*pass head=False")
-    assert ps.summary(ps.load(make_vit(num_classes=7), path, head=False)).per_method
+    refuses(make_vit(num_classes=7), path, r"the head in .* does not fit this model \(head.bias: checkpoint \[5\], model \[7\].*pass load_head=False")
+    assert ps.summary(ps.load(make_vit(num_classes=7), path, load_head=False)).per_method
 
 
 def test_another_width_names_the_tensors_that_differ(saved):
@@ -257,7 +257,7 @@ def test_blocks_sharing_a_path_cannot_be_chosen_or_moved_apart(tmp_path):
 
     source = ps.apply(tnt(), "lora")
     ps.save(source, tmp_path / "tnt.safetensors")
-    for keywords in ({"blocks": [0]}, {"block_map": {0: 1, 1: 0, 2: 2, 3: 3}}):
+    for keywords in ({"layers": [0]}, {"block_map": {0: 1, 1: 0, 2: 2, 3: 3}}):
         fresh = tnt()
         before = {name: tensor.clone() for name, tensor in fresh.state_dict().items()}
         with pytest.raises(ps.SurgeryError, match="share a module path"):

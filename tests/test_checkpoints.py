@@ -193,7 +193,7 @@ def test_another_head_size_is_refused_saying_how_to_leave_it_out(saved_vit):
     refuses(
         make_vit(num_classes=7),
         saved_vit[1],
-        r"the head in .* does not fit this model \(.*head.weight: checkpoint \[5, 64\], model \[7, 64\].*pass head=False",
+        r"the head in .* does not fit this model \(.*head.weight: checkpoint \[5, 64\], model \[7, 64\].*pass load_head=False",
     )
 
 

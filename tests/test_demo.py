@@ -118,7 +118,7 @@ def test_pretrained_init_loads_source_modules_with_a_new_head(tmp_path):
     ps.save(source, tmp_path / "src.safetensors")
     target = pvp.model_with_backbone(config, backbone, 3, seed=2)
     head_before = target.head.weight.detach().clone()
-    ps.load(target, tmp_path / "src.safetensors", head=False)
+    ps.load(target, tmp_path / "src.safetensors", load_head=False)
     modules = {n: p for n, p in target.named_parameters() if "petl_lora" in n}
     assert modules and all(torch.equal(p, dict(source.named_parameters())[n]) for n, p in modules.items())
     assert torch.equal(target.head.weight, head_before) and target.head.weight.requires_grad

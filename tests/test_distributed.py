@@ -20,6 +20,7 @@ import petl_surgery as ps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 3
+pytestmark = pytest.mark.xdist_group("ports")  # a local port: never beside another test that opens one
 SURGERIES = [("bapat", {}), ("lora", {"targets": ["q", "v", "fc2"]})]
 
 

@@ -163,7 +163,7 @@ def test_a_block_subset_loads_the_factors_of_its_widths_only(tmp_path):
     model = perturb_inserted(ps.apply(make_swin(), "fact", variant="tk", rank=4))
     ps.save(model, tmp_path / "fact.safetensors")
     saved = load_file(tmp_path / "fact.safetensors")
-    fresh = ps.load(make_swin(), tmp_path / "fact.safetensors", blocks=[0, 1])
+    fresh = ps.load(make_swin(), tmp_path / "fact.safetensors", layers=[0, 1])
     state = fresh.state_dict()
     taken = [name for name in state if "petl_fact" in name]
     assert [name for name in taken if name.startswith("petl_fact")] == ["petl_fact.c", "petl_fact.d32.u", "petl_fact.d32.v"]
@@ -177,7 +177,7 @@ def test_a_block_subset_loads_the_factors_of_its_widths_only(tmp_path):
 def test_a_block_map_moves_the_cores_and_keeps_the_factors(tmp_path):
     model = perturb_inserted(ps.apply(make_vit(), "fact", rank=4))
     ps.save(model, tmp_path / "fact.safetensors")
-    shallow = ps.load(make_vit(depth=2), tmp_path / "fact.safetensors", block_map={2: 0, 3: 1}, head=False)
+    shallow = ps.load(make_vit(depth=2), tmp_path / "fact.safetensors", block_map={2: 0, 3: 1}, load_head=False)
     assert torch.equal(shallow.petl_fact.d64.u, model.petl_fact.d64.u)
     assert torch.equal(shallow.blocks[1].mlp.petl_fact.fc2, model.blocks[3].mlp.petl_fact.fc2)
     assert ps.summary(shallow).per_method == ps.summary(ps.apply(make_vit(depth=2), "fact", rank=4)).per_method

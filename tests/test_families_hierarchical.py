@@ -22,6 +22,8 @@ from torch import nn
 import petl_surgery as ps
 from petl_surgery.patches import temporarily
 
+pytestmark = pytest.mark.slow  # a family sweep: -m "not slow" leaves it out
+
 # MaxViT/CoAtNet/MaxxViTv2 overlay their config: 4 stages of one block, 16-wide heads (>= 2 heads each).
 MAXXVIT = dict(img_size=64, embed_dim=(32, 64, 128, 256), depths=(1, 1, 1, 1), transformer_dim_head=16)
 PYRAMID = dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 128, 256), num_heads=(2, 2, 4, 8))

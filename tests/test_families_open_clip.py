@@ -8,6 +8,7 @@ import re
 import sys
 import types
 
+import open_clip.transformer as open_clip_transformer
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,8 @@ from torch import nn
 
 import petl_surgery as ps
 from petl_surgery.sites import registry
+
+pytestmark = pytest.mark.slow  # a family sweep: -m "not slow" leaves it out
 
 
 def test_a_zoos_layouts_register_once_its_module_is_imported(monkeypatch):
@@ -29,9 +32,6 @@ def test_a_zoos_layouts_register_once_its_module_is_imported(monkeypatch):
     ps.blocks(nn.Linear(2, 2))
     ps.blocks(nn.Linear(2, 2))
     assert calls == ["registered"]
-
-
-open_clip_transformer = pytest.importorskip("open_clip.transformer")
 
 
 def vision(ls_init_value=None, block_type=None):

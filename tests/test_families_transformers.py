@@ -36,8 +36,10 @@ from transformers.modeling_utils import AttentionInterface
 
 import petl_surgery as ps
 
+pytestmark = pytest.mark.slow  # a family sweep: -m "not slow" leaves it out
+
 WORKS = "works"
-METHODS = ("patt", "adapter", "bapat", "lora", "ssf", "prefix", "vpt")
+METHODS = tuple(ps.METHODS)
 IMPLEMENTATIONS = ("eager", "sdpa")
 C = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32, patch_size=8)
 DINOV2 = dict({k: v for k, v in C.items() if k != "intermediate_size"}, mlp_ratio=2)
@@ -46,6 +48,12 @@ SIGLIP2 = dict({k: v for k, v in C.items() if k != "image_size"}, num_patches=16
 SWIN = dict(image_size=32, patch_size=4, embed_dim=32, depths=[2, 1], num_heads=[2, 2], window_size=4)
 LABELS = 5
 BATCH = 2
+# A gated MLP (SwiGLU) has no single input layer: the methods that target fc1 by default are refused
+NO_FC1 = tuple((method, rf"targets fc1 of method '{method}' are not available .* offers fc2") for method in ("ssf", "repadapter", "fact"))
+# transformers' BEiT block runs its MLP residual inline: no module ends the MLP's residual branch
+NO_MLP_RESIDUAL = (("adapter_plus", r"adds to the residual stream after the MLP, and block 0 .* has no registered layout"),)
+# the methods that need the patch grid: transformers' models take any image size, Swin's stages merge tokens
+NO_GRID = r"needs the patch grid of \w+, and it has no fixed one|lays the patch tokens out on their grid"
 
 
 def siglip2_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
@@ -85,6 +93,7 @@ FAMILIES: Dict[str, Family] = {
     "beit": Family(
         ("BeitForImageClassification", "BeitModel"),
         lambda: T.BeitConfig(**C, use_relative_position_bias=True, num_labels=LABELS),
+        refused=NO_MLP_RESIDUAL,
     ),
     "dinov2": Family(("Dinov2ForImageClassification", "Dinov2Model"), lambda: T.Dinov2Config(**DINOV2, num_labels=LABELS)),
     "dinov2_registers": Family(
@@ -95,19 +104,19 @@ FAMILIES: Dict[str, Family] = {
         ("Dinov2ForImageClassification",),
         lambda: T.Dinov2Config(**DINOV2, use_swiglu_ffn=True, num_labels=LABELS),
         implementations=("sdpa",),
-        refused=(("ssf", r"targets fc1 of method 'ssf' are not available .* offers fc2"),),
+        refused=NO_FC1,
     ),
     "dinov2_registers_swiglu": Family(
         ("Dinov2WithRegistersForImageClassification",),
         lambda: T.Dinov2WithRegistersConfig(**DINOV2, use_swiglu_ffn=True, num_labels=LABELS),
         implementations=("sdpa",),
-        refused=(("ssf", r"targets fc1 of method 'ssf' are not available .* offers fc2"),),
+        refused=NO_FC1,
     ),
     "dinov3": Family(("DINOv3ViTModel",), lambda: T.DINOv3ViTConfig(**C, num_register_tokens=4)),
     "dinov3_gated": Family(
         ("DINOv3ViTModel",), lambda: T.DINOv3ViTConfig(**C, num_register_tokens=4, use_gated_mlp=True),
         implementations=("sdpa",),
-        refused=(("ssf", r"targets fc1 of method 'ssf' are not available .* offers fc2"),),
+        refused=NO_FC1,
     ),
     "clip": Family(("CLIPForImageClassification", "CLIPVisionModel"), _vision(T.CLIPConfig, C)),
     "siglip": Family(("SiglipForImageClassification", "SiglipVisionModel"), _vision(T.SiglipConfig, C)),
@@ -153,6 +162,8 @@ def expected(family: str, method: str) -> str:
     refused = dict(FAMILIES[family].refused)
     if method in refused:
         return refused[method]
+    if ps.METHODS[method].needs_token_grid:
+        return NO_GRID
     return FAMILIES[family].vpt if method == "vpt" else WORKS
 
 
@@ -303,7 +314,7 @@ def test_switching_implementation_after_the_prefix_keeps_it_or_refuses() -> None
         torch.testing.assert_close(first_output(model(x)), sdpa, **tolerance("eager"))
         model.set_attn_implementation("flex_attention")
         attention = ps.blocks(model)[0].attention.module  # called alone: the model would build a block mask first
-        with pytest.raises(ps.SurgeryError, match="attn_implementation is 'flex_attention'"):
+        with pytest.raises(ps.SurgeryRuntimeError, match="attn_implementation is 'flex_attention'"):
             attention(torch.randn(BATCH, 17, 64, dtype=torch.float64))
 
 
@@ -314,7 +325,7 @@ def test_a_causal_call_is_refused_rather_than_cut() -> None:
     config = T.CLIPTextConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     text = T.CLIPTextModel._from_config(config)
     ps.apply(text, "prefix", length=LENGTH)
-    with pytest.raises(ps.SurgeryError, match="is causal"):
+    with pytest.raises(ps.SurgeryRuntimeError, match="is causal"):
         text(input_ids=torch.tensor([[1, 2, 3]]))
 
 

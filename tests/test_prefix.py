@@ -199,7 +199,7 @@ def test_composes_with_patt(tmp_path):
 def test_attention_that_stops_calling_sdpa_raises_instead_of_running_without_the_prefix():
     model = ps.apply(make_vit(), "prefix", length=4)
     model.blocks[2].attn.fused_attn = False  # its inline path: no SDPA call to take the prefix
-    with pytest.raises(ps.SurgeryError, match=r"block 2 .*no F\.scaled_dot_product_attention call"):
+    with pytest.raises(ps.SurgeryRuntimeError, match=r"block 2 .*no F\.scaled_dot_product_attention call"):
         model(images())
 
 

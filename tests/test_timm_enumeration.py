@@ -19,6 +19,8 @@ from timm_sweep import TABLE, build, load_table, registered_modules, sweep
 
 from petl_surgery.sites import discover
 
+pytestmark = pytest.mark.slow  # a family sweep: -m "not slow" leaves it out
+
 METHODS = ("patt", "adapter", "lora")
 WORKS = "works"
 REGISTERED = registered_modules()

@@ -417,7 +417,7 @@ class CrossAttention(nn.Module):
 
 def test_patt_on_cross_attention_is_refused_at_the_first_forward():
     model = ps.apply(CrossAttention().eval(), "patt")
-    with pytest.raises(ps.SurgeryError, match=r"PATT on nn.MultiheadAttention 'attn' needs self-attention"):
+    with pytest.raises(ps.SurgeryRuntimeError, match=r"PATT on nn.MultiheadAttention 'attn' needs self-attention"):
         model(torch.randn(2, 5, 16))
     ps.remove(model)
     model(torch.randn(2, 5, 16))
@@ -453,7 +453,7 @@ def test_patt_refuses_nested_tensors_with_a_way_out():
     encoder = ps.apply(nn.TransformerEncoder(layer, 2, enable_nested_tensor=True), "patt").eval()
     padding = torch.zeros(2, 5, dtype=torch.bool)
     padding[0, 3:] = True
-    with torch.no_grad(), pytest.raises(ps.SurgeryError, match="enable_nested_tensor=False"):
+    with torch.no_grad(), pytest.raises(ps.SurgeryRuntimeError, match="enable_nested_tensor=False"):
         encoder(torch.randn(2, 5, 16), src_key_padding_mask=padding)
 
 

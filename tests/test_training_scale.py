@@ -301,6 +301,7 @@ def test_progress_draws_a_bar_on_a_terminal_only_and_one_line_per_epoch_everywhe
 # -- torchrun ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.xdist_group("ports")  # a local port: never beside another test that opens one
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
 def test_torchrun_two_processes_train_what_one_process_trains_on_the_whole_batch(image_folder, tmp_path, capsys):

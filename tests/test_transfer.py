@@ -30,7 +30,7 @@ def test_head_excluded_transfer_loads_the_modules_and_keeps_the_new_head(source)
     model, path = source
     target = make_vit(num_classes=9)
     new_head = target.head.weight.clone()
-    ps.load(target, path, head=False)
+    ps.load(target, path, load_head=False)
     assert torch.equal(target.head.weight, new_head)
     assert target.head.weight.requires_grad and target.head.bias.requires_grad
     loaded, saved = inserted_state(target), inserted_state(model)
@@ -41,19 +41,19 @@ def test_head_excluded_transfer_loads_the_modules_and_keeps_the_new_head(source)
 def test_a_head_that_does_not_fit_is_refused_with_the_way_out(source):
     target = make_vit(num_classes=9)
     before = snapshot(target)
-    with pytest.raises(ps.SurgeryError, match="head.*does not fit.*pass head=False"):
+    with pytest.raises(ps.SurgeryError, match="head.*does not fit.*pass load_head=False"):
         ps.load(target, source[1])
     assert_same_snapshot(before, snapshot(target))
 
 
 def test_a_choice_of_methods(source):
-    target = ps.load(make_vit(num_classes=9), source[1], head=False, methods=["adapter"])
+    target = ps.load(make_vit(num_classes=9), source[1], load_head=False, methods=["adapter"])
     assert list(ps.summary(target).per_method) == ["adapter"]
     assert sorted(ps.summary(target).per_block) == [2, 3]
 
 
 def test_a_choice_of_blocks(source):
-    target = ps.load(make_vit(num_classes=9), source[1], head=False, blocks=[0, 3])
+    target = ps.load(make_vit(num_classes=9), source[1], load_head=False, layers=[0, 3])
     assert [(row.method, row.block) for row in ps.summary(target).rows] == [
         ("patt", 0), ("patt", 3), ("adapter", 3)
     ]
@@ -64,14 +64,14 @@ def test_a_choice_of_blocks(source):
     "options, message",
     [
         ({"methods": ["lora"]}, "holds no method 'lora'; it holds patt, adapter"),
-        ({"blocks": [7]}, "no surgery on block 7"),
+        ({"layers": [7]}, "no surgery on block 7"),
     ],
 )
 def test_choices_that_do_not_exist_are_refused(source, options, message):
     target = make_vit(num_classes=9)
     before = snapshot(target)
     with pytest.raises(ps.SurgeryError, match=message):
-        ps.load(target, source[1], head=False, **options)
+        ps.load(target, source[1], load_head=False, **options)
     assert_same_snapshot(before, snapshot(target))
 
 
@@ -79,13 +79,13 @@ def test_another_depth_is_refused_without_a_block_map(source):
     shallow = make_vit(depth=2, num_classes=9)
     before = snapshot(shallow)
     with pytest.raises(ps.SurgeryError, match="saved from a model with 4 blocks and this model has 2; pass block_map"):
-        ps.load(shallow, source[1], head=False)
+        ps.load(shallow, source[1], load_head=False)
     assert_same_snapshot(before, snapshot(shallow))
 
 
 def test_a_block_map_moves_modules_to_a_model_of_another_depth(source):
     model, path = source
-    shallow = ps.load(make_vit(depth=2, num_classes=9), path, head=False, block_map={2: 0, 3: 1})
+    shallow = ps.load(make_vit(depth=2, num_classes=9), path, load_head=False, block_map={2: 0, 3: 1})
     assert [(row.method, row.block) for row in ps.summary(shallow).rows] == [
         ("patt", 0), ("adapter", 0), ("patt", 1), ("adapter", 1)
     ]
@@ -102,12 +102,12 @@ def test_bad_block_maps_are_refused(source, block_map, message):
     shallow = make_vit(depth=2, num_classes=9)
     before = snapshot(shallow)
     with pytest.raises(ps.SurgeryError, match=message):
-        ps.load(shallow, source[1], head=False, block_map=block_map)
+        ps.load(shallow, source[1], load_head=False, block_map=block_map)
     assert_same_snapshot(before, snapshot(shallow))
 
 
 def test_transferred_modules_train_on_the_new_task(source):
-    target = ps.load(make_vit(num_classes=9), source[1], head=False)
+    target = ps.load(make_vit(num_classes=9), source[1], load_head=False)
     optimizer = torch.optim.SGD([p for p in target.parameters() if p.requires_grad], lr=0.1)
     before = target.blocks[0].attn.petl_patt.up.weight.clone()
     loss = torch.nn.functional.cross_entropy(target(images()), torch.tensor([1, 8]))

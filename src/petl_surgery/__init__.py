@@ -10,12 +10,34 @@
 
 from .version import __version__
 
-from .api import apply, blocks, merge, remove, summary
+from .api import apply, blocks, merge, plan, remove, summary
 from .checkpoints import save
-from .errors import SurgeryError
+from .errors import (
+    CheckpointError,
+    OptionError,
+    SurgeryError,
+    SurgeryRuntimeError,
+    UnsupportedBlockError,
+    UnsupportedModelError,
+)
 from .interop import export
 from .loading import load
-from .methods import METHODS
+from .methods import (
+    METHODS,
+    AdapterOptions,
+    AdapterPlusOptions,
+    BapatOptions,
+    ConvpassOptions,
+    DoraOptions,
+    FactOptions,
+    HoulsbyOptions,
+    LoraOptions,
+    PattOptions,
+    PrefixOptions,
+    RepAdapterOptions,
+    SsfOptions,
+    VptOptions,
+)
 from .sites import Block
 from .statistics import StatefulBaseError
 from .summary import Summary
@@ -23,17 +45,36 @@ from .verification import BranchNeverRanError
 
 __all__ = [
     "METHODS",
+    "AdapterOptions",
+    "AdapterPlusOptions",
+    "BapatOptions",
+    "ConvpassOptions",
+    "DoraOptions",
+    "FactOptions",
+    "HoulsbyOptions",
+    "LoraOptions",
+    "PattOptions",
+    "PrefixOptions",
+    "RepAdapterOptions",
+    "SsfOptions",
+    "VptOptions",
     "BranchNeverRanError",
     "Block",
+    "CheckpointError",
+    "OptionError",
     "Summary",
     "StatefulBaseError",
     "SurgeryError",
+    "SurgeryRuntimeError",
+    "UnsupportedBlockError",
+    "UnsupportedModelError",
     "__version__",
     "apply",
     "blocks",
     "export",
     "load",
     "merge",
+    "plan",
     "remove",
     "save",
     "summary",

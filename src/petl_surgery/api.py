@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .checkpointing import guard_checkpointing
-from .errors import SurgeryError
+from .deprecation import renamed
+from .errors import OptionError, SurgeryError, UnsupportedBlockError, UnsupportedModelError
 from .freezing import (
     compile_patterns,
     head_parameter_names,
@@ -19,8 +20,8 @@ from .freezing import (
 )
 from .hooks import hook_owner
 from .inventory import delta_names, inserted_modules, next_order
-from .methods import Insertion, PetlModule, get_method
-from .methods.base import MergeableModule, UnsupportedBlockError, options_dict
+from .methods import Insertion, PetlModule, capable, get_method
+from .methods.base import MergeableModule, options_dict
 from .patches import undo_patches
 from .selection import LayerSelection, select_layers
 from .sites import Block, discover
@@ -28,11 +29,6 @@ from .statistics import give_back_statistics, resolve_mode, take_statistics
 from .summary import Summary, summarize
 from .verification import forget_removed, start_run_check
 from .wrappers import inner
-
-
-# methods whose branches cast their input to their own dtype (apply's ``branch_dtype``)
-BRANCH_DTYPE_METHODS = ("patt", "adapter", "bapat", "lora", "ssf")
-BRANCH_DTYPE_METHODS += ("houlsby", "adapter_plus", "convpass", "repadapter")
 
 
 def blocks(model: nn.Module) -> List[Block]:
@@ -51,13 +47,20 @@ def plan(
     skip_unsupported: bool = False,
     **options: Any,
 ) -> List[Insertion]:
-    """The insertions ``apply`` would make, built without changing the model."""
+    """The dry run of :func:`apply`: the insertions it would make, built without changing the model (what
+    ``petl-surgery plan`` prints).
+
+    Takes ``apply``'s ``method``, ``layers``, ``skip_unsupported`` and the method's options, and refuses
+    what ``apply`` refuses, with the same exceptions. Each :class:`~petl_surgery.methods.Insertion` names
+    its ``block``, its ``path`` (the inserted module's path once committed) and its ``module``, whose
+    parameters are the ones ``apply`` would add.
+    """
     method_type = get_method(method)
     parsed = method_type.parse_options(options)
     by_name = method_type.plan_modules(inner(model), parsed, method, options_dict(parsed))
     if by_name is not None:  # layers chosen by name pattern, not blocks
         if layers is not None:
-            raise SurgeryError(
+            raise OptionError(
                 f"method {method!r}: option 'modules' chooses layers by name pattern, and layers= chooses "
                 "blocks; give one of them"
             )
@@ -65,12 +68,12 @@ def plan(
     found = discover(inner(model))
     if found.unsupported and not skip_unsupported:
         listed = "; ".join(f"{u.path!r} ({u.class_name}): {u.reason}" for u in found.unsupported[:5])
-        raise SurgeryError(
+        raise UnsupportedModelError(
             f"{type(model).__name__} has attention modules petl_surgery cannot operate on: {listed}. "
             "Pass skip_unsupported=True to operate on the supported blocks only"
         )
     if not found.blocks:
-        raise SurgeryError(
+        raise UnsupportedModelError(
             f"found no transformer block that petl_surgery can operate on in {type(model).__name__}"
         )
     recorded = options_dict(parsed)
@@ -84,7 +87,7 @@ def plan(
             planned = planner.plan_block(found.blocks[index], parsed, method, recorded)
         except UnsupportedBlockError as error:
             if not skip_unsupported:
-                raise SurgeryError(f"{error}; pass skip_unsupported=True to skip such blocks") from None
+                raise UnsupportedBlockError(f"{error}; pass skip_unsupported=True to skip such blocks") from None
             skipped.append(str(error))
             continue
         for insertion in planned:
@@ -105,7 +108,7 @@ def plan(
                 )
             insertions.append(insertion)
     if not insertions:
-        raise SurgeryError(f"method {method!r} can operate on none of the chosen blocks: {skipped[0]}")
+        raise UnsupportedModelError(f"method {method!r} can operate on none of the chosen blocks: {skipped[0]}")
     return insertions
 
 
@@ -160,8 +163,8 @@ def apply(
 
     Args:
         model: a timm (or torch) model; its class, parameters and state_dict keys stay as they are.
-        method: "patt", "adapter", "bapat", "lora", "prefix", "vpt", "ssf", "houlsby", "adapter_plus",
-            "convpass", "repadapter", "fact" or "dora" (see the README for each).
+        method: the name of a registered method (``petl_surgery.METHODS``: "patt", "lora", "vpt", ...;
+            see the methods' pages).
         layers: which blocks: None (all), an int, an iterable of ints or a slice, over the global block
             index of :func:`blocks` (negative indices count from the end). Not with LoRA's and SSF's
             ``modules`` option, which chooses layers by name pattern instead (any model, blocks or not).
@@ -174,7 +177,8 @@ def apply(
             softmax over tokens, a missing projection) and the attention modules petl_surgery does not
             understand, instead of refusing the model (default False). ``summary`` lists what was
             skipped.
-        branch_dtype: the floating dtype of the inserted modules' tensors (patt, adapter, bapat, lora);
+        branch_dtype: the floating dtype of the inserted modules' tensors, for the methods that declare
+            ``takes_branch_dtype`` (``petl_surgery.methods.capable("takes_branch_dtype")``);
             None (default): that of the base parameters beside them. ``torch.float32`` on a bfloat16 or
             float16 model keeps the trainable branches in float32: each branch casts its input to
             float32 and its result back to the model's dtype, except under autocast, which chooses the
@@ -198,10 +202,10 @@ def apply(
     """
     if branch_dtype is not None:
         if not isinstance(branch_dtype, torch.dtype) or not branch_dtype.is_floating_point:
-            raise SurgeryError(f"branch_dtype must be a floating torch.dtype or None; got {branch_dtype!r}")
-        if method not in BRANCH_DTYPE_METHODS:
-            raise SurgeryError(
-                f"branch_dtype is supported by methods {', '.join(BRANCH_DTYPE_METHODS)}; not by {method!r}"
+            raise OptionError(f"branch_dtype must be a floating torch.dtype or None; got {branch_dtype!r}")
+        if not get_method(method).takes_branch_dtype:
+            raise OptionError(
+                f"branch_dtype is supported by methods {', '.join(capable('takes_branch_dtype'))}; not by {method!r}"
             )
     mode = resolve_mode(inner(model), statistics)
     insertions = plan(model, method, layers, skip_unsupported, **options)
@@ -218,22 +222,38 @@ def apply(
     return model
 
 
-def remove(model: nn.Module, method: Optional[str] = None) -> nn.Module:
-    """Remove ``method`` (or, with None, every method) from ``model`` in place and return it.
+def remove(
+    model: nn.Module, methods: Union[None, str, Sequence[str]] = None, *, method: Optional[str] = None
+) -> nn.Module:
+    """Remove ``methods`` (a list of applied methods' names, as :func:`petl_surgery.load` takes, or one
+    name; None, the default: every method) from ``model`` in place and return it.
 
     The removed modules and their hooks are gone; once no method is left, the model's modules,
     outputs, state_dict (running statistics included), requires_grad flags and train/eval modes are
     exactly those it had before the first apply (the modes as last set by ``train()``/``eval()``).
+
+    Deprecated: ``method="lora"`` works and warns; pass ``methods=["lora"]``.
     """
+    if method is not None:
+        renamed("remove", "method", "methods")
+        if methods is not None:
+            raise OptionError("remove takes methods= (a list of names); give it alone, without the deprecated method=")
+        methods = [method]
+    if isinstance(methods, str):
+        methods = [methods]
+    if methods is not None and (not isinstance(methods, (list, tuple)) or not methods):
+        raise OptionError(f"methods must be a method name or a non-empty list of them; got {methods!r}")
     present = inserted_modules(inner(model))
     if not present:
         raise SurgeryError(f"{type(model).__name__} carries no petl_surgery method to remove")
-    if method is not None:
-        get_method(method)
+    if methods is not None:
+        for name in methods:
+            get_method(name)
         applied = sorted({module.method for _, module in present})
-        present = [(path, module) for path, module in present if module.method == method]
-        if not present:
-            raise SurgeryError(f"method {method!r} is not applied to this model; applied: {', '.join(applied)}")
+        absent = [name for name in methods if name not in applied]
+        if absent:
+            raise SurgeryError(f"method {absent[0]!r} is not applied to this model; applied: {', '.join(applied)}")
+        present = [(path, module) for path, module in present if module.method in methods]
     _take_out(model, present)
     return model
 
@@ -287,7 +307,7 @@ def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
     others = sorted({module.method for _, module in present if not isinstance(module, MergeableModule)})
     if not mergeable:
         raise SurgeryError(
-            f"{type(model).__name__} carries no mergeable method (LoRA, DoRA, FacT, SSF, ...); applied: "
+            f"{type(model).__name__} carries no mergeable method ({', '.join(capable('mergeable'))}); applied: "
             f"{', '.join(others) or 'none'}"
         )
     if others and not keep_unmergeable:

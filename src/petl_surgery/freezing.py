@@ -7,7 +7,7 @@ from typing import Iterable, List, Optional, Sequence, Set, Union
 
 from torch import nn
 
-from .errors import SurgeryError
+from .errors import OptionError
 from .inventory import ORIGINAL_FLAGS_ATTR, delta_names
 
 
@@ -26,7 +26,7 @@ def find_heads(model: nn.Module, head: Optional[Union[str, Sequence[str]]] = Non
             try:
                 modules.append(model.get_submodule(name))
             except AttributeError:
-                raise SurgeryError(f"head {name!r} is not a module of {type(model).__name__}") from None
+                raise OptionError(f"head {name!r} is not a module of {type(model).__name__}") from None
         return modules
     getter = getattr(model, "get_classifier", None)
     if callable(getter):
@@ -54,11 +54,11 @@ def compile_patterns(patterns: Iterable[str]) -> List[re.Pattern[str]]:
     compiled = []
     for pattern in patterns:
         if not isinstance(pattern, str):
-            raise SurgeryError(f"unfreeze patterns must be strings (regular expressions); got {pattern!r}")
+            raise OptionError(f"unfreeze patterns must be strings (regular expressions); got {pattern!r}")
         try:
             compiled.append(re.compile(pattern))
         except re.error as error:
-            raise SurgeryError(f"unfreeze pattern {pattern!r} is not a valid regular expression: {error}") from None
+            raise OptionError(f"unfreeze pattern {pattern!r} is not a valid regular expression: {error}") from None
     return compiled
 
 
@@ -69,7 +69,7 @@ def unfrozen_names(model: nn.Module, patterns: Sequence[re.Pattern[str]], exclud
     for pattern in patterns:
         matched = {name for name in names if pattern.search(name)}
         if not matched:
-            raise SurgeryError(f"unfreeze pattern {pattern.pattern!r} matches no base parameter of the model")
+            raise OptionError(f"unfreeze pattern {pattern.pattern!r} matches no base parameter of the model")
         chosen |= matched
     return chosen
 

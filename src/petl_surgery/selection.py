@@ -5,18 +5,18 @@ from __future__ import annotations
 import operator
 from typing import Iterable, List, Optional, Union
 
-from .errors import SurgeryError
+from .errors import OptionError
 
 LayerSelection = Optional[Union[int, slice, Iterable[int]]]
 
 
 def _index(value: object) -> int:
     if isinstance(value, bool):
-        raise SurgeryError(f"layers must be ints; got the bool {value!r}")
+        raise OptionError(f"layers must be ints; got the bool {value!r}")
     try:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise SurgeryError(f"layers must be ints; got {value!r} ({type(value).__name__})") from None
+        raise OptionError(f"layers must be ints; got {value!r} ({type(value).__name__})") from None
 
 
 def select_layers(layers: LayerSelection, count: int) -> List[int]:
@@ -38,27 +38,27 @@ def select_layers(layers: LayerSelection, count: int) -> List[int]:
         try:
             chosen = list(range(count))[layers]
         except (TypeError, ValueError) as error:
-            raise SurgeryError(f"layers={layers!r} is not a valid slice: {error}") from None
+            raise OptionError(f"layers={layers!r} is not a valid slice: {error}") from None
         if not chosen:
-            raise SurgeryError(f"layers={layers!r} selects no block of the model's {count} blocks")
+            raise OptionError(f"layers={layers!r} selects no block of the model's {count} blocks")
         return sorted(chosen)
     if isinstance(layers, (str, bytes)):
-        raise SurgeryError(f"layers must be an int, an iterable of ints or a slice; got {layers!r}")
+        raise OptionError(f"layers must be an int, an iterable of ints or a slice; got {layers!r}")
     if isinstance(layers, Iterable):
         requested = [_index(value) for value in layers]
     else:
         requested = [_index(layers)]
     if not requested:
-        raise SurgeryError("layers is empty: it selects no block")
+        raise OptionError("layers is empty: it selects no block")
     chosen = []
     for index in requested:
         if not -count <= index < count:
-            raise SurgeryError(
+            raise OptionError(
                 f"layer {index} is out of range: the model has {count} blocks "
                 f"(indices 0..{count - 1}, or -{count}..-1 from the end)"
             )
         resolved = index % count
         if resolved in chosen:
-            raise SurgeryError(f"layer {index} is selected twice (block {resolved})")
+            raise OptionError(f"layer {index} is selected twice (block {resolved})")
         chosen.append(resolved)
     return sorted(chosen)

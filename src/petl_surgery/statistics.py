@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 from torch import nn
 
-from .errors import SurgeryError
+from .errors import OptionError, SurgeryError, SurgeryRuntimeError
 from .hooks import owned_hooks, remove_hooks_of
 from .inventory import delta_names, inserted_modules
 
@@ -39,13 +39,13 @@ STATE_ATTR = "_petl_surgery_statistics"
 STATISTIC_BUFFERS = ("running_mean", "running_var")
 
 
-class StatefulBaseError(SurgeryError):
+class StatefulBaseError(SurgeryRuntimeError):
     """A training forward after surgery changed base buffers that petl_surgery neither freezes nor saves."""
 
 
 def check_mode(value: Any) -> str:
     if value not in MODES:
-        raise SurgeryError(f"statistics must be one of {', '.join(map(repr, MODES))}; got {value!r}")
+        raise OptionError(f"statistics must be one of {', '.join(map(repr, MODES))}; got {value!r}")
     return value
 
 

@@ -16,11 +16,11 @@ from typing import Any, Dict, Iterable, List, Tuple
 import torch
 from torch import nn
 
-from .errors import SurgeryError
+from .errors import SurgeryRuntimeError
 from .hooks import owned_hooks, remove_hooks_of
 
 
-class BranchNeverRanError(SurgeryError):
+class BranchNeverRanError(SurgeryRuntimeError):
     """Raised at the end of the first forward after surgery when an inserted branch never ran."""
 
 

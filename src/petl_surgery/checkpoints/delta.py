@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set
 
 import torch
@@ -13,11 +14,11 @@ from torch import nn
 
 from ..version import __version__
 from ..wrappers import inner
-from ..api import commit, plan, remove
-from ..errors import SurgeryError
+from ..errors import CheckpointError, OptionError, SurgeryError, UnsupportedModelError
+from ..replay import RecordedCall, commit_calls, plan_calls
 from ..freezing import head_parameter_names, set_trainable
 from ..inventory import delta_names, inserted_modules, surgery_record
-from ..methods import Insertion, get_method
+from ..methods import get_method
 from ..methods.base import CHILD_PREFIX, OUTSIDE_BLOCKS, sizes_only
 from ..sites import discover
 from ..statistics import adapted_names, mode_of, resolve_mode, statistics_names
@@ -91,7 +92,7 @@ def _unique_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def _architecture_mismatch(
     path: PathLike, model: nn.Module, metadata: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, list]
-) -> SurgeryError:
+) -> CheckpointError:
     saved = metadata["model"]
     here = model_description(model, [block.path for block in discover(model).blocks])
     recorded = metadata["base_shapes"]  # the saved base's names and shapes, the head included
@@ -103,8 +104,8 @@ def _architecture_mismatch(
         {n: s for n, s in shapes.items() if n not in model_head}
     ) == metadata["fingerprint_without_head"]:
         detail = f" ({listed})" if differing else ""
-        return SurgeryError(
-            f"the head in {path} does not fit this model{detail}; pass head=False to load the rest and keep "
+        return CheckpointError(
+            f"the head in {path} does not fit this model{detail}; pass load_head=False to load the rest and keep "
             "the model's own head"
         )
     message = f"{path} does not fit this model: it was saved from another base architecture"
@@ -116,7 +117,7 @@ def _architecture_mismatch(
     if len(saved["block_paths"]) != len(here["block_paths"]):
         message += (
             f"; it was saved from a model with {len(saved['block_paths'])} blocks and this model has "
-            f"{len(here['block_paths'])}; pass block_map={{saved_block: model_block, ...}} (and head=False) to "
+            f"{len(here['block_paths'])}; pass block_map={{saved_block: model_block, ...}} (and load_head=False) to "
             "move its modules to a model of another depth"
         )
     elif differing:
@@ -129,7 +130,7 @@ def _architecture_mismatch(
             message += f" (only in the checkpoint's base: {', '.join(only_saved[:5])})"
         if only_here:
             message += f" (only in this model: {', '.join(only_here[:5])})"
-    return SurgeryError(message)
+    return CheckpointError(message)
 
 
 def _select_calls(
@@ -140,17 +141,17 @@ def _select_calls(
     saved_blocks = sorted({b for call in calls for b in call["blocks"]})
     for name in methods or ():
         if name not in recorded:
-            raise SurgeryError(f"{path} holds no method {name!r}; it holds {', '.join(recorded)}")
+            raise CheckpointError(f"{path} holds no method {name!r}; it holds {', '.join(recorded)}")
     for index in blocks or ():
         if index not in saved_blocks:
-            raise SurgeryError(f"{path} has no surgery on block {index}; it has blocks {saved_blocks}")
+            raise CheckpointError(f"{path} has no surgery on block {index}; it has blocks {saved_blocks}")
     chosen = []
     for call in calls:
         kept = [b for b in call["blocks"] if blocks is None or b in blocks]
         if (methods is None or call["method"] in methods) and kept:
             chosen.append({**call, "blocks": kept})
     if not chosen:
-        raise SurgeryError(f"the methods and blocks chosen select nothing from {path}")
+        raise CheckpointError(f"the methods and blocks chosen select nothing from {path}")
     return chosen
 
 
@@ -161,7 +162,7 @@ def _block_mapping(
     user's ``block_map``."""
     if block_map is None:
         if len(saved_paths) != len(model_paths):
-            raise SurgeryError(
+            raise CheckpointError(
                 f"{path} was saved from a model with {len(saved_paths)} blocks and this model has "
                 f"{len(model_paths)}; pass block_map={{saved_block: model_block, ...}} to choose where its "
                 "blocks go"
@@ -170,15 +171,15 @@ def _block_mapping(
     if not isinstance(block_map, Mapping) or not all(
         type(saved) is int and type(target) is int for saved, target in block_map.items()
     ):
-        raise SurgeryError(f"block_map must map saved block indices (int) to model block indices (int); got {block_map!r}")
+        raise OptionError(f"block_map must map saved block indices (int) to model block indices (int); got {block_map!r}")
     mapping = dict(block_map)
     for saved, target in mapping.items():
         if not 0 <= saved < len(saved_paths):
-            raise SurgeryError(f"block_map: saved block {saved} is out of range: {path} has {len(saved_paths)} blocks")
+            raise CheckpointError(f"block_map: saved block {saved} is out of range: {path} has {len(saved_paths)} blocks")
         if not 0 <= target < len(model_paths):
-            raise SurgeryError(f"block_map: block {target} is out of range: the model has {len(model_paths)} blocks")
+            raise CheckpointError(f"block_map: block {target} is out of range: the model has {len(model_paths)} blocks")
     if len(set(mapping.values())) != len(mapping):
-        raise SurgeryError("block_map sends two saved blocks to the same block")
+        raise CheckpointError("block_map sends two saved blocks to the same block")
     return mapping
 
 
@@ -187,13 +188,13 @@ def _check_values(path: PathLike, tensors: Mapping[str, torch.Tensor], dtypes: M
     delta overflowing a float16 model); warn, naming the tensors, when loading casts to another dtype."""
     bad = sorted(n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
     if bad:
-        raise SurgeryError(f"{path} holds NaN or infinite values in: {', '.join(bad[:5])}")
+        raise CheckpointError(f"{path} holds NaN or infinite values in: {', '.join(bad[:5])}")
     cast = {n: (t.dtype, dtypes[n]) for n, t in tensors.items() if dtypes.get(n) is not None and t.dtype != dtypes[n]}
     overflow = sorted(
         n for n, (_, to) in cast.items() if to.is_floating_point and not torch.isfinite(tensors[n].to(to)).all()
     )
     if overflow:
-        raise SurgeryError(
+        raise CheckpointError(
             f"{path}: values of {', '.join(overflow[:5])} overflow the model's dtype "
             f"{cast[overflow[0]][1]}; load into a model of the checkpoint's dtype"
         )
@@ -220,7 +221,7 @@ def _check_mapped_architecture(
     without_head = {n: s for n, s in shapes.items() if n not in model_head}
     if fingerprint(outside_blocks(without_head, model_paths)) != metadata["fingerprint_outside_blocks"]:
         saved = metadata["model"]
-        raise SurgeryError(
+        raise CheckpointError(
             f"{path} does not fit this model: outside its blocks, the model's tensors differ from those of the "
             f"model it was saved from ({saved['class']}, timm name {saved['timm_name']!r}); block_map moves "
             "blocks between models of one architecture, not between architectures"
@@ -229,7 +230,7 @@ def _check_mapped_architecture(
     wrong = [(saved, target) for saved, target in mapping.items() if metadata["block_fingerprints"][saved] != here[target]]
     if wrong:
         listed = ", ".join(f"saved block {saved} -> block {target}" for saved, target in wrong[:5])
-        raise SurgeryError(f"{path}: block_map pairs blocks whose tensors differ in names or shapes: {listed}")
+        raise CheckpointError(f"{path}: block_map pairs blocks whose tensors differ in names or shapes: {listed}")
 
 
 def _renamer(saved_paths: List[str], model_paths: List[str], mapping: Dict[int, int]) -> Callable[[str], Optional[str]]:
@@ -248,57 +249,9 @@ def _renamer(saved_paths: List[str], model_paths: List[str], mapping: Dict[int, 
     return rename
 
 
-def _layers(blocks: List[int]) -> Optional[List[int]]:
-    """The ``layers`` that re-plan recorded blocks: None for surgery on layers chosen by name pattern."""
-    return None if blocks == [OUTSIDE_BLOCKS] else blocks
-
-
-def _plan_recorded(model: nn.Module, path: PathLike, calls: List[Dict[str, Any]]) -> List[List[Insertion]]:
-    planned: List[List[Insertion]] = []
-    taken = set()
-    with torch.random.fork_rng(devices=[]):  # branch inits are overwritten: leave the user's RNG alone
-        for call in calls:
-            try:
-                insertions = plan(model, call["method"], _layers(call["blocks"]), True, **call["options"])
-            except SurgeryError as error:
-                raise SurgeryError(f"{path} records surgery this model cannot take: {error}") from None
-            placed = {insertion.block for insertion in insertions}
-            for block in call["blocks"]:
-                if block not in placed:  # planned with skip_unsupported to pass other attention; not this block
-                    try:
-                        plan(model, call["method"], [block], True, **call["options"])
-                        reason = "it is not placed there"
-                    except SurgeryError as error:
-                        reason = str(error)
-                    raise SurgeryError(
-                        f"{path} records method {call['method']!r} on block {block}, which this model's block "
-                        f"cannot take: {reason}"
-                    )
-            for insertion in insertions:
-                key = (id(insertion.host), insertion.name)
-                if key in taken:
-                    raise SurgeryError(f"{path} records method {call['method']!r} twice on block {insertion.block}")
-                taken.add(key)
-            planned.append(insertions)
-    return planned
-
-
-def _apply_recorded(model: nn.Module, path: PathLike, calls: List[Dict[str, Any]], statistics: str) -> List[List[Insertion]]:
-    """Plan and commit the recorded calls one after the other, as the user's apply calls were made: a
-    later call then finds what an earlier one installed (the hookable stand-in projections of
-    nn.MultiheadAttention, shared by PATT and LoRA). Every check has passed on the sizes-only plan, so
-    nothing should refuse here; if something does, the model is given back as it was."""
-    committed: List[List[Insertion]] = []
-    try:
-        for call in calls:
-            insertions = _plan_recorded(model, path, [call])[0]
-            commit(model, insertions, statistics)
-            committed.append(insertions)
-    except BaseException:
-        if committed:
-            remove(model)
-        raise
-    return committed
+def _recorded(calls: List[Dict[str, Any]]) -> List[RecordedCall]:
+    """The metadata's method entries (checked by ``decode``) as calls to replay."""
+    return [RecordedCall(call["method"], call["blocks"], call["options"]) for call in calls]
 
 
 def _method_of(name: str) -> Optional[str]:
@@ -314,16 +267,16 @@ def _check_arguments(model: Any, path: Any, head: Any, methods: Any, blocks: Any
     inner(model)  # a plain module: surgery on a compile/DDP/FSDP wrapper is refused
     check_path(path)
     if not isinstance(head, bool):
-        raise SurgeryError(f"head must be True or False; got {head!r}")
+        raise OptionError(f"load_head must be True or False; got {head!r}")
     if methods is not None and (isinstance(methods, str) or not all(isinstance(m, str) for m in _iterable(methods, "methods"))):
-        raise SurgeryError(f"methods must be a list of method names; got {methods!r}")
-    if blocks is not None and not all(type(b) is int for b in _iterable(blocks, "blocks")):
-        raise SurgeryError(f"blocks must be a list of saved block indices (int); got {blocks!r}")
+        raise OptionError(f"methods must be a list of method names; got {methods!r}")
+    if blocks is not None and not all(type(b) is int for b in _iterable(blocks, "layers")):
+        raise OptionError(f"layers must be a list of saved block indices (int); got {blocks!r}")
 
 
 def _iterable(value: Any, name: str) -> list:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise SurgeryError(f"{name} must be a list; got {value!r}")
+        raise OptionError(f"{name} must be a list; got {value!r}")
     return list(value)
 
 
@@ -344,67 +297,124 @@ def load_delta(
 
     Starting a new task from pre-trained modules (PVP):
         head: False leaves the checkpoint's classifier head out; the model keeps its own head (another
-            number of classes, say), trainable. A head that does not fit raises unless head=False.
+            number of classes, say), trainable. A head that does not fit raises unless head=False (load_head=False in load).
         methods: take only these of the recorded methods.
         blocks: take only these (saved) block indices.
         block_map: ``{saved block: model block}`` for a model of another depth (or to move modules):
             only the blocks named are taken. Without it, a depth mismatch raises.
 
     Anything that does not fit (another architecture, other shapes, missing or unexpected tensors,
-    another surgery, a damaged file or an unknown format version) raises SurgeryError before the model
-    is changed.
+    another surgery, a damaged file or an unknown format version) raises CheckpointError before the model
+    is changed. The stages: read and check the file, select and map its blocks, plan the surgery (sizes
+    only), verify every tensor against the plan, and only then commit.
     """
     _check_arguments(model, path, head, methods, blocks)
+    tensors, metadata = _read_checked(model, path)
+    target = _Target.of(model, metadata)
+    if block_map is None:
+        _check_architecture(path, model, metadata, tensors, target, head)
+    selection = _select(path, model, metadata, tensors, target, head, methods, blocks, block_map)
+    expected, dtypes, current = _plan(path, model, selection.calls, target)
+    base_names = _verify(path, model, selection, expected, dtypes, target, whole=blocks is None and block_map is None)
+    _commit(path, model, selection, current, base_names, target, head)
+    return model
+
+
+@dataclass
+class _Target:
+    """What load_delta reads from the model before changing it: its surgery's statistics setting (as the
+    file records it), its current delta, its base shapes and its head's parameters."""
+
+    statistics: str
+    delta_now: Set[str]
+    shapes: Dict[str, Any]
+    head: Set[str]
+
+    @classmethod
+    def of(cls, model: nn.Module, metadata: Dict[str, Any]) -> "_Target":
+        statistics = resolve_mode(model, metadata["statistics"])  # decode checked it
+        delta_now = delta_names(model)
+        return cls(statistics, delta_now, base_shapes(model, delta_now), head_parameter_names(model))
+
+
+@dataclass
+class _Selection:
+    """The calls to replay (blocks mapped onto the model's), the file's tensors taken under the model's
+    names, and the saved and the model's block paths."""
+
+    calls: List[Dict[str, Any]]
+    chosen: Dict[str, torch.Tensor]
+    saved_paths: List[str]
+    model_paths: List[str]
+
+
+def _read_checked(model: nn.Module, path: PathLike) -> tuple:
+    """Stage 1, read and check: the file's tensors and decoded metadata, its checksum verified, on a model
+    whose tensors have values."""
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        raise SurgeryError(
+        raise UnsupportedModelError(
             f"{type(model).__name__} is on the meta device (tensors without values): loaded values would be "
             "dropped. Materialise it first (model.to_empty(device=...) and its weights), then load"
         )
     tensors, raw_metadata = read(path)
     metadata = decode(raw_metadata, str(path))
     if tensors_digest(tensors) != metadata["tensors_sha256"]:
-        raise SurgeryError(f"{path} is corrupt: its tensors do not match the checksum recorded when it was saved")
-    statistics = resolve_mode(model, metadata["statistics"])  # decode checked it
-    delta_now = delta_names(model)
-    shapes = base_shapes(model, delta_now)
-    saved_head: Set[str] = set(metadata["head"])
-    model_head = head_parameter_names(model)
-    if block_map is None:
-        if head and fingerprint(shapes) != metadata["fingerprint"]:
-            raise _architecture_mismatch(path, model, metadata, tensors, shapes)
-        without_head = {n: s for n, s in shapes.items() if n not in model_head}
-        if not head and fingerprint(without_head) != metadata["fingerprint_without_head"]:
-            raise _architecture_mismatch(path, model, metadata, tensors, without_head)
+        raise CheckpointError(f"{path} is corrupt: its tensors do not match the checksum recorded when it was saved")
+    return tensors, metadata
 
+
+def _check_architecture(path: PathLike, model: nn.Module, metadata: Dict[str, Any], tensors: Dict[str, torch.Tensor],
+                        target: _Target, head: bool) -> None:
+    """Without a block map, the model's base shapes (with or without the head) are the saved model's."""
+    if head and fingerprint(target.shapes) != metadata["fingerprint"]:
+        raise _architecture_mismatch(path, model, metadata, tensors, target.shapes)
+    without_head = {n: s for n, s in target.shapes.items() if n not in target.head}
+    if not head and fingerprint(without_head) != metadata["fingerprint_without_head"]:
+        raise _architecture_mismatch(path, model, metadata, tensors, without_head)
+
+
+def _select(
+    path: PathLike,
+    model: nn.Module,
+    metadata: Dict[str, Any],
+    tensors: Dict[str, torch.Tensor],
+    target: _Target,
+    head: bool,
+    methods: Optional[Sequence[str]],
+    blocks: Optional[Sequence[int]],
+    block_map: Optional[Mapping[int, int]],
+) -> _Selection:
+    """Stage 2, select and map blocks: the recorded calls the arguments choose, their blocks mapped onto
+    the model's, and the file's tensors they take, under the model's names."""
     calls = _select_calls(path, metadata["methods"], methods, blocks)
     saved_paths = metadata["model"]["block_paths"]
     beyond = sorted(
         {b for call in metadata["methods"] for b in call["blocks"] if not 0 <= b < len(saved_paths) and b != OUTSIDE_BLOCKS}
     )
     if beyond:
-        raise SurgeryError(f"{path} records surgery on block {beyond[0]}, but its model had {len(saved_paths)} blocks")
+        raise CheckpointError(f"{path} records surgery on block {beyond[0]}, but its model had {len(saved_paths)} blocks")
     model_paths = [block.path for block in discover(model).blocks]
     shared = sorted({p for p in saved_paths + model_paths if saved_paths.count(p) > 1 or model_paths.count(p) > 1})
     if shared and (blocks is not None or block_map is not None):
         # tensors are matched to blocks by path: blocks that share one (TNT's inner and outer
         # transformer, a parallel block's branches) can be loaded together, not chosen or moved apart
-        raise SurgeryError(
-            f"blocks= and block_map= cannot choose among blocks that share a module path ({shared[0]!r} holds "
+        raise CheckpointError(
+            f"layers= and block_map= cannot choose among blocks that share a module path ({shared[0]!r} holds "
             "several blocks: TNT's inner and outer transformer, or a parallel block's branches); load the "
             "whole checkpoint instead"
         )
     mapping = _block_mapping(path, saved_paths, model_paths, block_map)
     if block_map is not None:
-        _check_mapped_architecture(path, metadata, shapes, model_head, model_paths, mapping)
+        _check_mapped_architecture(path, metadata, target.shapes, target.head, model_paths, mapping)
     if blocks is not None:
-        mapping = {saved: target for saved, target in mapping.items() if saved in blocks}
+        mapping = {saved: placed for saved, placed in mapping.items() if saved in blocks}
     calls = [
         {**call, "blocks": sorted(mapping[b] if b in mapping else b for b in call["blocks"] if b in mapping or b == OUTSIDE_BLOCKS)}
         for call in calls
     ]
     calls = [call for call in calls if call["blocks"]]
     if not calls:
-        raise SurgeryError(f"block_map takes none of the blocks {path} has surgery on")
+        raise CheckpointError(f"block_map takes none of the blocks {path} has surgery on")
     rename = _renamer(saved_paths, model_paths, mapping)
 
     taken_methods = {call["method"] for call in calls}
@@ -413,12 +423,13 @@ def load_delta(
         try:
             get_method(name)
         except SurgeryError as error:
-            raise SurgeryError(f"{path} records surgery this model cannot take: {error}") from None
+            raise CheckpointError(f"{path} records surgery this model cannot take: {error}") from None
     stray = sorted(name for name in tensors if _method_of(name) not in (None, *recorded_methods))
     if stray:
-        raise SurgeryError(
+        raise CheckpointError(
             f"{path} holds tensors of a method its metadata does not record: {', '.join(stray[:5])}"
         )
+    saved_head: Set[str] = set(metadata["head"])
     chosen: Dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if name in saved_head:
@@ -426,53 +437,66 @@ def load_delta(
                 chosen[name] = tensor
             continue
         method = _method_of(name)
-        target = rename(name)
-        if target is not None and (method is None or method in taken_methods):
-            chosen[target] = tensor
+        renamed = rename(name)
+        if renamed is not None and (method is None or method in taken_methods):
+            chosen[renamed] = tensor
+    return _Selection(calls, chosen, saved_paths, model_paths)
 
+
+def _plan(path: PathLike, model: nn.Module, calls: List[Dict[str, Any]], target: _Target) -> tuple:
+    """Stage 3, plan: the delta's tensor shapes and dtypes the surgery needs, from a sizes-only plan of the
+    recorded calls on a model without surgery, or from the model's own modules when it already carries
+    exactly that surgery; and the surgery the model carries (empty: none)."""
     current = json.loads(json.dumps(surgery_record(model)))
-    planned: List[List[Insertion]] = []
     if current:
         if current != calls:
-            raise SurgeryError(
+            raise CheckpointError(
                 f"the model already carries surgery {current}, which differs from what {path} gives here, "
                 f"{calls}; remove it first or load into a fresh model"
             )
-        expected = {name: list(t.shape) for name, t in _unique_state(model).items() if name in delta_now}
-        dtypes = {}
-    else:
-        with sizes_only():  # the recorded options' sizes, checked against the file before any allocation
-            sized = _plan_recorded(model, path, calls)
-        planned_tensors = {
-            f"{insertion.path}.{key}": tensor
-            for insertions in sized
-            for insertion in insertions
-            for key, tensor in insertion.module.state_dict().items()
-        }
-        expected = {name: list(tensor.shape) for name, tensor in planned_tensors.items()}
-        dtypes = {name: tensor.dtype for name, tensor in planned_tensors.items()}
-    if blocks is not None or block_map is not None:
+        expected = {name: list(t.shape) for name, t in _unique_state(model).items() if name in target.delta_now}
+        return expected, {}, current
+    with sizes_only():  # the recorded options' sizes, checked against the file before any allocation
+        sized = plan_calls(model, _recorded(calls), str(path))
+    planned_tensors = {
+        f"{insertion.path}.{key}": tensor
+        for insertions in sized
+        for insertion in insertions
+        for key, tensor in insertion.module.state_dict().items()
+    }
+    expected = {name: list(tensor.shape) for name, tensor in planned_tensors.items()}
+    dtypes = {name: tensor.dtype for name, tensor in planned_tensors.items()}
+    return expected, dtypes, current
+
+
+def _verify(path: PathLike, model: nn.Module, selection: _Selection, expected: Dict[str, List[int]],
+            dtypes: Dict[str, torch.dtype], target: _Target, whole: bool) -> List[str]:
+    """Stage 4, verify: every tensor the surgery needs is in the file, every other one is a trainable base
+    parameter of the model, all shapes fit and all values are finite; returns the base parameters' names.
+    ``whole``: the whole delta is taken (no choice of blocks, no block map)."""
+    chosen, shapes, statistics = selection.chosen, target.shapes, target.statistics
+    if not whole:
         # tensors shared by the blocks of a call (FacT's factors, outside every block) are planned for
         # the blocks taken: those for widths no taken block has are left out
-        inside = tuple(f"{block}." for block in (*saved_paths, *model_paths))
+        inside = tuple(f"{block}." for block in (*selection.saved_paths, *selection.model_paths))
         for name in [n for n in chosen if n not in expected and _method_of(n) is not None and not n.startswith(inside)]:
             del chosen[name]
-    if statistics == "adapt" and blocks is None and block_map is None:
+    if statistics == "adapt" and whole:
         # the whole delta: every running statistic of the base was trained and saved (a choice of blocks
         # takes those it finds and leaves the model's own elsewhere)
         base_state = model.state_dict()
         expected.update({name: list(base_state[name].shape) for name in statistics_names(model)})
     missing = sorted(name for name in expected if name not in chosen)
     if missing:
-        raise SurgeryError(f"{path} lacks tensors the surgery needs: {', '.join(missing[:5])}")
+        raise CheckpointError(f"{path} lacks tensors the surgery needs: {', '.join(missing[:5])}")
     base_names = [name for name in chosen if name not in expected]  # trainable base parameters
     unexpected = sorted(name for name in base_names if name not in shapes)
     if unexpected:
-        raise SurgeryError(f"{path} has tensors this model does not have: {', '.join(unexpected[:5])}")
+        raise CheckpointError(f"{path} has tensors this model does not have: {', '.join(unexpected[:5])}")
     parameters = {name for name, _ in model.named_parameters()}
     buffers = sorted(name for name in base_names if name not in parameters)
     if buffers:
-        raise SurgeryError(
+        raise CheckpointError(
             f"{path} holds base buffers outside its surgery (statistics={statistics!r}): {', '.join(buffers[:5])}"
         )
     wrong = [
@@ -481,17 +505,21 @@ def load_delta(
         if list(tensor.shape) != expected.get(name, shapes.get(name))
     ]
     if wrong:
-        raise SurgeryError(f"{path} has tensors of the wrong shape: {', '.join(wrong[:5])}")
+        raise CheckpointError(f"{path} has tensors of the wrong shape: {', '.join(wrong[:5])}")
 
     state = model.state_dict()
     _check_values(path, chosen, {name: dtypes.get(name, state[name].dtype if name in state else None) for name in chosen})
+    return base_names
 
-    if not current:
-        planned = _apply_recorded(model, path, calls, statistics)
+
+def _commit(path: PathLike, model: nn.Module, selection: _Selection, current: list, base_names: List[str],
+            target: _Target, head: bool) -> None:
+    """Stage 5, commit: replay the recorded calls on a model without surgery, then copy the tensors; the
+    saved base parameters (and, with ``head=False``, the model's own head) are trainable afterwards."""
+    planned = [] if current else commit_calls(model, _recorded(selection.calls), target.statistics, str(path))
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for name, tensor in chosen.items():
+        for name, tensor in selection.chosen.items():
             targets[name].copy_(tensor)
     if planned:
-        set_trainable(model, set(base_names) | (set() if head else model_head))
-    return model
+        set_trainable(model, set(base_names) | (set() if head else target.head))

@@ -15,16 +15,16 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ..errors import SurgeryError
+from ..errors import CheckpointError, OptionError
 
 PathLike = Union[str, os.PathLike]
 _MAX_HEADER = 100 * 1024 * 1024
 
 
 def check_path(path: object) -> None:
-    """A file path is a str or an os.PathLike; anything else is a SurgeryError naming what it got."""
+    """A file path is a str or an os.PathLike; anything else is an OptionError naming what it got."""
     if not isinstance(path, (str, os.PathLike)) or (isinstance(path, str) and not path):
-        raise SurgeryError(f"expected a file path (str or os.PathLike), got {path!r}")
+        raise OptionError(f"expected a file path (str or os.PathLike), got {path!r}")
 
 
 def write_atomic(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> int:
@@ -38,7 +38,7 @@ def write_atomic(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: 
     Symlinks: a symbolic link at ``path`` is written through: the file it finally names (which need not
     exist yet, but whose directory must) is replaced, and the link stays a link to the updated file.
 
-    A missing directory, a directory at ``path``, or any I/O failure raises SurgeryError naming ``path``;
+    A missing directory, a directory at ``path``, or any I/O failure raises CheckpointError naming ``path``;
     the temporary file (``.petl-<random>.tmp``, next to the file replaced) is removed.
     """
     target = Path(path)
@@ -59,7 +59,7 @@ def write_atomic(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: 
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
         if isinstance(error, OSError):
-            raise SurgeryError(f"cannot save to {target}: {error.strerror or error}") from error
+            raise CheckpointError(f"cannot save to {target}: {error.strerror or error}") from error
         raise
     return len(data)
 
@@ -69,11 +69,11 @@ def _file_to_replace(target: Path) -> Path:
     a directory and a symbolic link loop."""
     final = Path(os.path.realpath(target)) if target.is_symlink() else target
     if final.is_symlink():  # realpath stops at a loop and leaves a link
-        raise SurgeryError(f"cannot save to {target}: it is a loop of symbolic links")
+        raise CheckpointError(f"cannot save to {target}: it is a loop of symbolic links")
     if not final.parent.is_dir():
-        raise SurgeryError(f"cannot save to {target}: directory {final.parent} does not exist")
+        raise CheckpointError(f"cannot save to {target}: directory {final.parent} does not exist")
     if final.is_dir():
-        raise SurgeryError(f"cannot save to {target}: it is a directory")
+        raise CheckpointError(f"cannot save to {target}: it is a directory")
     return final
 
 
@@ -89,23 +89,23 @@ def _mode_for(final: Path) -> int:
 
 def read(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """Tensors and raw metadata of a safetensors file; a missing, unreadable, truncated or corrupt file
-    raises SurgeryError."""
+    raises CheckpointError."""
     source = Path(path)
     if not source.is_file():
-        raise SurgeryError(f"no checkpoint file at {source}")
+        raise CheckpointError(f"no checkpoint file at {source}")
     try:
         data = source.read_bytes()
     except OSError as error:
-        raise SurgeryError(f"cannot read {source}: {error.strerror or error}") from error
+        raise CheckpointError(f"cannot read {source}: {error.strerror or error}") from error
     if len(data) < 8:
-        raise SurgeryError(f"{source} is not a safetensors file: {len(data)} bytes is shorter than its header")
+        raise CheckpointError(f"{source} is not a safetensors file: {len(data)} bytes is shorter than its header")
     (header_size,) = struct.unpack("<Q", data[:8])
     if header_size > min(len(data) - 8, _MAX_HEADER):
-        raise SurgeryError(f"{source} is truncated or not a safetensors file: its header claims {header_size} bytes")
+        raise CheckpointError(f"{source} is truncated or not a safetensors file: its header claims {header_size} bytes")
     try:
         header = json.loads(data[8 : 8 + header_size])
         tensors = load_safetensors(data)
     except Exception as error:  # safetensors raises its own error types for every kind of damage
-        raise SurgeryError(f"{source} is corrupt or truncated: {error}") from None
+        raise CheckpointError(f"{source} is corrupt or truncated: {error}") from None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     return tensors, dict(metadata or {})

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 import torch
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import CheckpointError
 from ..inserted import OUTSIDE_BLOCKS
 from ..statistics import MODES as STATISTICS_MODES
 
@@ -116,24 +116,24 @@ def _is_str_list(value: Any) -> bool:
 
 
 def decode(raw: Optional[Mapping[str, str]], path: str) -> Dict[str, Any]:
-    """Parse and check a file's metadata; raises SurgeryError for anything not ours, too new, edited
+    """Parse and check a file's metadata; raises CheckpointError for anything not ours, too new, edited
     after saving (checksum) or malformed."""
     if not raw or METADATA_KEY not in raw:
-        raise SurgeryError(f"{path} is a safetensors file but not a petl_surgery delta checkpoint (no metadata)")
+        raise CheckpointError(f"{path} is a safetensors file but not a petl_surgery delta checkpoint (no metadata)")
     try:
         metadata = json.loads(raw[METADATA_KEY], parse_constant=_refuse_constant)
     except ValueError as error:  # json.JSONDecodeError is a ValueError
-        raise SurgeryError(f"{path}: the petl_surgery metadata is not valid JSON ({error})") from None
+        raise CheckpointError(f"{path}: the petl_surgery metadata is not valid JSON ({error})") from None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
         found = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
-        raise SurgeryError(f"{path} is not a petl_surgery delta checkpoint (format {found!r})")
+        raise CheckpointError(f"{path} is not a petl_surgery delta checkpoint (format {found!r})")
     version = metadata.get("format_version")
     if not _is_int(version) or version != FORMAT_VERSION:
-        raise SurgeryError(
+        raise CheckpointError(
             f"{path} has delta format version {version!r}; this petl_surgery reads version {FORMAT_VERSION}"
         )
     if not isinstance(metadata.get("checksum"), str) or metadata["checksum"] != metadata_checksum(metadata):
-        raise SurgeryError(
+        raise CheckpointError(
             f"{path} is corrupt: its metadata does not match the checksum recorded when it was saved (or it "
             "was written by a petl_surgery that recorded none: save it again)"
         )
@@ -142,8 +142,8 @@ def decode(raw: Optional[Mapping[str, str]], path: str) -> Dict[str, Any]:
 
 
 def _check_entries(metadata: Mapping[str, Any], path: str) -> None:
-    def refuse(what: str) -> SurgeryError:
-        return SurgeryError(f"{path}: the petl_surgery metadata has an invalid {what}")
+    def refuse(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: the petl_surgery metadata has an invalid {what}")
 
     for key in ("fingerprint", "fingerprint_without_head", "fingerprint_outside_blocks", "tensors_sha256"):
         if not isinstance(metadata.get(key), str) or not _HEX64.fullmatch(metadata[key]):
@@ -189,7 +189,7 @@ def _check_entries(metadata: Mapping[str, Any], path: str) -> None:
             )
             and len(set(call["blocks"])) == len(call["blocks"])
         ):
-            raise SurgeryError(
+            raise CheckpointError(
                 f"{path}: the petl_surgery metadata has a malformed method entry {call!r} (a method name, "
                 f"its options, and distinct block indices in 0..{model['blocks'] - 1}, or [{OUTSIDE_BLOCKS}] "
                 "for layers chosen by name)"

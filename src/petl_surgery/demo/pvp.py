@@ -7,7 +7,7 @@
    and must give identical outputs.
 3. For every target task, shots per class and seed: a fresh model with the frozen backbone and a new head
    gets the method's modules either at random (``ps.apply``) or from the source checkpoint
-   (``ps.load(..., head=False)``), and modules and head are tuned on the few-shot set with the same
+   (``ps.load(..., load_head=False)``), and modules and head are tuned on the few-shot set with the same
    steps, learning rate and head init; test accuracy is recorded. The targets are generated images and
    one task of real images, scikit-learn's handwritten digits (:mod:`.digits`).
 4. The V-PETL view: on the trade-off target, random-init modules of every method in all blocks and in the
@@ -261,7 +261,7 @@ def fewshot_run(
         if init == "random":
             ps.apply(model, method, layers=layers, **METHOD_OPTIONS[method])
         else:
-            ps.load(model, checkpoint, head=False)  # the modules from the source task, our own new head
+            ps.load(model, checkpoint, load_head=False)  # the modules from the source task, our own new head
     parameters = ps.summary(model).per_method.get(method, 0)
     _train(model, *train, config.fewshot_steps, config.fewshot_batch, config.fewshot_lr, seed)
     return accuracy(model, *test), parameters
@@ -334,7 +334,7 @@ def run(
 
         total = len(targets) * len(config.shots) * len(config.seeds) * len(methods) * len(INITS)
         log(f"[3/4] few-shot tuning: {total} runs of {config.fewshot_steps} steps "
-            f"(random-init modules via ps.apply vs pre-trained via ps.load(..., head=False))")
+            f"(random-init modules via ps.apply vs pre-trained via ps.load(..., load_head=False))")
         stage = time.perf_counter()
         done = 0
         for task in targets.values():

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..api import commit, plan
 from ..errors import SurgeryError
 from ..freezing import find_heads, set_trainable
 from ..inventory import delta_names
 from ..methods import Insertion
 from ..methods.base import OUTSIDE_BLOCKS
+from ..replay import RecordedCall, commit_calls, plan_calls
 from ..sites import Block
 from ..statistics import resolve_mode
 
@@ -48,33 +48,14 @@ def group_calls(method: str, items: Iterable[Tuple[int, Dict[str, Any], Dict[str
 
 def install(model: nn.Module, calls: Sequence[Call], base: Mapping[str, torch.Tensor], source: str) -> nn.Module:
     """Plan every call, check every tensor (names, shapes) against the plan and the model, then commit
-    the surgery and copy the tensors; the model is untouched when anything does not fit.
+    the surgery call by call (:mod:`petl_surgery.replay`, as ``load`` does) and copy the tensors; the
+    model is untouched when anything does not fit.
 
     ``base`` holds tensors of the base model to overwrite (a head, biases), under state_dict names.
     Afterwards the inserted modules (all of the model's) and exactly the ``base`` tensors are trainable.
     """
-    planned: List[Tuple[Call, List[Insertion]]] = []
-    hosts: Set[Tuple[int, str]] = set()
-    with torch.random.fork_rng(devices=[]):  # initial values are overwritten: leave the user's RNG alone
-        for call in calls:
-            try:
-                layers = None if call.blocks == [OUTSIDE_BLOCKS] else call.blocks  # layers chosen by name
-                insertions = plan(model, call.method, layers, True, **call.options)
-            except SurgeryError as error:
-                raise SurgeryError(f"{source}: this model cannot take the surgery the file describes: {error}") from None
-            placed = {insertion.block for insertion in insertions}
-            lacking = [block for block in call.blocks if block not in placed]
-            if lacking:
-                raise SurgeryError(
-                    f"{source}: block {lacking[0]} of {type(model).__name__} cannot take method {call.method!r} "
-                    f"(apply(model, {call.method!r}, layers=[{lacking[0]}]) says why)"
-                )
-            for insertion in insertions:
-                key = (id(insertion.host), insertion.name)
-                if key in hosts:
-                    raise SurgeryError(f"{source}: method {call.method!r} would be placed twice on block {insertion.block}")
-                hosts.add(key)
-            planned.append((call, insertions))
+    recorded = [RecordedCall(call.method, call.blocks, call.options) for call in calls]
+    planned = list(zip(calls, plan_calls(model, recorded, source)))
     for call, insertions in planned:
         _check_tensors(call, insertions, source)
     state = model.state_dict()
@@ -87,11 +68,9 @@ def install(model: nn.Module, calls: Sequence[Call], base: Mapping[str, torch.Te
                 f"{source}: tensor {name!r} has shape {list(tensor.shape)}, the model's {list(state[name].shape)}"
             )
 
-    mode = resolve_mode(model, None)
-    for _, insertions in planned:
-        commit(model, insertions, mode)
+    committed = commit_calls(model, recorded, resolve_mode(model, None), source)
     with torch.no_grad():
-        for call, insertions in planned:
+        for call, insertions in zip(calls, committed):
             for insertion in insertions:
                 targets = insertion.module.state_dict(keep_vars=True)
                 for key, tensor in call.tensors[tensor_key(insertion)].items():

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import OptionError, SurgeryError, SurgeryRuntimeError
 from ..sites import Block, MlpSite
 from .base import (
     CHILD_PREFIX,
@@ -80,7 +80,7 @@ class AdapterOptions:
         check_number("adapter", "dropout", self.dropout, low=0.0, high=1.0)
         check_choice("adapter", "input", self.input, INPUTS)
         if self.position == "sequential" and self.input != "mlp":
-            raise SurgeryError(
+            raise OptionError(
                 "option 'input' of method 'adapter' must be 'mlp' with position='sequential': a sequential "
                 f"adapter reads the MLP's output; got input={self.input!r}"
             )
@@ -234,7 +234,7 @@ class BottleneckAdapter(PetlModule):
     def _take_residual(self) -> torch.Tensor:
         z, self._residual = self._residual, None
         if z is None:
-            raise RuntimeError(
+            raise SurgeryRuntimeError(
                 f"{self.method} adapter of block {self.block}: the MLP's residual branch ended without having "
                 "started; the block's forward does not follow its registered layout"
             )
@@ -269,6 +269,7 @@ def mlp_of(block: Block, method: str) -> MlpSite:
 class Adapter(Method):
     name = "adapter"
     Options = AdapterOptions
+    takes_branch_dtype = True
 
     @classmethod
     def plan_block(cls, block: Block, options: AdapterOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:

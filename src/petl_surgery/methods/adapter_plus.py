@@ -74,6 +74,9 @@ class AdapterPlusOptions:
 class AdapterPlus(Method):
     name = "adapter_plus"
     Options = AdapterPlusOptions
+    identity_at_init = False  # truncated normal, std 0.01 (Houlsby's near-identity init)
+    identity_options = {"init": "lora"}
+    takes_branch_dtype = True
 
     @classmethod
     def plan_block(cls, block: Block, options: AdapterPlusOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:

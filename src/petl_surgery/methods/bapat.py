@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Union
 
-from ..errors import SurgeryError
+from ..errors import OptionError
 from ..sites import Block
 from .adapter import Adapter, AdapterOptions
 from .base import Insertion, Method
@@ -55,11 +55,12 @@ class BapatOptions:
 class Bapat(Method):
     name = "bapat"
     Options = BapatOptions
+    takes_branch_dtype = True
 
     @classmethod
     def parse_options(cls, given: Mapping[str, Any]) -> Any:
         if "scale" in given:
-            raise SurgeryError(
+            raise OptionError(
                 "option 'scale' of method 'bapat' is ambiguous: give 'patt_scale' (PATT's, default 0.8) "
                 "or 'adapter_scale' (the adapter's, default 0.1)"
             )

@@ -13,7 +13,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optio
 import torch
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import OptionError, SurgeryError, UnsupportedBlockError  # UnsupportedBlockError: re-exported
 from ..inserted import CHILD_PREFIX, OUTSIDE_BLOCKS, PetlModule  # re-exported: methods build on them
 from ..patches import Patch, apply_patch
 from ..sites import AttentionSite, Block, Projection
@@ -48,10 +48,6 @@ class MergeableModule(PetlModule, abc.ABC):
     @abc.abstractmethod
     def merge_into(self, host: nn.Module) -> None:
         """Fold this module into ``host``'s producers (after ``merge_refusal`` gave None)."""
-
-
-class UnsupportedBlockError(SurgeryError):
-    """A block lacks what a method needs (``apply(..., skip_unsupported=True)`` skips such blocks)."""
 
 
 def layout_refusal(site: AttentionSite) -> Optional[str]:
@@ -118,10 +114,32 @@ class Insertion:
 
 
 class Method:
-    """A PETL method: a name, an options dataclass, and the insertions it plans for one block."""
+    """A PETL method: a name, an options dataclass, and the insertions it plans for one block.
+
+    Its capabilities are declared here, on the class, and read by ``apply``, ``merge``, the tests, the
+    benchmarks and the coverage script; no list of method names is kept anywhere else. A new method sets
+    the ones that differ from these defaults and registers itself in :mod:`petl_surgery.methods`.
+    """
 
     name: ClassVar[str]
     Options: ClassVar[Type[Any]]
+
+    # ``merge`` can fold it into the base weights: every module it inserts is a :class:`MergeableModule`.
+    mergeable: ClassVar[bool] = False
+    # It lengthens the token sequence (prefix keys and values, prompt tokens): the added tokens take part
+    # in attention from the start, so no initialisation leaves the model's outputs exactly as they were.
+    adds_tokens: ClassVar[bool] = False
+    # Its default initialisation leaves the model's outputs exactly unchanged (a zero last layer).
+    identity_at_init: ClassVar[bool] = True
+    # Options that give an exactly unchanged model at init when the default does not (a paper's
+    # near-identity init, e.g. Houlsby's truncated normal, has an exact-identity alternative); empty otherwise.
+    identity_options: ClassVar[Mapping[str, Any]] = {}
+    # ``apply(..., branch_dtype=...)`` can keep its branches in another floating dtype than the base's
+    # (each branch casts its input to its own dtype and its result back).
+    takes_branch_dtype: ClassVar[bool] = False
+    # It needs the patch grid of the tokens (a convolution over them): refused on models whose image size
+    # may change per forward.
+    needs_token_grid: ClassVar[bool] = False
 
     @classmethod
     def parse_options(cls, given: Mapping[str, Any]) -> Any:
@@ -157,7 +175,7 @@ def parse_options(method: str, options_type: Type[Any], given: Mapping[str, Any]
     valid = [f.name for f in dataclasses.fields(options_type)]
     unknown = [name for name in given if name not in valid]
     if unknown:
-        raise SurgeryError(
+        raise OptionError(
             f"unknown option {unknown[0]!r} for method {method!r}; valid options: {', '.join(valid)}"
         )
     return options_type(**given)
@@ -169,7 +187,7 @@ def options_dict(options: Any) -> Dict[str, Any]:
 
 def check_choice(method: str, option: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
-        raise SurgeryError(
+        raise OptionError(
             f"option {option!r} of method {method!r} must be one of {', '.join(map(repr, choices))}; got {value!r}"
         )
 
@@ -182,7 +200,7 @@ def parse_sublayers(method: str, option: str, value: Any) -> Tuple[str, ...]:
     ``SUBLAYERS``), as a tuple in ``SUBLAYERS``'s order."""
     names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
     if not names or len(set(names)) != len(names) or any(name not in SUBLAYERS for name in names):
-        raise SurgeryError(
+        raise OptionError(
             f"option {option!r} of method {method!r} must name distinct sublayers among "
             f"{', '.join(map(repr, SUBLAYERS))}; got {value!r}"
         )
@@ -191,7 +209,7 @@ def parse_sublayers(method: str, option: str, value: Any) -> Tuple[str, ...]:
 
 def check_positive_int(method: str, option: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise SurgeryError(f"option {option!r} of method {method!r} must be a positive int; got {value!r}")
+        raise OptionError(f"option {option!r} of method {method!r} must be a positive int; got {value!r}")
 
 
 def check_number(method: str, option: str, value: Any, *, low: float = float("-inf"), high: float = float("inf")) -> None:
@@ -202,7 +220,7 @@ def check_number(method: str, option: str, value: Any, *, low: float = float("-i
         or not math.isfinite(value)
         or not low <= value <= high
     ):
-        raise SurgeryError(
+        raise OptionError(
             f"option {option!r} of method {method!r} must be a finite number in [{low}, {high}]; got {value!r}"
         )
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import SurgeryError, SurgeryRuntimeError
 from ..sites import Block
 from ..sites.tokens import GridSource, token_layout
 from .adapter import mlp_host, mlp_of
@@ -147,7 +147,7 @@ class ConvolutionalBypass(PetlModule):
         batch, tokens, _ = x.shape
         front = tokens - rows * columns
         if front < self.prefix:
-            raise RuntimeError(
+            raise SurgeryRuntimeError(
                 f"convpass of block {self.block}: got {tokens} tokens, but the model's {rows} x {columns} patch "
                 f"grid (of this forward's image) and its {self.prefix} prefix tokens need at least "
                 f"{rows * columns + self.prefix}"
@@ -176,12 +176,12 @@ class ConvolutionalBypass(PetlModule):
     def add_read(self, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         z, self._input = self._input, None
         if z is None:
-            raise RuntimeError(f"convpass of block {self.block}: the MLP ended without having started")
+            raise SurgeryRuntimeError(f"convpass of block {self.block}: the MLP ended without having started")
         return output + z.to(output.dtype)
 
     def _checked(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3:
-            raise RuntimeError(f"convpass of block {self.block}: expected tokens (B, N, d), got shape {tuple(x.shape)}")
+            raise SurgeryRuntimeError(f"convpass of block {self.block}: expected tokens (B, N, d), got shape {tuple(x.shape)}")
         return self(x)
 
 
@@ -250,6 +250,8 @@ class ConvpassPlanner:
 class Convpass(Method):
     name = "convpass"
     Options = ConvpassOptions
+    takes_branch_dtype = True
+    needs_token_grid = True
 
     @classmethod
     def planner(cls, model: nn.Module, blocks: Sequence[Block], chosen: Sequence[int], options: Any) -> ConvpassPlanner:

@@ -163,6 +163,7 @@ class WeightDecomposedAdapter(LowRankAdapter):
 class Dora(Lora):
     name = "dora"
     Options = DoraOptions
+    takes_branch_dtype = False  # its weight-norm forward reads the projection's weight: not offered
     adapter = WeightDecomposedAdapter
     hook = "add_weight_decomposed"
 

@@ -348,6 +348,7 @@ class _FactPlanner:
 class Fact(Method):
     name = "fact"
     Options = FactOptions
+    mergeable = True
 
     @classmethod
     def planner(cls, model: nn.Module, blocks: Sequence[Block], chosen: Sequence[int], options: Any) -> _FactPlanner:

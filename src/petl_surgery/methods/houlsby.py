@@ -84,6 +84,9 @@ class HoulsbyOptions:
 class Houlsby(Method):
     name = "houlsby"
     Options = HoulsbyOptions
+    identity_at_init = False  # truncated normal, std 0.01 (the paper's near-identity init)
+    identity_options = {"init": "lora"}
+    takes_branch_dtype = True
 
     @classmethod
     def plan_block(cls, block: Block, options: HoulsbyOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:

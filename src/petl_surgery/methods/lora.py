@@ -215,6 +215,8 @@ class LowRankAdapter(MergeableModule):
 class Lora(Method):
     name = "lora"
     Options = LoraOptions
+    mergeable = True
+    takes_branch_dtype = True
     adapter: ClassVar[type] = LowRankAdapter  # the inserted module and its forward hook (DoRA: its own)
     hook: ClassVar[str] = "add_low_rank"
 

@@ -150,6 +150,7 @@ def _index_name(producer: str, number: int) -> str:
 class Patt(Method):
     name = "patt"
     Options = PattOptions
+    takes_branch_dtype = True
 
     @classmethod
     def plan_block(

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import OptionError, SurgeryError
 from .base import PetlModule
 
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -33,7 +33,7 @@ def parse_patterns(method: str, value: Union[None, str, Sequence[str]]) -> Optio
         return None
     patterns = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
     if not patterns or not all(isinstance(p, str) and p for p in patterns) or len(set(patterns)) != len(patterns):
-        raise SurgeryError(
+        raise OptionError(
             f"option 'modules' of method {method!r} must be a regular expression or a list of distinct ones "
             f"(matched against whole module paths); got {value!r}"
         )
@@ -41,7 +41,7 @@ def parse_patterns(method: str, value: Union[None, str, Sequence[str]]) -> Optio
         try:
             re.compile(pattern)
         except re.error as error:
-            raise SurgeryError(f"option 'modules' of method {method!r}: {pattern!r} is not a regular expression: {error}") from None
+            raise OptionError(f"option 'modules' of method {method!r}: {pattern!r} is not a regular expression: {error}") from None
     return patterns
 
 
@@ -51,7 +51,7 @@ def exclusive_targets(method: str, targets: object, modules: Optional[Tuple[str,
     if modules is None:
         return default if targets is None else targets
     if targets is not None:
-        raise SurgeryError(
+        raise OptionError(
             f"method {method!r} takes either 'targets' (projections of the blocks: q, v, fc1, ...) or 'modules' "
             f"(layers by name pattern), not both; got targets={targets!r}, modules={list(modules)!r}"
         )
@@ -88,7 +88,7 @@ def match_layers(
         found.append((path, module))
     unused = [pattern for pattern in patterns if pattern not in used]
     if unused:
-        raise SurgeryError(
+        raise OptionError(
             f"option 'modules' of method {method!r}: pattern {unused[0]!r} matches no module of "
             f"{type(model).__name__} (patterns match whole module paths, as model.named_modules() names them)"
         )

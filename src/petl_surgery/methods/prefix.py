@@ -21,8 +21,9 @@ hold keys after k-norm and rotary in models that have them), and prefix tokens h
 rotate. Attention with a non-fused path is switched to SDPA (``fused_attn = True``): in every supported
 class both paths compute softmax(q k^T * head_dim^-0.5 + mask) v (outputs of the tiny test models agree to
 1e-14 in float64). A forward in which the attention made no SDPA call, or several, raises instead of
-running without the prefix, and only the classes in ``SDPA_ATTENTION`` (or attention instances whose
-site layout vouches for one such call, ``AttentionSite.one_sdpa_call``) are operated on at all.
+running without the prefix, and only attention whose site vouches for one such call
+(``AttentionSite.one_sdpa_call``: each zoo's layouts declare it per class with
+``sites.register_prefix_call``, or per instance) is operated on at all.
 
 Attention whose site names a ``prefix_route`` (transformers' models, whose core attention is the function
 their attention interface dispatches to, eager or sdpa) takes the prefix there instead: the route's
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..errors import SurgeryError
+from ..errors import OptionError, SurgeryRuntimeError
 from ..patches import Patch, host_patches, installed
 from ..sites import AttentionSite, Block
 from ..sites.descriptors import ATTENTION_CALL
@@ -63,42 +64,14 @@ from .base import (
 )
 
 INITS = ("reference", "zero")
+# Why an attention whose layout declares no way in (no one-SDPA call, no route, no module call) takes no prefix.
+NO_CALL = (
+    "does not compute its attention with one F.scaled_dot_product_attention call on (batch, heads, tokens, "
+    "head_dim) q/k/v (it computes attention inline, or it is not a softmax over tokens), so there is no "
+    "call to put prefix keys and values into"
+)
 # Where the attention's SDPA call keeps its arguments, for calls that pass them by position.
 SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-# timm attention classes (module, class name) whose forward makes exactly one SDPA call on q/k/v of shape
-# (batch, heads, tokens, head_dim), and whose non-fused path (if any) is the same computation.
-SDPA_ATTENTION = frozenset(
-    {
-        ("timm.layers.attention", "Attention"),
-        ("timm.layers.attention", "AttentionRope"),
-        ("timm.models.swin_transformer", "WindowAttention"),
-        ("timm.models.vision_transformer_relpos", "RelPosAttention"),
-        ("timm.models.vision_transformer", "ParallelScalingBlock"),
-        ("timm.models.beit", "Attention"),
-        ("timm.models.eva", "EvaAttention"),
-        ("timm.models.cait", "ClassAttn"),
-        ("timm.models.volo", "Attention"),
-        ("timm.models.twins", "GlobalSubSampleAttn"),
-        ("timm.models.pvt_v2", "Attention"),
-        ("timm.models.davit", "WindowAttention"),
-        ("timm.models.fastvit", "Attention"),
-        ("timm.models.metaformer", "Attention"),
-        ("timm.models.nextvit", "EfficientAttention"),
-        ("timm.models.maxxvit", "AttentionCl"),
-        ("timm.models.tiny_vit", "Attention"),
-        ("timm.models.visformer", "Attention"),
-    }
-)
-# Classes that do call SDPA, but not in a form a prefix can be put into cleanly.
-SDPA_REFUSED = {
-    ("timm.models.nest", "Attention"): "calls SDPA on 5-d q/k/v (batch, heads, blocks, tokens, head_dim)",
-    ("timm.models.hiera", "MaskUnitAttention"): "calls SDPA on 5-d q/k/v (batch, heads, mask units, tokens, head_dim)",
-    ("timm.models.twins", "LocallyGroupedAttn"): "calls SDPA on 5-d q/k/v (batch, windows, heads, tokens, head_dim)",
-    ("timm.models.vision_transformer_sam", "Attention"): "folds the heads into the batch before SDPA",
-    ("timm.models.maxxvit", "Attention2d"): "keeps q/k/v channels-first (batch, heads, head_dim, tokens)",
-}
-
 
 @dataclass(frozen=True)
 class PrefixOptions:
@@ -125,7 +98,7 @@ class PrefixOptions:
     def __post_init__(self) -> None:
         check_positive_int("prefix", "length", self.length)
         if not isinstance(self.reparam, bool):
-            raise SurgeryError(f"option 'reparam' of method 'prefix' must be True or False; got {self.reparam!r}")
+            raise OptionError(f"option 'reparam' of method 'prefix' must be True or False; got {self.reparam!r}")
         check_positive_int("prefix", "mid_dim", self.mid_dim)
         check_choice("prefix", "init", self.init, INITS)
 
@@ -178,7 +151,7 @@ class PrefixTokens(PetlModule):
         with mode:
             output = inner(*args, **kwargs)
         if mode.calls == 0:
-            raise SurgeryError(
+            raise SurgeryRuntimeError(
                 f"the attention of {self.where} made no F.scaled_dot_product_attention call, so its prefix "
                 "could not be used; remove the surgery and report the model"
             )
@@ -204,7 +177,7 @@ class PrefixTokens(PetlModule):
         dropout_p, is_causal, ...)``: the prefix in front of k and v, the mask padded for it."""
         query, key, value, attn_mask, dropout_p, is_causal, *rest = args
         if is_causal:
-            raise SurgeryError(f"the attention of {self.where} is causal; a prefix for causal attention is not defined")
+            raise SurgeryRuntimeError(f"the attention of {self.where} is causal; a prefix for causal attention is not defined")
         key, value, attn_mask = self.extend(query, key, value, attn_mask)
         return (query, key, value, attn_mask, dropout_p, is_causal, *rest)
 
@@ -213,7 +186,7 @@ class PrefixTokens(PetlModule):
         :meth:`into_call`."""
         ran, self.ran = self.ran, False
         if not ran:
-            raise SurgeryError(
+            raise SurgeryRuntimeError(
                 f"the attention of {self.where} ran without its prefix: its forward was replaced after the surgery"
             )
 
@@ -237,14 +210,14 @@ class PrefixIntoAttention(TorchFunctionMode):
             return func(*args, **kwargs)
         self.calls += 1
         if self.calls > 1:
-            raise SurgeryError(
+            raise SurgeryRuntimeError(
                 f"the attention of {self.where} called F.scaled_dot_product_attention more than once in one "
                 "forward; prefix tuning is defined for one attention call"
             )
         call = {**dict(zip(SDPA_PARAMETERS, args)), **kwargs}
         query, key, value = call.pop("query"), call.pop("key"), call.pop("value")
         if call.get("is_causal"):
-            raise SurgeryError(f"the attention of {self.where} is causal; a prefix for causal attention is not defined")
+            raise SurgeryRuntimeError(f"the attention of {self.where} is causal; a prefix for causal attention is not defined")
         tokens = key.shape[-2]
         key = prepend(key, self.keys, "key", self.where)
         value = prepend(value, self.values, "value", self.where)
@@ -261,7 +234,7 @@ def prepend(tokens: torch.Tensor, prefix: torch.Tensor, role: str, where: str) -
     ``enable_gqa``)."""
     width = prefix.shape[1]
     if tokens.dim() != 4 or width % tokens.shape[3] or tokens.shape[1] % (width // tokens.shape[3]):
-        raise SurgeryError(
+        raise SurgeryRuntimeError(
             f"the attention of {where} computes its attention on {role} of shape "
             f"{tuple(tokens.shape)}; the prefix needs (batch, heads, tokens, head_dim) with heads * head_dim "
             f"a multiple of its width {width}"
@@ -290,9 +263,7 @@ def prefix_refusal(site: AttentionSite) -> Optional[str]:
         if reason is None and not {"k", "v"} <= set(site.projections):
             reason = f"projects only {', '.join(site.projections)}, and a prefix needs k and v"
         return reason
-    reason = site.unsupported or site.prefix_refusal or (
-        None if site.prefix_route is not None or site.one_sdpa_call else sdpa_refusal(site.module)
-    )
+    reason = site.unsupported or site.prefix_refusal or (None if site.prefix_route is not None or site.one_sdpa_call else NO_CALL)
     if reason is None and not {"k", "v"} <= set(site.projections):
         reason = f"projects only {', '.join(site.projections)}, and a prefix needs k and v"
     if reason is None and installed(site.module, "forward") is not None:
@@ -300,22 +271,11 @@ def prefix_refusal(site: AttentionSite) -> Optional[str]:
     return reason
 
 
-def sdpa_refusal(attention: nn.Module) -> Optional[str]:
-    """Why a prefix cannot be put into ``attention`` (its class matched exactly), or None when it can."""
-    key = (type(attention).__module__, type(attention).__qualname__)
-    if key in SDPA_ATTENTION:
-        return None
-    return SDPA_REFUSED.get(
-        key,
-        "does not compute its attention with one F.scaled_dot_product_attention call on (batch, heads, tokens, "
-        "head_dim) q/k/v (it computes attention inline, or it is not a softmax over tokens), so there is no "
-        "call to put prefix keys and values into",
-    )
-
-
 class Prefix(Method):
     name = "prefix"
     Options = PrefixOptions
+    adds_tokens = True
+    identity_at_init = False
 
     @classmethod
     def plan_block(

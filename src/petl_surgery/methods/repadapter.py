@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import OptionError
 from ..hooks import hook_owner
 from ..sites import Block, Projection
 from .base import (
@@ -87,7 +87,7 @@ class RepAdapterOptions:
         check_positive_int("repadapter", "bottleneck", self.bottleneck)
         check_positive_int("repadapter", "groups", self.groups)
         if self.bottleneck % self.groups:
-            raise SurgeryError(
+            raise OptionError(
                 f"option 'bottleneck' of method 'repadapter' must be a multiple of 'groups'; got "
                 f"bottleneck={self.bottleneck}, groups={self.groups}"
             )
@@ -194,6 +194,8 @@ class ReparameterisableAdapter(MergeableModule):
 class RepAdapter(Method):
     name = "repadapter"
     Options = RepAdapterOptions
+    mergeable = True
+    takes_branch_dtype = True
 
     @classmethod
     def plan_block(cls, block: Block, options: RepAdapterOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:

@@ -160,6 +160,8 @@ class FeatureScaleShift(MergeableModule):
 class Ssf(Method):
     name = "ssf"
     Options = SsfOptions
+    mergeable = True
+    takes_branch_dtype = True
 
     @classmethod
     def plan_modules(cls, model: nn.Module, options: SsfOptions, method: str, recorded: Mapping[str, Any]) -> Optional[List[Insertion]]:

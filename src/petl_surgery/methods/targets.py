@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import OptionError, SurgeryError
 from ..patches import Patch, host_patches
 from ..sites import AttentionSite, Block, Projection
 from .base import CHILD_PREFIX, Hook, Insertion, UnsupportedBlockError, Write, attention_of
@@ -40,13 +40,13 @@ def parse_targets(method: str, value: Union[str, Sequence[str]]) -> Tuple[str, .
     targets = (value,) if isinstance(value, str) else tuple(value)
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets or len(set(targets)) != len(targets):
-        raise SurgeryError(
+        raise OptionError(
             f"option 'targets' of method {method!r} must name distinct projections among "
             f"{', '.join(TARGETS)}; got {value!r}"
         )
     overlapping = [t for t in QKV_ROLES if t in targets] if FUSED_QKV in targets else []
     if overlapping:
-        raise SurgeryError(
+        raise OptionError(
             f"option 'targets' of method {method!r} names 'qkv' together with {', '.join(map(repr, overlapping))}: "
             f"'qkv' holds the channels of q, k and v, so the targets would overlap; name 'qkv' alone or "
             f"q, k, v separately; got {value!r}"

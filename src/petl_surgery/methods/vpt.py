@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import OptionError, SurgeryError, SurgeryRuntimeError
 from ..patches import Patch
 from ..sites import Block
 from ..sites.tokens import PREFIX_COUNTER, TokenLayout, token_layout
@@ -60,7 +60,7 @@ class VptOptions:
     def __post_init__(self) -> None:
         check_positive_int("vpt", "num_tokens", self.num_tokens)
         if not isinstance(self.deep, bool):
-            raise SurgeryError(f"option 'deep' of method 'vpt' must be True or False; got {self.deep!r}")
+            raise OptionError(f"option 'deep' of method 'vpt' must be True or False; got {self.deep!r}")
         check_number("vpt", "dropout", self.dropout, low=0.0, high=1.0)
 
 
@@ -147,7 +147,7 @@ def pad_key_mask(mask: torch.Tensor, at: int, count: int) -> torch.Tensor:
     before key ``at``, and, unless its queries are broadcast (size 1), ``count`` query rows there that
     copy the first row (a prompt masks the keys every query masks)."""
     if not isinstance(mask, torch.Tensor):
-        raise SurgeryError(
+        raise SurgeryRuntimeError(
             f"prompt tokens need the attention mask as a tensor to pad it; got {type(mask).__name__} (use "
             "attn_implementation='eager' or 'sdpa')"
         )
@@ -247,6 +247,8 @@ class PromptPlanner:
 class Vpt(Method):
     name = "vpt"
     Options = VptOptions
+    adds_tokens = True
+    identity_at_init = False
 
     @classmethod
     def planner(cls, model: nn.Module, blocks: Sequence[Block], chosen: Sequence[int], options: Any) -> PromptPlanner:

@@ -69,12 +69,14 @@ class AttentionSite:
         patches: attribute values to set on the attention module while surgery is present (timm's
             ``qkv_bias_separate = True`` makes a module call the ``qkv`` projection it otherwise
             bypasses); the originals come back when the surgery is removed.
-        one_sdpa_call: the layout vouches that this instance's forward makes exactly one
-            ``F.scaled_dot_product_attention`` call on (batch, heads, tokens, head_dim) q/k/v, where prefix
-            tuning puts its keys and values (for classes whose attention implementation is chosen per
-            instance or per config, which the class tables of ``methods.prefix`` cannot tell apart).
+        one_sdpa_call: this instance's forward makes exactly one ``F.scaled_dot_product_attention``
+            call on (batch, heads, tokens, head_dim) q/k/v, where prefix tuning puts its keys and values:
+            set by discovery for the classes a zoo's layouts declare with ``register_prefix_call``, or by a
+            describer for the instance (classes whose attention implementation is chosen per instance or
+            per config).
         prefix_refusal: why prefix tuning cannot put keys and values into this instance (a sentence
-            completing "its attention ..."), or None when the class tables or ``one_sdpa_call`` decide.
+            completing "its attention ..."): declared per class with ``register_prefix_call`` or set by a
+            describer; None when ``one_sdpa_call``, ``prefix_route`` or ``ATTENTION_CALL`` decide.
     """
 
     path: str

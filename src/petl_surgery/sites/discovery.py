@@ -19,6 +19,7 @@ from .registry import (
     MLP_PROJECTIONS,
     NOT_ATTENTION,
     OUTSIDE_BLOCKS,
+    PREFIX_CALLS,
     BlockLayout,
     run_deferred,
 )
@@ -120,6 +121,17 @@ def _with_output(site: AttentionSite) -> AttentionSite:
     return dataclasses.replace(site, output=Projection("proj", 0, width))
 
 
+def _with_prefix_call(site: AttentionSite) -> AttentionSite:
+    """The site with its class's declared prefix call (``PREFIX_CALLS``), unless the describer decided for
+    the instance already (one SDPA call vouched for, a refusal, or a route through the zoo's attention)."""
+    if site.one_sdpa_call or site.prefix_refusal is not None or site.prefix_route is not None:
+        return site
+    if type(site.module) not in PREFIX_CALLS:
+        return site
+    refusal = PREFIX_CALLS[type(site.module)]
+    return dataclasses.replace(site, one_sdpa_call=refusal is None, prefix_refusal=refusal)
+
+
 def _mlp_projections(module: nn.Module) -> Dict[str, Projection]:
     names = MLP_PROJECTIONS.get(type(module), {"fc1": "fc1", "fc2": "fc2"})
     widths = {target: (path, _layer_width(getattr(module, path, None))) for target, path in names.items()}
@@ -181,7 +193,7 @@ def _describe_unit(
     if attention_module is not None and type(attention_module) in ATTENTION_LAYOUTS:
         attention_path = _join(path, attention_name)
         try:
-            attention = _with_output(ATTENTION_LAYOUTS[type(attention_module)](attention_path, attention_module))
+            attention = _with_prefix_call(_with_output(ATTENTION_LAYOUTS[type(attention_module)](attention_path, attention_module)))
         except SurgeryError as error:
             found.unsupported.append(UnsupportedSite(attention_path, type(attention_module).__name__, str(error)))
         claimed.add(id(attention_module))

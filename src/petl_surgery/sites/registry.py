@@ -59,6 +59,12 @@ MLP_PROJECTIONS: Dict[Type[nn.Module], Mapping[str, str]] = {}
 # Classes of modules outside the blocks that hold attention as part of the model's head path (an
 # attention-pooling head): discovery leaves them, and everything inside them, out. Class -> what it is.
 OUTSIDE_BLOCKS: Dict[Type[nn.Module], str] = {}
+# How prefix tuning reaches an attention class's keys and values, declared by its zoo's layouts: None for
+# a forward that makes exactly one F.scaled_dot_product_attention call on (batch, heads, tokens, head_dim)
+# q/k/v (whose non-fused path, if any, is the same computation), or why its call cannot take a prefix.
+# Sites built by a describer (or patched by a site's replacement forward, or routed through a zoo's
+# attention interface) may decide per instance instead (AttentionSite.one_sdpa_call, prefix_route).
+PREFIX_CALLS: Dict[Type[nn.Module], Optional[str]] = {}
 # Registrations waiting for the module that defines their classes: (module name, register function).
 # They run, once, the first time site discovery finds that module imported, so that registering a
 # model zoo costs nothing until the user has imported its models.
@@ -99,6 +105,14 @@ def register_outside_blocks(cls: Type[nn.Module], what: str) -> None:
     """Tell site discovery that modules of ``cls`` hold attention that is part of the model's head path
     (``what`` says what they are), not blocks to operate on: it leaves them and their insides out."""
     OUTSIDE_BLOCKS[cls] = what
+
+
+def register_prefix_call(cls: Type[nn.Module], refusal: Optional[str] = None) -> None:
+    """Tell prefix tuning how instances of the attention class ``cls`` call their attention: with
+    ``refusal`` None, one ``F.scaled_dot_product_attention`` on (batch, heads, tokens, head_dim) q/k/v,
+    where the prefix keys and values go; otherwise why a prefix cannot be put into its call (a sentence
+    completing "its attention ...")."""
+    PREFIX_CALLS[cls] = refusal
 
 
 def register_when_imported(module: str, register: Callable[[], None]) -> None:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import SurgeryError
+from ..errors import SurgeryError, SurgeryRuntimeError
 from .descriptors import ATTENTION_CALL, AttentionSite, Projection
 from .registry import BlockLayout, register_attention, register_block, register_mlp
 from .timm_layouts import fused_qkv_in_thirds
@@ -147,13 +147,13 @@ def _require_self_attention(mha: nn.MultiheadAttention, query: Tensor, key: Tens
     would have no single input, and NestedTensor batches, which only PyTorch's fused kernel accepts."""
     path = mha.forward.path if isinstance(mha.forward, InstanceForward) else type(mha).__name__
     if query is not key or key is not value:
-        raise SurgeryError(
+        raise SurgeryRuntimeError(
             f"PATT on nn.MultiheadAttention {path!r} needs self-attention: query, key and value must be the "
             "same tensor, as PATT's branch reads the tokens that q, k and v are projected from. Remove PATT "
             "from this block (petl_surgery.remove) or apply it with layers= that leave it out"
         )
     if query.is_nested:
-        raise SurgeryError(
+        raise SurgeryRuntimeError(
             f"PATT on nn.MultiheadAttention {path!r} got a NestedTensor (nn.TransformerEncoder with "
             "enable_nested_tensor=True and a src_key_padding_mask in eval mode); build the encoder with "
             "enable_nested_tensor=False"

@@ -51,7 +51,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import SurgeryError, SurgeryRuntimeError
 from .descriptors import AttentionSite, Block, KeyValueExtension, Projection
 from .registry import (
     BlockLayout,
@@ -121,10 +121,10 @@ class PrefixRoutedConfig:
 
         implementation = _implementation(self.petl_config)
         if implementation not in IMPLEMENTATIONS:
-            raise SurgeryError(f"the prefix of {self.petl_where} cannot be used: {_unroutable(implementation)}")
+            raise SurgeryRuntimeError(f"the prefix of {self.petl_where} cannot be used: {_unroutable(implementation)}")
         causal = kwargs.get("is_causal")
         if getattr(module, "is_causal", True) if causal is None else causal:
-            raise SurgeryError(
+            raise SurgeryRuntimeError(
                 f"the attention of {self.petl_where} is causal; a prefix for causal attention is not defined"
             )
         key, value, attention_mask = self.petl_extend(query, key, value, attention_mask)
@@ -138,7 +138,7 @@ def prefixed_attention(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     function (:meth:`PrefixRoutedConfig.attend`)."""
     config = getattr(module, "config", None)
     if not isinstance(config, PrefixRoutedConfig):
-        raise SurgeryError(
+        raise SurgeryRuntimeError(
             f"{type(module).__name__} dispatched to petl_surgery's prefix attention ({ROUTE!r}) but carries no "
             "prefix; set the model's attn_implementation to 'eager' or 'sdpa'"
         )
