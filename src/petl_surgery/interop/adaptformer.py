@@ -106,7 +106,7 @@ def head_from(model: nn.Module, state: Mapping[str, torch.Tensor], prefix: str, 
         bias = bias - weight @ mean
         dtype = state[probe[0]].dtype
         return head_tensors(model, weight.to(dtype), bias.to(dtype), source)
-    raise SurgeryError(f"{source} has no head ({prefix}head.weight and .bias); leave head=False")
+    raise SurgeryError(f"{source} has no head ({prefix}head.weight and .bias); load with load_head=False")
 
 
 def from_state(

@@ -172,6 +172,6 @@ def head_tensors(
     if tuple(weight.shape) != tuple(head.weight.shape) or head.bias is None or tuple(bias.shape) != tuple(head.bias.shape):
         raise SurgeryError(
             f"{source}: its head ({list(weight.shape)}) does not fit the model's head {path!r} "
-            f"({list(head.weight.shape)}); leave it out with head=False"
+            f"({list(head.weight.shape)}); leave it out with load_head=False"
         )
     return {f"{path}.weight": weight, f"{path}.bias": bias}
