@@ -224,6 +224,14 @@ TNT_UNITS = (BlockLayout("attn_in", "mlp_in"), BlockLayout("attn_out", "mlp"))
 # frozen unless the user trains it (``unfreeze=["attn_pool"]``, or the pool's own path).
 ATTENTION_POOL = "an attention-pooling head (part of the head path after the blocks, not a block)"
 
+# timm's rotary position embeddings (layers/pos_embed_sincos.py) make the sin/cos tables an attention
+# applies to its q and k; they hold ``num_heads`` (RotaryEmbeddingMixed: learned per-head frequencies)
+# but compute no attention. Class names, looked up in the installed timm (1.0.30 lacks some).
+ROTARY_EMBEDDINGS = (
+    "RotaryEmbedding", "RotaryEmbeddingCat", "RotaryEmbeddingMixed", "RotaryEmbeddingDinoV3", "RotaryEmbeddingMRope",
+)
+ROTARY = "a rotary position embedding (sin/cos tables the attention applies to q and k), not attention"
+
 
 def geglu_mlp_features(mlp: nn.Module) -> tuple[int, int, int]:
     """ViTamin's ``GeGluMlp`` (its own norm, ``w0``/``w1`` gate and value, ``w2`` out), channels last."""
@@ -257,6 +265,11 @@ def register() -> None:
     register_attention(vit.ParallelScalingBlock, parallel_scaling)
 
     register_mlp(vitamin.GeGluMlp, geglu_mlp_features)
+    from timm.layers import pos_embed_sincos
+
+    for name in ROTARY_EMBEDDINGS:
+        if hasattr(pos_embed_sincos, name):
+            register_not_attention(getattr(pos_embed_sincos, name), ROTARY)
     register_not_attention(RelPosMlp, "the MLP that computes relative-position biases (ViT relpos, shared)")
     for pool in (
         attention_pool.AttentionPoolLatent, attention_pool.AttentionPoolPrr, attention_pool2d.AttentionPool2d,
