@@ -144,6 +144,14 @@ def test_mobilenetv4_hybrid_is_not_refused() -> None:
     assert {type(block.attention.module).__name__ for block in ps.blocks(model)} == {"MultiQueryAttention2d"}
 
 
+# name -> (build, make_input): read by test_layouts.py (every registered class is met by a swept model)
+COVERAGE = {
+    "timm vit_base_patch16_rope_mixed_224 (tiny)": (rope_mixed_vit, lambda: images(32)),
+    "timm MobileAttention, multi-query (tiny)": (tiny_hybrid, lambda: images(32)),
+    "timm MobileAttention, Attention2d (tiny)": (lambda: tiny_hybrid(False), lambda: images(32)),
+}
+
+
 # ---------------------------------------------------------------- PATT on Visformer
 
 # Deep enough for the growth of its residual stream to show (2, 4, 4 blocks), small enough to be quick.
