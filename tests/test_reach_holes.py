@@ -5,6 +5,7 @@ on VideoMAE under eager is specified in test_families_transformers_legacy.py.)""
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import pytest
 import timm
@@ -144,8 +145,34 @@ def test_mobilenetv4_hybrid_is_not_refused() -> None:
     assert {type(block.attention.module).__name__ for block in ps.blocks(model)} == {"MultiQueryAttention2d"}
 
 
+# ---------------------------------------------------------------- differential attention (found by the variant sweep)
+
+
+def differential_vit(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, img_size=32, embed_dim=64, depth=2, num_heads=2, num_classes=5).eval()
+
+
+DIFFERENTIAL = ("vit_dwee_patch16_reg1_gap_256", "vit_dpwee_patch16_reg1_gap_256")
+
+
+@pytest.mark.parametrize("name", DIFFERENTIAL)
+def test_differential_attention_layout_self_check_and_patt_parity(name: str) -> None:
+    """Two softmax maps over tokens, subtracted: a constant on k leaves both unchanged (v's check does not
+    hold through the per-head RMSNorm after the product, so only k is checked)."""
+    assert check_layout(differential_vit(name), images(32), roles=("k",)) == 2
+    assert check_patt_parity(lambda: differential_vit(name), lambda: images(32)) == 2
+
+
+@pytest.mark.parametrize("name", DIFFERENTIAL)
+def test_differential_attention_refuses_a_prefix_naming_its_two_calls(name: str) -> None:
+    with pytest.raises(ps.SurgeryError, match=r"is differential attention: two SDPA calls"):
+        ps.apply(differential_vit(name), "prefix")
+
+
 # name -> (build, make_input): read by test_layouts.py (every registered class is met by a swept model)
 COVERAGE = {
+    **{f"timm {name} (tiny)": (partial(differential_vit, name), partial(images, 32)) for name in DIFFERENTIAL},
     "timm vit_base_patch16_rope_mixed_224 (tiny)": (rope_mixed_vit, lambda: images(32)),
     "timm MobileAttention, multi-query (tiny)": (tiny_hybrid, lambda: images(32)),
     "timm MobileAttention, Attention2d (tiny)": (lambda: tiny_hybrid(False), lambda: images(32)),

@@ -107,7 +107,7 @@ def make_variants(census_cache: Optional[Path] = None, log=print) -> Dict[str, A
     registered = {name for names in registered_modules().values() for name in names}
     if census_cache is not None and census_cache.exists():
         found = json.loads(census_cache.read_text())
-        missing = sorted(set(registered) - set(found))
+        missing = sorted(set(timm.list_models()) - set(found))
         if missing:
             raise SystemExit(f"{census_cache} lacks {len(missing)} entrypoints of this timm ({missing[:3]}...)")
     else:
