@@ -39,6 +39,7 @@ LADDER: Tuple[Dict[str, Any], ...] = (
     dict(img_size=64, depths=(1, 1, 1, 1)),
     dict(depths=(1, 1, 1, 1)),
     dict(img_size=64),
+    dict(channel_multiplier=0.25),  # MobileNet-style builders (MobileNetV5: 10M parameters instead of 80M)
     {},
 )
 SIZES = (64, 128, 224)
