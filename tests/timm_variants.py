@@ -2,8 +2,8 @@
 distinct attention, rotary-embedding and MLP class that timm's entrypoints reach.
 
 A module's smallest entrypoint (timm_smallest.json) does not hold every class its module can build: a
-variant may use other attention (``vit_*_rope_mixed_*``'s RotaryEmbeddingMixed in ``eva``, MobileNetV4's
-hybrid ``MobileAttention`` in ``mobilenetv3``), other rotary embeddings or other MLPs. ``timm_variants.json``
+variant may use other attention (``vit_*_dwee_*``'s differential attention in ``vision_transformer``),
+other rotary embeddings (``vit_*_rope_mixed_*``'s RotaryEmbeddingMixed in ``eva``) or other MLPs. ``timm_variants.json``
 (next to this file) holds:
 
 - ``classes``: every swept class (:func:`swept_classes`) of every entrypoint, built in its default
@@ -13,10 +13,13 @@ hybrid ``MobileAttention`` in ``mobilenetv3``), other rotary embeddings or other
   those classes; chosen greedily, most uncovered classes first, then fewest parameters;
 - ``unbuilt``: entrypoints that do not build on the meta device (not counted).
 
-Generated, never written by hand: ``python docs/make_coverage.py --timm-variants`` (minutes: every
-entrypoint is built once on the meta device). Run it on each declared timm: classes and entrypoints of
-the other version are kept, so that both versions sweep the union; the test skips a variant the
-installed timm does not register, naming its version.
+Generated, never written by hand: ``python docs/make_coverage.py --timm-variants`` (every entrypoint is
+built once on the meta device: about 20 minutes on a busy 2-core machine; ``--census-cache FILE`` keeps
+that census, and ``python tests/timm_variants.py SHARD SHARDS OUT.json`` computes a share of it in a
+process of its own, the shares merged into the cache file). ``timm`` in the JSON lists the versions it
+was generated on (1.0.31). Run on another timm, it keeps the entrypoints and classes of entrypoints
+that timm does not register; the test skips a variant the installed timm does not register, naming the
+version (timm 1.0.30 lacks ``test_coatnet``, whose ``maxxvit.Attention2d`` the family tests build).
 """
 
 from __future__ import annotations
