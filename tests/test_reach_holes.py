@@ -53,6 +53,12 @@ def test_every_method_on_the_mixed_rope_vit(method: str, tmp_path) -> None:
     assert check_method(rope_mixed_vit, lambda: images(32), method, tmp_path) == WORKS
 
 
+@pytest.mark.parametrize("mode", ["kv", "qkv"])
+def test_patt_on_the_mixed_rope_vit_is_the_v_petl_branch_before_the_rotation(mode: str) -> None:
+    """PATT adds to the projection's output, so its q/k part is rotated with the model's own q and k."""
+    assert check_patt_parity(rope_mixed_vit, lambda: images(32), mode) == 2
+
+
 class _SdpaKeys(TorchFunctionMode):
     """Records the keys of every F.scaled_dot_product_attention call."""
 
