@@ -15,6 +15,7 @@ contract.
     python docs/make_coverage.py                          # writes docs/coverage.md
     python docs/make_coverage.py --timm-modules eva tnt   # prints those modules' rows only
     python docs/make_coverage.py --timm-table             # regenerates tests/timm_smallest.json
+    python docs/make_coverage.py --timm-variants          # then tests/timm_variants.json
     python docs/make_coverage.py --jobs 2                 # the rows in 2 processes
 """
 
@@ -243,9 +244,11 @@ def cli(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--timm-table", action="store_true", help="regenerate tests/timm_smallest.json")
+    group.add_argument("--timm-variants", action="store_true", help="regenerate tests/timm_variants.json (after --timm-table)")
     group.add_argument("--timm-modules", nargs="+", metavar="MODULE", help="print these timm modules' rows only")
     group.add_argument("--capabilities", action="store_true", help="print the methods' declared capabilities only")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes for the rows (default 1)")
+    parser.add_argument("--census-cache", type=Path, help="with --timm-variants: keep the entrypoint census in this file")
     args = parser.parse_args(argv)
     global JOBS
     JOBS = max(1, args.jobs)
@@ -256,6 +259,11 @@ def cli(argv: Optional[Sequence[str]] = None) -> None:
         timm_sweep.make_table()
     elif args.capabilities:
         print("\n".join(capability_lines()))
+    elif args.timm_variants:
+        sys.path.insert(0, str(TESTS))
+        import timm_variants
+
+        timm_variants.make_variants(args.census_cache)
     elif args.timm_modules:
         import petl_surgery
         import torch

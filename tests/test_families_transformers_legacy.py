@@ -1,5 +1,6 @@
 """The family contract on transformers' vision models with legacy attention names or hand-computed
-attention (sites/transformers_legacy.py): Data2VecVision and VideoMAE under "eager" and "sdpa", Swinv2
+attention (sites/transformers_legacy.py): Data2VecVision and VideoMAE under "eager" and "sdpa" (prefix
+tuning on VideoMAE under both, with equal outputs), Swinv2
 and Hiera under "eager" (transformers refuses "sdpa" and "flex_attention" for both), each as its
 classification model and as the bare model.
 
@@ -98,8 +99,8 @@ def data2vec(cls: type, implementation: str, **options) -> Model:
 
 def videomae(cls: type, implementation: str, **options) -> Model:
     refusals = {"adapter_plus": NO_MLP_RESIDUAL}
-    if implementation != "sdpa":
-        refusals["prefix"] = rf"dispatches to transformers' '{implementation}' attention"
+    if implementation not in ("eager", "sdpa"):
+        refusals["prefix"] = rf"its attn_implementation is '{implementation}'"
     config = dict(FLAT, num_frames=2, tubelet_size=2, attn_implementation=implementation, **options)
     return Model(built(cls, T.VideoMAEConfig, **config), videos, refusals)
 
@@ -257,15 +258,35 @@ def test_the_adapter_reading_the_residual_stream_is_refused(name: str) -> None:
 
 def test_videomae_prefix_is_refused_under_flex_attention() -> None:
     model = videomae(T.VideoMAEForVideoClassification, "flex_attention").build()
-    with pytest.raises(ps.SurgeryError, match=r"dispatches to transformers' 'flex_attention' attention function"):
+    with pytest.raises(ps.SurgeryError, match=r"VideoMAESelfAttention .*its attn_implementation is 'flex_attention'"):
         ps.apply(model, "prefix")
     assert not any(isinstance(module, PetlModule) for module in model.modules())
 
 
-def test_videomae_prefix_raises_once_its_attention_stops_calling_sdpa() -> None:
-    model = ps.apply(MODELS["videomae_sdpa"].build(), "prefix")
-    model.set_attn_implementation("eager")
-    with pytest.raises(ps.SurgeryRuntimeError, match="made no F.scaled_dot_product_attention call"):
-        model(videos())
+def _prefixed_videomae(implementation: str, path) -> nn.Module:
+    """The tiny VideoMAE under ``implementation`` with the delta at ``path`` loaded."""
+    return ps.load(MODELS[f"videomae_{implementation}"].build(), path)
 
 
+def test_videomae_prefix_gives_the_same_outputs_under_eager_and_sdpa(tmp_path) -> None:
+    """The same prefix, in the keys and values of eager's matmuls and of sdpa's kernel, gives the same model
+    (the prefix changes its outputs: it is not simply left out by either)."""
+    model = ps.apply(MODELS["videomae_sdpa"].build(), "prefix", length=4)
+    randomize_inserted(model, std=0.5)
+    ps.save(model, tmp_path / "prefix.safetensors")
+    x = videos()
+    with torch.no_grad():
+        sdpa = _prefixed_videomae("sdpa", tmp_path / "prefix.safetensors")(x).logits
+        eager = _prefixed_videomae("eager", tmp_path / "prefix.safetensors")(x).logits
+        plain = MODELS["videomae_eager"].build()(x).logits
+    torch.testing.assert_close(eager, sdpa, rtol=1e-5, atol=1e-5)
+    assert (eager - plain).abs().max() > 1e-3
+
+
+def test_videomae_prefix_follows_a_switch_of_attention_implementation() -> None:
+    model = ps.apply(MODELS["videomae_sdpa"].build(), "prefix", length=4)
+    randomize_inserted(model, std=0.5)
+    with torch.no_grad():
+        sdpa = model(videos()).logits
+        model.set_attn_implementation("eager")
+        torch.testing.assert_close(model(videos()).logits, sdpa, rtol=1e-5, atol=1e-5)

@@ -44,7 +44,7 @@ def test_patt_parity_through_the_layout(family, mode):
 
 SWEEPS = (
     "test_layouts", "test_families_vit_like", "test_families_hierarchical", "test_torch_models", "test_families_open_clip",
-    "test_patterns",
+    "test_patterns", "test_reach_holes",
 )
 if importlib.util.find_spec("transformers") is not None:
     SWEEPS += ("test_families_transformers", "test_families_transformers_legacy")

@@ -1,6 +1,7 @@
-"""Reach by enumeration: every model module timm registers, through its smallest entrypoint, under
+"""Reach by enumeration: every model module timm registers, through its smallest entrypoint, and the
+variants that reach every other attention, rotary-embedding and MLP class timm's entrypoints build, under
 PATT, the adapter and LoRA (tests/timm_sweep.py says how the entrypoints and their tiny configurations
-are chosen, and what "works", "refused" and "FAILS" mean).
+are chosen, and what "works", "refused" and "FAILS" mean; tests/timm_variants.py how the variants are).
 
 Every module is expected to work unless EXPECTED names its refusal, with the reason matched by a
 regex: a family that starts to work, or breaks, or is refused for another reason, fails the test. A
@@ -11,11 +12,14 @@ contract on these families is the family tests' (test_families_*.py).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Dict
 
 import pytest
+import timm
 from timm_sweep import TABLE, build, load_table, registered_modules, sweep
+from timm_variants import VARIANTS, check_holds, module_of, variant_entries
 
 from petl_surgery.sites import discover
 
@@ -57,11 +61,11 @@ EXPECTED: Dict[str, object] = {
     "cpubone": unsupported("ConvAttention"),
     "lowformer": unsupported("ConvAttention"),
     "gemma4_vit": unsupported("Gemma4Attention"),
-    "mobilenetv5": unsupported("MobileAttention"),
+    "mobilenetv5": {"adapter": r"needs an MLP in block 0"},  # MobileAttention blocks have no MLP
     # attention that is not a softmax over tokens, or blocks without an MLP (see the family tests)
     "crossvit": {"adapter": r"needs an MLP in block \d+ \('blocks\.0\.fusion\.0'\)"},
     "efficientformer_v2": {"adapter": r"needs an MLP in block \d+ \('stages\.3\.downsample'\)"},
-    "davit": {"patt": r"\(ChannelAttention\) attends over channels", "lora": NO_QV.format("ChannelAttention")},
+    "davit": {"patt": r"\(ChannelAttention(?:V2)?\) attends over channels", "lora": NO_QV.format("ChannelAttention(?:V2)?")},
     "edgenext": {"patt": r"\(CrossCovarianceAttn\) is cross-covariance attention", "lora": NO_QV.format("CrossCovarianceAttn")},
     "efficientvit_mit": {"patt": r"\(LiteMLA\) is ReLU linear attention", "lora": NO_QV.format("LiteMLA")},
     "efficientvit_msra": {
@@ -82,8 +86,26 @@ EXPECTED: Dict[str, object] = {
 }
 
 
-def expected(module: str, method: str) -> str:
-    entry = EXPECTED.get(module, WORKS)
+# entrypoint -> its expectation where a variant differs from its module's smallest model (as EXPECTED)
+EXPECTED_MODELS: Dict[str, object] = {
+    # attention-holding variants of modules whose smallest model has none
+    "caformer_s18": WORKS,
+    "fastvit_mci0": WORKS,
+    "bat_resnext26ts": unsupported("BatNonLocalAttn"),  # non-local attention inside a ResNeXt bottleneck
+    # MaxViT's parallel partition attention runs window and grid attention side by side, each on half the
+    # channels, before one MLP: a second attention in one block, which no layout describes
+    "maxvit_tiny_pm_256": unsupported("AttentionCl"),
+    "mobilevitv2_050": {
+        "patt": r"\(LinearSelfAttention\) is separable linear attention",
+        "lora": NO_QV.format("LinearSelfAttention"),
+    },
+    # the differential parallel block fuses its output projection over [attention | MLP]: no MLP of its own
+    "vit_dpwee_patch16_reg1_gap_256": {"adapter": r"needs an MLP in block 0 \('blocks\.0'\)"},
+}
+
+
+def expected(module: str, method: str, model: str = "") -> str:
+    entry = EXPECTED_MODELS.get(model, EXPECTED.get(module, WORKS))
     return entry if isinstance(entry, str) else entry.get(method, WORKS)
 
 
@@ -100,13 +122,11 @@ def test_expected_refusals_name_tabled_modules_only() -> None:
     assert sorted(set(EXPECTED) - set(ENTRIES)) == []
 
 
-@pytest.mark.parametrize("module", sorted(REGISTERED))
-def test_every_module_works_or_is_refused_with_its_reason(module: str) -> None:
-    entry = ENTRIES[module]
+def _outcomes_as_expected(module: str, entry: Dict[str, object]) -> None:
     outcomes = sweep(entry, METHODS)
     wrong = {}
     for method, outcome in outcomes.items():
-        want = expected(module, method)
+        want = expected(module, method, entry["model"])
         if want == WORKS:
             ok = outcome == WORKS
         else:
@@ -116,6 +136,52 @@ def test_every_module_works_or_is_refused_with_its_reason(module: str) -> None:
     assert not wrong, f"{module} ({entry['model']}): " + "; ".join(
         f"{method}: got {got!r}, expected {want!r}" for method, (got, want) in wrong.items()
     )
+
+
+@pytest.mark.parametrize("module", sorted(REGISTERED))
+def test_every_module_works_or_is_refused_with_its_reason(module: str) -> None:
+    _outcomes_as_expected(module, ENTRIES[module])
+
+
+VARIANT_ENTRIES = {entry["model"]: entry for entry in variant_entries()}
+
+
+def _registered_variant(model: str) -> Dict[str, object]:
+    """The variant entry of ``model``, or a skip naming the installed timm when it does not register it."""
+    if module_of(model) is None:
+        pytest.skip(f"{model} is not registered in timm {timm.__version__} (a variant of another timm version)")
+    return VARIANT_ENTRIES[model]
+
+
+@pytest.mark.parametrize("model", sorted(VARIANT_ENTRIES))
+def test_every_variant_works_or_is_refused_with_its_reason(model: str) -> None:
+    _outcomes_as_expected(module_of(model) or "", _registered_variant(model))
+
+
+@pytest.mark.parametrize("model", sorted(VARIANT_ENTRIES))
+def test_every_variant_builds_the_classes_it_was_chosen_for(model: str) -> None:
+    assert check_holds(_registered_variant(model)) == set(), f"run python docs/make_coverage.py --timm-variants"
+
+
+def test_expected_models_name_variants() -> None:
+    assert sorted(set(EXPECTED_MODELS) - set(VARIANT_ENTRIES)) == []
+
+
+def test_every_swept_class_is_built_by_an_entrypoint_of_the_sweep() -> None:
+    """Each class of the census (tests/timm_variants.json) is built by the tiny configuration of the
+    smallest entrypoint or variant it is credited to (variants: the test above), so the sweep reaches it."""
+    credited: Dict[str, set] = {}
+    for cls, model in json.loads(VARIANTS.read_text())["classes"].items():
+        credited.setdefault(model, set()).add(cls)
+    smallest = {entry["model"]: entry for entry in ENTRIES.values()}
+    assert set(credited) <= set(smallest) | set(VARIANT_ENTRIES)
+    variant_classes = {model: set(entry["classes"]) for model, entry in VARIANT_ENTRIES.items()}
+    lacking = {
+        model: sorted(check_holds(dict(smallest[model], classes=sorted(classes - variant_classes.get(model, set())))))
+        for model, classes in credited.items()
+        if model in smallest and module_of(model) is not None
+    }
+    assert {model: lacks for model, lacks in lacking.items() if lacks} == {}, "run python docs/make_coverage.py --timm-variants"
 
 
 # module -> a class in its smallest model that only looks like attention (by name, or by num_heads)

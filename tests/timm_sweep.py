@@ -22,7 +22,7 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ LADDER: Tuple[Dict[str, Any], ...] = (
     dict(img_size=64, depths=(1, 1, 1, 1)),
     dict(depths=(1, 1, 1, 1)),
     dict(img_size=64),
+    dict(channel_multiplier=0.25),  # MobileNet-style builders (MobileNetV5: 10M parameters instead of 80M)
     {},
 )
 SIZES = (64, 128, 224)
@@ -84,10 +85,11 @@ def images(entry: Dict[str, Any], batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
-def tiny_entry(name: str) -> Dict[str, Any]:
-    """The first configuration of LADDER (with NUM_CLASSES, else without) that ``name`` builds with and
-    forwards at one of SIZES or at its own input size; its default configuration at its own input size
-    when none does (the sweep then reports the failure)."""
+def tiny_entry(name: str, holds: Callable[[nn.Module], bool] = lambda model: True) -> Dict[str, Any]:
+    """The first configuration of LADDER (with NUM_CLASSES, else without) that ``name`` builds with, whose
+    model ``holds`` (timm_variants.py asks for the classes an entry was chosen for) and that forwards at one
+    of SIZES or at its own input size; its default configuration at its own input size when none does (the
+    sweep then reports the failure)."""
     import timm
 
     config = timm.models.get_pretrained_cfg(name)
@@ -98,8 +100,11 @@ def tiny_entry(name: str) -> Dict[str, Any]:
             for size in sizes:
                 entry = {"model": name, "kwargs": kwargs, "size": size}
                 try:
+                    model = build(entry)
+                    if not holds(model):
+                        break  # another size builds the same modules
                     with torch.no_grad():
-                        build(entry)(images(entry, batch=1))
+                        model(images(entry, batch=1))
                 except Exception:
                     continue
                 return entry

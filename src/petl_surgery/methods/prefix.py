@@ -256,6 +256,13 @@ def pad_mask(mask: torch.Tensor, tokens: int, length: int) -> torch.Tensor:
     return torch.cat([fill.expand(*leading, length), mask], dim=-1)
 
 
+def _owner(module: nn.Module, name: str) -> Tuple[nn.Module, str]:
+    """The module and attribute a route's patch name means: ``"config"`` of ``module`` itself, or
+    ``"attention.config"`` of its submodule ``attention``."""
+    path, _, attribute = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), attribute
+
+
 def prefix_refusal(site: AttentionSite) -> Optional[str]:
     """Why a prefix cannot be put into ``site``'s attention, or None when it can."""
     if ATTENTION_CALL in site.patches:  # the site's own replacement forward, shared with other methods
@@ -293,7 +300,7 @@ class Prefix(Method):
         if site.prefix_route is not None:
             # the function the attention dispatches to takes the prefix (a layer of its own, removed with it)
             routed = site.prefix_route(prefix.extend)
-            patches = [Patch(site.module, name, value, shared=False) for name, value in routed.items()]
+            patches = [Patch(*_owner(site.module, name), value, shared=False) for name, value in routed.items()]
         else:
             # the prefix's own forward wraps the attention's: a layer of its own, removed with it
             patches = [Patch(site.module, "forward", functools.partial(prefix.run_prefixed, site.module.forward), shared=False)]

@@ -63,7 +63,8 @@ class AttentionSite:
         prefix_route: for attention whose core, softmax(q k^T) v, is a function the model looks up on
             every call (transformers' attention interface): given an ``extend`` (KeyValueExtension),
             the attribute patches of the attention module that make that call pass its keys, values and
-            mask through ``extend`` while they are present (prefix tuning's keys and values); it raises
+            mask through ``extend`` while they are present (prefix tuning's keys and values; a dotted
+            name, ``"attention.config"``, patches an attribute of that submodule); it raises
             SurgeryError when the model's attention implementation cannot be routed. None: prefix tuning
             uses the attention's ``F.scaled_dot_product_attention`` call.
         patches: attribute values to set on the attention module while surgery is present (timm's

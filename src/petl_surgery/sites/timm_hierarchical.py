@@ -18,6 +18,7 @@ attention child), and PATT over all blocks is not refused for the convolutional 
 from __future__ import annotations
 
 import importlib
+import dataclasses
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
@@ -217,6 +218,18 @@ def gcvit_attention(path: str, attention: nn.Module) -> AttentionSite:
     return _site(path, attention, _contiguous("qkv", [("k", width), ("v", width)]))
 
 
+def multi_query_attention_2d(path: str, attention: nn.Module) -> AttentionSite:
+    """MobileNetV4/V5's ``MultiQueryAttention2d`` (inside their ``MobileAttention`` block), on NCHW: q from
+    ``query.proj`` (``heads * key_dim`` wide, after an optional average pool and norm when the query is
+    strided), k and v from ``key.proj`` and ``value.proj`` (one head shared by all queries, after an
+    optional depthwise stride-``kv_stride`` conv and norm: their branches read those reduced tokens);
+    the output projection is ``output.proj``."""
+    projections = {role: Projection(f"{name}.proj", 0, _out(attention, f"{name}.proj")) for role, name in (
+        ("q", "query"), ("k", "key"), ("v", "value"))}
+    site = _site(path, attention, projections, channel_dim=1)
+    return dataclasses.replace(site, output=Projection("output.proj", 0, _out(attention, "output.proj")))
+
+
 # ---------------------------------------------------------------- MLP describers
 
 
@@ -285,6 +298,12 @@ def _register_attention() -> None:
     register_attention(efficientformer_v2.Attention2d, efficientformerv2_attention)
     register_attention(efficientformer_v2.Attention2dDownsample, efficientformerv2_attention)
     register_attention(gcvit.WindowAttentionGlobal, gcvit_attention)
+    from timm.layers import attention2d
+
+    # MobileNetV4-hybrid / V5 ``MobileAttention``: multi-query attention, or (use_multi_query=False) the
+    # NCHW multi-head ``Attention2d``, whose qkv layout is MaxxViT's (per head with head_first, else thirds)
+    register_attention(attention2d.MultiQueryAttention2d, multi_query_attention_2d)
+    register_attention(attention2d.Attention2d, maxxvit_attention)
 
     channel = "attends over channels, not tokens (a softmax over a C x C map)"
     register_attention(davit.ChannelAttention, unsupported(channel))

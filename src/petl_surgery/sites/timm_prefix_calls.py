@@ -35,6 +35,10 @@ PREFIX_CALLS: Dict[Tuple[str, str], Optional[str]] = {
     ("timm.models.twins", "LocallyGroupedAttn"): "calls SDPA on 5-d q/k/v (batch, windows, heads, tokens, head_dim)",
     ("timm.models.vision_transformer_sam", "Attention"): "folds the heads into the batch before SDPA",
     ("timm.models.maxxvit", "Attention2d"): "keeps q/k/v channels-first (batch, heads, head_dim, tokens)",
+    ("timm.layers.diff_attention", "DiffAttention"): "is differential attention: two SDPA calls (two softmax maps, "
+    "subtracted), each with half of every head's q and k",
+    ("timm.models.vision_transformer", "DiffParallelScalingBlock"): "is differential attention: two SDPA calls "
+    "(two softmax maps, subtracted), each with half of every head's q and k",
 }
 
 

@@ -224,6 +224,14 @@ TNT_UNITS = (BlockLayout("attn_in", "mlp_in"), BlockLayout("attn_out", "mlp"))
 # frozen unless the user trains it (``unfreeze=["attn_pool"]``, or the pool's own path).
 ATTENTION_POOL = "an attention-pooling head (part of the head path after the blocks, not a block)"
 
+# timm's rotary position embeddings (layers/pos_embed_sincos.py) make the sin/cos tables an attention
+# applies to its q and k; they hold ``num_heads`` (RotaryEmbeddingMixed: learned per-head frequencies)
+# but compute no attention. Class names, looked up in the installed timm (1.0.30 lacks some).
+ROTARY_EMBEDDINGS = (
+    "RotaryEmbedding", "RotaryEmbeddingCat", "RotaryEmbeddingMixed", "RotaryEmbeddingDinoV3", "RotaryEmbeddingMRope",
+)
+ROTARY = "a rotary position embedding (sin/cos tables the attention applies to q and k), not attention"
+
 
 def geglu_mlp_features(mlp: nn.Module) -> tuple[int, int, int]:
     """ViTamin's ``GeGluMlp`` (its own norm, ``w0``/``w1`` gate and value, ``w2`` out), channels last."""
@@ -233,7 +241,7 @@ def geglu_mlp_features(mlp: nn.Module) -> tuple[int, int, int]:
 def register() -> None:
     """Add this module's classes to the registry (import timm lazily: the registry works without it)."""
     from timm.layers import attention_pool, attention_pool2d
-    from timm.layers import AttentionRope, RelPosMlp
+    from timm.layers import AttentionRope, DiffAttention, RelPosMlp
     from timm.models import beit, cait, convit, crossvit, eva, hiera, hieradet_sam2, mvitv2, nest, tnt, vitamin, volo, xcit
     from timm.models import vision_transformer as vit
     from timm.models import vision_transformer_relpos as relpos
@@ -255,8 +263,19 @@ def register() -> None:
     register_attention(xcit.XCA, cross_covariance)
     register_attention(volo.OutlookAttention, outlook_attention)
     register_attention(vit.ParallelScalingBlock, parallel_scaling)
+    # Differential attention (``vit_dwee``, ``vit_dpwee``): q and k in thirds of qkv (or slices of
+    # in_proj) split into two half-width heads each, two softmax maps subtracted (A1 - lambda A2) before v.
+    # Each map is a softmax over tokens, so a constant on k leaves both unchanged and a branch on q/k/v
+    # means what it does elsewhere; its two SDPA calls leave prefix tuning refused.
+    register_attention(DiffAttention, fused_qkv_in_thirds)
+    register_attention(vit.DiffParallelScalingBlock, parallel_scaling)
 
     register_mlp(vitamin.GeGluMlp, geglu_mlp_features)
+    from timm.layers import pos_embed_sincos
+
+    for name in ROTARY_EMBEDDINGS:
+        if hasattr(pos_embed_sincos, name):
+            register_not_attention(getattr(pos_embed_sincos, name), ROTARY)
     register_not_attention(RelPosMlp, "the MLP that computes relative-position biases (ViT relpos, shared)")
     for pool in (
         attention_pool.AttentionPoolLatent, attention_pool.AttentionPoolPrr, attention_pool2d.AttentionPool2d,
@@ -279,3 +298,6 @@ def register() -> None:
     # The parallel block is its own attention; its MLP runs inline, from in_proj's input (the hidden
     # slice) to mlp_out_proj's output. With fuse_out_proj there is no mlp_out_proj: MLP methods find none.
     register_block(vit.ParallelScalingBlock, BlockLayout("", "mlp_out_proj", mlp_input="in_proj"))
+    # The differential parallel block always fuses its output projection (one out_proj over [attention | MLP
+    # hidden]): it has no MLP output of its own, so MLP methods find none.
+    register_block(vit.DiffParallelScalingBlock, BlockLayout("", "mlp_out_proj", mlp_input="in_proj"))

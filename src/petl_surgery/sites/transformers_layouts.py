@@ -145,8 +145,16 @@ def prefixed_attention(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return config.attend(module, *args, **kwargs)
 
 
+def _register_route() -> None:
+    """Register :func:`prefixed_attention` as :data:`ROUTE` in transformers' AttentionInterface (again is a no-op)."""
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(ROUTE, prefixed_attention)
+
+
 def _prefix_route(path: str, attention: nn.Module, eager: Callable[..., Any], extend: KeyValueExtension) -> Dict[str, Any]:
     """The patch that routes ``attention``'s core call through ``extend`` (AttentionSite.prefix_route)."""
+    _register_route()  # also for attention of a family outside FAMILIES that takes this route (VideoMAE)
     implementation = _implementation(attention.config)
     where = f"{type(attention).__name__} {path!r}"
     if implementation not in IMPLEMENTATIONS:
@@ -403,10 +411,8 @@ POOLING_HEAD = (
 def register_family(family: Family) -> None:
     """Register the classes of ``family`` (its modeling module is imported by then). A class the
     installed transformers does not define is skipped."""
-    from transformers.modeling_utils import AttentionInterface
-
     module = importlib.import_module(family.module)
-    AttentionInterface.register(ROUTE, prefixed_attention)
+    _register_route()
     attention = getattr(module, family.attention, None)
     eager = getattr(module, "eager_attention_forward", None)
     if attention is not None and eager is not None:

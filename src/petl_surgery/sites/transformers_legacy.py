@@ -16,12 +16,12 @@ None of these layers has a module that ends only the MLP's residual branch (Data
 Hiera call one ``drop_path`` for both branches; VideoMAE adds the residual inside ``output``), so the
 adapter's ``input="residual"`` is refused there.
 
-Prefix tuning needs the attention's one ``F.scaled_dot_product_attention`` call. Data2VecVision fixes its
-class at build time (``attn_implementation=``): the sdpa class makes that call, the eager class computes
-softmax inline and is refused. VideoMAE dispatches through transformers' attention interface on every
-forward: under ``"sdpa"`` it reaches ``sdpa_attention_forward``, which makes the call (with
-``is_causal=False``, which VideoMAE passes); under ``"eager"`` (matmuls) or ``"flex_attention"`` the prefix is
-refused. Swinv2's cosine attention and Hiera's mask-unit attention are computed inline in every
+Prefix tuning needs the attention's one ``F.scaled_dot_product_attention`` call, or a route into the
+function the attention dispatches to. Data2VecVision fixes its class at build time (``attn_implementation=``):
+the sdpa class makes that call, the eager class computes softmax inline and is refused. VideoMAE dispatches
+through transformers' attention interface on every forward, as the newer families of transformers_layouts.py
+do: the prefix takes their route (its self-attention's ``config`` patched while the prefix is present),
+under ``"eager"`` and ``"sdpa"`` alike and across a switch between them; ``"flex_attention"`` is refused. Swinv2's cosine attention and Hiera's mask-unit attention are computed inline in every
 implementation the models accept (only "eager": transformers refuses "sdpa" and "flex_attention" for both).
 
 Prompt tokens: Data2VecVision's tokens are [CLS, patches] with a relative-position bias sized to them,
@@ -34,14 +34,16 @@ library neither needs nor imports transformers.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
 from ..errors import SurgeryError
-from .descriptors import AttentionSite, Block, Projection
+from .descriptors import AttentionSite, Block, KeyValueExtension, Projection
 from .registry import (
     AttentionDescriber,
     BlockLayout,
@@ -52,6 +54,7 @@ from .registry import (
     register_when_imported,
 )
 from .timm_layouts import fused_qkv_in_thirds
+from .transformers_layouts import _prefix_route as transformers_prefix_route
 from .timm_vit_like import _linear  # the Linear child a layout names, or the error naming what was found
 from .tokens import (
     HIERARCHICAL,
@@ -77,6 +80,10 @@ DATA2VEC_EAGER = (
     "is Data2VecVision's eager class (built with attn_implementation='eager'), which computes softmax(q k^T + "
     "bias) v inline, with no F.scaled_dot_product_attention call to put prefix keys and values into; build the "
     "model with attn_implementation='sdpa' (Data2VecVision fixes its attention class at build time)"
+)
+VIDEOMAE_NO_INTERFACE = (
+    "is a VideoMAE attention of a transformers without eager_attention_forward (no attention interface to route "
+    "prefix keys and values through)"
 )
 SWINV2_COSINE = (
     "is Swinv2's cosine attention, computed inline (normalised q and k, a learned logit scale, a continuous "
@@ -120,19 +127,24 @@ def data2vec_attention(path: str, attention: nn.Module) -> AttentionSite:
 
 
 def videomae_attention(path: str, attention: nn.Module) -> AttentionSite:
-    """``VideoMAEAttention``: its self-attention dispatches on ``config._attn_implementation`` at every
-    forward; a prefix goes in under "sdpa" only (a later switch away from it makes the prefixed forward raise,
-    as it then makes no SDPA call)."""
-    config = getattr(getattr(attention, "attention", None), "config", None)
-    implementation = getattr(config, "_attn_implementation", None)
-    if implementation == "sdpa":
-        return legacy_attention(path, attention, "attention", True, None)
-    refusal = (
-        f"dispatches to transformers' {implementation!r} attention function, which makes no "
-        "F.scaled_dot_product_attention call to put prefix keys and values into; only 'sdpa' does: "
-        "model.set_attn_implementation('sdpa') before applying the prefix"
-    )
-    return legacy_attention(path, attention, "attention", False, refusal)
+    """``VideoMAEAttention``: its self-attention (``attention.attention``) dispatches on
+    ``config._attn_implementation`` at every forward through transformers' attention interface, as the
+    newer families do, so prefix tuning takes the same route (transformers_layouts.py): the self-attention's
+    ``config`` is patched while the prefix is present, under "eager" and "sdpa" alike; other
+    implementations are refused by name."""
+    site = legacy_attention(path, attention, "attention", False, None)
+    eager = getattr(importlib.import_module(VIDEOMAE), "eager_attention_forward", None)
+    if eager is None:  # a transformers whose VideoMAE has no attention interface
+        return dataclasses.replace(site, prefix_refusal=VIDEOMAE_NO_INTERFACE)
+    return dataclasses.replace(site, prefix_route=functools.partial(_self_attention_route, path, attention.attention, eager))
+
+
+def _self_attention_route(
+    path: str, self_attention: nn.Module, eager: Callable[..., Any], extend: KeyValueExtension
+) -> Dict[str, Any]:
+    """The prefix route of a legacy layer's self-attention, as patches of the outer attention."""
+    routed = transformers_prefix_route(f"{path}.attention", self_attention, eager, extend)
+    return {f"attention.{name}": value for name, value in routed.items()}
 
 
 def swinv2_attention(path: str, attention: nn.Module) -> AttentionSite:
