@@ -53,7 +53,7 @@ NO_FC1 = tuple((method, rf"targets fc1 of method '{method}' are not available .*
 # transformers' BEiT block runs its MLP residual inline: no module ends the MLP's residual branch
 NO_MLP_RESIDUAL = (("adapter_plus", r"adds to the residual stream after the MLP, and block 0 .* has no registered layout"),)
 # the methods that need the patch grid: transformers' models take any image size, Swin's stages merge tokens
-NO_GRID = r"needs the patch grid of \w+, and it has no fixed one|lays the patch tokens out on their grid"
+NO_GRID = r"reads the patch grid of each forward from the patch embedding of \w+, and petl_surgery does not know where it is|lays the patch tokens out on their grid"
 
 
 def siglip2_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple:

@@ -43,7 +43,7 @@ METHODS = tuple(ps.METHODS)
 # None of these blocks has a module that ends its MLP's residual branch (they add it inline)
 NO_MLP_RESIDUAL = r"adds to the residual stream after the MLP, and block 0 .* has no registered layout"
 # the methods that need the patch grid: these models take any image size, or merge tokens in stages
-NO_GRID = r"needs the patch grid of \w+, and it has no fixed one|lays the patch tokens out on their grid"
+NO_GRID = r"reads the patch grid of each forward from the patch embedding of \w+, and petl_surgery does not know where it is|lays the patch tokens out on their grid"
 FLAT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32, patch_size=8)
 SWINV2 = dict(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 2], window_size=4)
 HIERA = dict(
