@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
 
 from ..version import __version__
 from ..wrappers import inner
+from ..roots import adapted_names_under, join, sole_root, surgery_roots
 from ..api import commit, plan, remove
 from ..errors import SurgeryError
 from ..freezing import head_parameter_names, set_trainable
@@ -43,14 +44,20 @@ def save(model: nn.Module, path: PathLike) -> None:
     base tensors made trainable) and, with ``statistics="adapt"``, the base's running statistics, under
     their state_dict names, and metadata describing the surgery (see
     :mod:`petl_surgery.checkpoints.format`). No pickle is involved.
+
+    ``model`` may be the module surgery was applied to or any module holding it (a LightningModule-like
+    wrapper after ``apply(net.backbone, ...)``): names are then ``model``'s, the file records the
+    submodule the surgery sits in (``root``), and the wrapper's own trainable parameters (a new head)
+    are saved with the delta. Separate surgeries applied to several submodules are refused, naming them.
     """
     model = inner(model, changes=False)  # a compile or DDP wrapper's keys would load nowhere
     check_path(path)
     if not inserted_modules(model):
         raise SurgeryError(f"{type(model).__name__} carries no petl_surgery method: there is no delta to save")
+    root_path, root = sole_root(model, "save")
     delta = delta_names(model)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    adapted = adapted_names(model)
+    adapted = adapted_names_under(model)
     tensors = {
         name: tensor.detach().to("cpu", copy=True).contiguous()
         for name, tensor in _unique_state(model).items()
@@ -58,15 +65,16 @@ def save(model: nn.Module, path: PathLike) -> None:
     }
     shapes = base_shapes(model, delta)
     heads = head_parameter_names(model)
-    block_paths = [block.path for block in discover(model).blocks]
+    block_paths = _block_paths(root_path, root)
     without_head = {n: s for n, s in shapes.items() if n not in heads}
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "methods": surgery_record(model),
-        "statistics": mode_of(model),
-        "model": model_description(model, block_paths),
+        "root": root_path,
+        "methods": surgery_record(root),
+        "statistics": mode_of(root),
+        "model": model_description(model, block_paths, root),
         "head": sorted(heads),
         "base_shapes": shapes,
         "fingerprint": fingerprint(shapes),
@@ -76,6 +84,12 @@ def save(model: nn.Module, path: PathLike) -> None:
         "tensors_sha256": tensors_digest(tensors),
     }
     write_atomic(path, tensors, encode(metadata))
+
+
+def _block_paths(root_path: str, root: nn.Module) -> List[str]:
+    """The paths of the blocks of the surgery's root (the ones its block indices count), named from the
+    module holding it."""
+    return [join(root_path, block.path) for block in discover(root).blocks]
 
 
 def _unique_state(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -90,10 +104,10 @@ def _unique_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def _architecture_mismatch(
-    path: PathLike, model: nn.Module, metadata: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, list]
+    path: PathLike, model: nn.Module, metadata: Mapping[str, Any], here: Mapping[str, Any], shapes: Mapping[str, list]
 ) -> SurgeryError:
+    """The refusal of a file saved from another architecture; ``here`` is the model's description."""
     saved = metadata["model"]
-    here = model_description(model, [block.path for block in discover(model).blocks])
     recorded = metadata["base_shapes"]  # the saved base's names and shapes, the head included
     differing = [name for name in recorded if name in shapes and recorded[name] != shapes[name]]
     listed = ", ".join(f"{n}: checkpoint {recorded[n]}, model {shapes[n]}" for n in differing[:5])
@@ -364,17 +378,20 @@ def load_delta(
     metadata = decode(raw_metadata, str(path))
     if tensors_digest(tensors) != metadata["tensors_sha256"]:
         raise SurgeryError(f"{path} is corrupt: its tensors do not match the checksum recorded when it was saved")
-    statistics = resolve_mode(model, metadata["statistics"])  # decode checked it
+    root_path, root = _recorded_root(model, path, metadata.get("root", ""))
+    statistics = resolve_mode(root, metadata["statistics"])  # decode checked it
+    model_paths = _block_paths(root_path, root)
+    here = model_description(model, model_paths, root)
     delta_now = delta_names(model)
     shapes = base_shapes(model, delta_now)
     saved_head: Set[str] = set(metadata["head"])
     model_head = head_parameter_names(model)
     if block_map is None:
         if head and fingerprint(shapes) != metadata["fingerprint"]:
-            raise _architecture_mismatch(path, model, metadata, tensors, shapes)
+            raise _architecture_mismatch(path, model, metadata, here, shapes)
         without_head = {n: s for n, s in shapes.items() if n not in model_head}
         if not head and fingerprint(without_head) != metadata["fingerprint_without_head"]:
-            raise _architecture_mismatch(path, model, metadata, tensors, without_head)
+            raise _architecture_mismatch(path, model, metadata, here, without_head)
 
     calls = _select_calls(path, metadata["methods"], methods, blocks)
     saved_paths = metadata["model"]["block_paths"]
@@ -383,7 +400,6 @@ def load_delta(
     )
     if beyond:
         raise SurgeryError(f"{path} records surgery on block {beyond[0]}, but its model had {len(saved_paths)} blocks")
-    model_paths = [block.path for block in discover(model).blocks]
     shared = sorted({p for p in saved_paths + model_paths if saved_paths.count(p) > 1 or model_paths.count(p) > 1})
     if shared and (blocks is not None or block_map is not None):
         # tensors are matched to blocks by path: blocks that share one (TNT's inner and outer
@@ -430,7 +446,7 @@ def load_delta(
         if target is not None and (method is None or method in taken_methods):
             chosen[target] = tensor
 
-    current = json.loads(json.dumps(surgery_record(model)))
+    current = json.loads(json.dumps(surgery_record(root)))
     planned: List[List[Insertion]] = []
     if current:
         if current != calls:
@@ -442,9 +458,9 @@ def load_delta(
         dtypes = {}
     else:
         with sizes_only():  # the recorded options' sizes, checked against the file before any allocation
-            sized = _plan_recorded(model, path, calls)
+            sized = _plan_recorded(root, path, calls)
         planned_tensors = {
-            f"{insertion.path}.{key}": tensor
+            join(root_path, f"{insertion.path}.{key}"): tensor
             for insertions in sized
             for insertion in insertions
             for key, tensor in insertion.module.state_dict().items()
@@ -461,7 +477,7 @@ def load_delta(
         # the whole delta: every running statistic of the base was trained and saved (a choice of blocks
         # takes those it finds and leaves the model's own elsewhere)
         base_state = model.state_dict()
-        expected.update({name: list(base_state[name].shape) for name in statistics_names(model)})
+        expected.update({join(root_path, name): list(base_state[join(root_path, name)].shape) for name in statistics_names(root)})
     missing = sorted(name for name in expected if name not in chosen)
     if missing:
         raise SurgeryError(f"{path} lacks tensors the surgery needs: {', '.join(missing[:5])}")
@@ -487,11 +503,33 @@ def load_delta(
     _check_values(path, chosen, {name: dtypes.get(name, state[name].dtype if name in state else None) for name in chosen})
 
     if not current:
-        planned = _apply_recorded(model, path, calls, statistics)
+        planned = _apply_recorded(root, path, calls, statistics)
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for name, tensor in chosen.items():
             targets[name].copy_(tensor)
-    if planned:
-        set_trainable(model, set(base_names) | (set() if head else model_head))
+    if planned:  # flags are the root's: parameters outside it (a wrapper's own head) keep theirs
+        trainable = set(base_names) | (set() if head else model_head)
+        prefix = f"{root_path}." if root_path else ""
+        set_trainable(root, {name[len(prefix) :] for name in trainable if name.startswith(prefix)})
     return model
+
+
+def _recorded_root(model: nn.Module, path: PathLike, root_path: str) -> Tuple[str, nn.Module]:
+    """The submodule of ``model`` the file's surgery sits in, refused when ``model`` has none of that
+    path, or carries surgery somewhere else."""
+    try:
+        root = model.get_submodule(root_path)
+    except AttributeError:
+        raise SurgeryError(
+            f"{path} records surgery applied to the submodule {root_path!r}, which {type(model).__name__} does not "
+            "have: load it into the module it was saved from"
+        ) from None
+    elsewhere = [p for p, _ in surgery_roots(model) if p != root_path]
+    if elsewhere or (inserted_modules(model) and not surgery_roots(model)):
+        where = repr(elsewhere[0]) if elsewhere else "a module enclosing it"
+        raise SurgeryError(
+            f"{type(model).__name__} carries surgery applied to {where}, and {path} holds surgery applied to "
+            f"{root_path or 'the model itself'!r}; remove it first or load into a fresh model"
+        )
+    return root_path, root
