@@ -74,12 +74,13 @@ def _nested_models(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 def _declares_no_head(model: nn.Module) -> bool:
     """Whether ``model`` is a model without a classifier by construction: a timm model built with
-    ``num_classes=0``, a transformers base model (``ViTModel``: its ``base_model`` is itself), open_clip's
+    ``num_classes=0``, a transformers base model (``ViTModel``, not a ``*ForTask`` class), open_clip's
     vision tower, or a module holding nothing but such models (no parameter outside them)."""
     if _is_model(model):  # timm's get_classifier() has answered: a head without parameters means none
         return (
             callable(getattr(model, "get_classifier", None))
             or getattr(model, "base_model", None) is model
+            or not re.search(r"For[A-Z]", type(model).__name__)  # transformers' heads are *ForTask classes
             or type(model).__module__.startswith("open_clip.")
         )
     nested = _nested_models(model)

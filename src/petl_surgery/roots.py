@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import SurgeryError
 from .inventory import inserted_modules
-from .statistics import adapted_names, state_of
+from .statistics import adapted_names, state_of, statistics_names
 
 
 def join(prefix: str, name: str) -> str:
@@ -84,3 +84,12 @@ def adapted_names_under(model: nn.Module) -> Set[str]:
     """state_dict names (as ``model`` names them) of the running statistics that belong to the delta of
     each root under ``model`` (see ``apply``'s ``statistics``)."""
     return {join(path, name) for path, root in surgery_roots(model) for name in adapted_names(root)}
+
+
+def statistics_outside(model: nn.Module, root_path: str) -> Set[str]:
+    """state_dict names of the running statistics of ``model`` outside the root at ``root_path``: those of
+    a wrapper's own parts (a segmentation decoder's BatchNorm), which train as the user trains them and
+    belong to the delta with the wrapper's trainable parameters. None when the surgery sits at the root."""
+    if not root_path:
+        return set()
+    return {name for name in statistics_names(model) if not name.startswith(root_path + ".")}

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..version import __version__
 from ..wrappers import inner
-from ..roots import adapted_names_under, join, sole_root, surgery_roots
+from ..roots import adapted_names_under, join, sole_root, statistics_outside, surgery_roots
 from ..api import commit, plan, remove
 from ..errors import SurgeryError
 from ..freezing import head_parameter_names, set_trainable
@@ -48,7 +48,7 @@ def save(model: nn.Module, path: PathLike) -> None:
     ``model`` may be the module surgery was applied to or any module holding it (a LightningModule-like
     wrapper after ``apply(net.backbone, ...)``): names are then ``model``'s, the file records the
     submodule the surgery sits in (``root``), and the wrapper's own trainable parameters (a new head)
-    are saved with the delta. Separate surgeries applied to several submodules are refused, naming them.
+    and running statistics outside the submodule are saved with the delta. Separate surgeries applied to several submodules are refused, naming them.
     """
     model = inner(model, changes=False)  # a compile or DDP wrapper's keys would load nowhere
     check_path(path)
@@ -57,7 +57,7 @@ def save(model: nn.Module, path: PathLike) -> None:
     root_path, root = sole_root(model, "save")
     delta = delta_names(model)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    adapted = adapted_names_under(model)
+    adapted = adapted_names_under(model) | statistics_outside(model, root_path)
     tensors = {
         name: tensor.detach().to("cpu", copy=True).contiguous()
         for name, tensor in _unique_state(model).items()
@@ -486,7 +486,8 @@ def load_delta(
     if unexpected:
         raise SurgeryError(f"{path} has tensors this model does not have: {', '.join(unexpected[:5])}")
     parameters = {name for name, _ in model.named_parameters()}
-    buffers = sorted(name for name in base_names if name not in parameters)
+    outside = statistics_outside(model, root_path)  # a wrapper's own running statistics, saved with its parameters
+    buffers = sorted(name for name in base_names if name not in parameters and name not in outside)
     if buffers:
         raise SurgeryError(
             f"{path} holds base buffers outside its surgery (statistics={statistics!r}): {', '.join(buffers[:5])}"
@@ -511,7 +512,7 @@ def load_delta(
     if planned:  # flags are the root's: parameters outside it (a wrapper's own head) keep theirs
         trainable = set(base_names) | (set() if head else model_head)
         prefix = f"{root_path}." if root_path else ""
-        set_trainable(root, {name[len(prefix) :] for name in trainable if name.startswith(prefix)})
+        set_trainable(root, {name[len(prefix) :] for name in trainable if name.startswith(prefix) and name in parameters})
     return model
 
 
