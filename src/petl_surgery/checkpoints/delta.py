@@ -23,6 +23,7 @@ from ..methods.base import CHILD_PREFIX, OUTSIDE_BLOCKS, sizes_only
 from ..sites import discover
 from ..statistics import adapted_names, mode_of, resolve_mode, statistics_names
 from .files import PathLike, check_path, read, write_atomic
+from .plain import assign, plain_names, plain_state
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -55,8 +56,8 @@ def save(model: nn.Module, path: PathLike) -> None:
     if not inserted_modules(model):
         raise SurgeryError(f"{type(model).__name__} carries no petl_surgery method: there is no delta to save")
     root_path, root = sole_root(model, "save")
-    delta = delta_names(model)
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    delta = plain_names(delta_names(model))
+    trainable = plain_names(name for name, p in model.named_parameters() if p.requires_grad)
     adapted = adapted_names_under(model) | statistics_outside(model, root_path)
     tensors = {
         name: tensor.detach().to("cpu", copy=True).contiguous()
@@ -64,7 +65,7 @@ def save(model: nn.Module, path: PathLike) -> None:
         if name in delta or name in trainable or name in adapted
     }
     shapes = base_shapes(model, delta)
-    heads = head_parameter_names(model)
+    heads = plain_names(head_parameter_names(model))
     block_paths = _block_paths(root_path, root)
     without_head = {n: s for n, s in shapes.items() if n not in heads}
     metadata = {
@@ -93,10 +94,11 @@ def _block_paths(root_path: str, root: nn.Module) -> List[str]:
 
 
 def _unique_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The state_dict with each tensor under its first name only (shared modules appear under several)."""
+    """The state_dict with each tensor under its first name only (shared modules appear under several),
+    parametrized tensors under their plain names with their computed values (see :mod:`.plain`)."""
     unique: Dict[str, torch.Tensor] = {}
     seen = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in plain_state(model).items():
         if id(tensor) not in seen:
             seen.add(id(tensor))
             unique[name] = tensor
@@ -111,7 +113,7 @@ def _architecture_mismatch(
     recorded = metadata["base_shapes"]  # the saved base's names and shapes, the head included
     differing = [name for name in recorded if name in shapes and recorded[name] != shapes[name]]
     listed = ", ".join(f"{n}: checkpoint {recorded[n]}, model {shapes[n]}" for n in differing[:5])
-    model_head = head_parameter_names(model)
+    model_head = plain_names(head_parameter_names(model))
     head_only = set(differing) | (set(recorded) ^ set(shapes)) <= set(metadata["head"]) | model_head
     if head_only and fingerprint(
         {n: s for n, s in shapes.items() if n not in model_head}
@@ -382,10 +384,10 @@ def load_delta(
     statistics = resolve_mode(root, metadata["statistics"])  # decode checked it
     model_paths = _block_paths(root_path, root)
     here = model_description(model, model_paths, root)
-    delta_now = delta_names(model)
+    delta_now = plain_names(delta_names(model))
     shapes = base_shapes(model, delta_now)
     saved_head: Set[str] = set(metadata["head"])
-    model_head = head_parameter_names(model)
+    model_head = plain_names(head_parameter_names(model))
     if block_map is None:
         if head and fingerprint(shapes) != metadata["fingerprint"]:
             raise _architecture_mismatch(path, model, metadata, here, shapes)
@@ -485,7 +487,7 @@ def load_delta(
     unexpected = sorted(name for name in base_names if name not in shapes)
     if unexpected:
         raise SurgeryError(f"{path} has tensors this model does not have: {', '.join(unexpected[:5])}")
-    parameters = {name for name, _ in model.named_parameters()}
+    parameters = plain_names(name for name, _ in model.named_parameters())
     outside = statistics_outside(model, root_path)  # a wrapper's own running statistics, saved with its parameters
     buffers = sorted(name for name in base_names if name not in parameters and name not in outside)
     if buffers:
@@ -500,15 +502,14 @@ def load_delta(
     if wrong:
         raise SurgeryError(f"{path} has tensors of the wrong shape: {', '.join(wrong[:5])}")
 
-    state = model.state_dict()
+    state = plain_state(model)
     _check_values(path, chosen, {name: dtypes.get(name, state[name].dtype if name in state else None) for name in chosen})
 
     if not current:
         planned = _apply_recorded(root, path, calls, statistics)
-    targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for name, tensor in chosen.items():
-            targets[name].copy_(tensor)
+            assign(model, name, tensor)
     if planned:  # flags are the root's: parameters outside it (a wrapper's own head) keep theirs
         trainable = set(base_names) | (set() if head else model_head)
         prefix = f"{root_path}." if root_path else ""

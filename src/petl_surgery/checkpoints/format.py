@@ -35,6 +35,7 @@ from torch import nn
 from ..errors import SurgeryError
 from ..inserted import OUTSIDE_BLOCKS
 from ..statistics import MODES as STATISTICS_MODES
+from .plain import plain_state
 
 FORMAT_NAME = "petl_surgery.delta"
 FORMAT_VERSION = 1
@@ -42,8 +43,9 @@ METADATA_KEY = "petl_surgery"
 
 
 def base_shapes(model: nn.Module, delta: Set[str]) -> Dict[str, list]:
-    """Names and shapes of the base model's state_dict (inserted tensors left out)."""
-    return {name: list(tensor.shape) for name, tensor in model.state_dict().items() if name not in delta}
+    """Names and shapes of the base model's state_dict, parametrized tensors under their plain names
+    (inserted tensors left out)."""
+    return {name: list(tensor.shape) for name, tensor in plain_state(model).items() if name not in delta}
 
 
 def fingerprint(shapes: Mapping[str, list]) -> str:

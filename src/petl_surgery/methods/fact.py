@@ -60,6 +60,7 @@ from ..errors import SurgeryError
 from ..inserted import SHARED_BLOCK
 from ..sites import Block
 from .base import (
+    block_diagonal,
     CHILD_PREFIX,
     Hook,
     Insertion,
@@ -230,7 +231,7 @@ class FactorTuning(MergeableModule):
     def _expansion(self, inc: Increment) -> torch.Tensor:
         """V for each slice of the target's output: block-diagonal ``(slices d) x (slices r)`` (fc2: V)."""
         v = self._pair.v
-        return v if inc.columns or inc.slices == 1 else torch.block_diag(*[v] * inc.slices)
+        return v if inc.columns or inc.slices == 1 else block_diagonal([v] * inc.slices)
 
     def add_increment(self, producer: str, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         """``output + s * V dropout(K U x)`` on the channels of each target of ``producer``. Targets lying

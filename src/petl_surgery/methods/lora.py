@@ -24,6 +24,7 @@ from torch import nn
 
 from ..sites import Block
 from .base import (
+    block_diagonal,
     Insertion,
     MergeableModule,
     Method,
@@ -184,7 +185,7 @@ class LowRankAdapter(MergeableModule):
     def _placed_b(self, stack: "_Stack", channels: int) -> torch.Tensor:
         pairs = [self.pair(name) for name in stack.names]
         if stack.tiles == channels:  # the targets lie end to end over the whole output, in order
-            return pairs[0].lora_B if len(pairs) == 1 else torch.block_diag(*[pair.lora_B for pair in pairs])
+            return pairs[0].lora_B if len(pairs) == 1 else block_diagonal([pair.lora_B for pair in pairs])
         first = pairs[0].lora_B
         rank = first.shape[1]
         placed = first.new_zeros(channels, rank * len(pairs))

@@ -46,6 +46,7 @@ from ..errors import SurgeryError
 from ..hooks import hook_owner
 from ..sites import Block, Projection
 from .base import (
+    block_diagonal,
     CHILD_PREFIX,
     SUBLAYERS,
     Hook,
@@ -134,7 +135,7 @@ class ReparameterisableAdapter(MergeableModule):
         if self.groups == 1:
             return weight
         width, per_group = weight.shape
-        return torch.block_diag(*weight.view(self.groups, width // self.groups, per_group).unbind(0))
+        return block_diagonal(weight.view(self.groups, width // self.groups, per_group).unbind(0))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """``s (B dropout(A x + a) + b)`` for channels-last ``x``."""
