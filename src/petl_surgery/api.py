@@ -10,9 +10,9 @@ from torch import nn
 from .errors import SurgeryError
 from .freezing import (
     compile_patterns,
+    head_parameter_names,
     remember_original_flags,
     restore_original_flags,
-    head_parameter_names,
     set_trainable,
     trained_head_names,
     unfrozen_names,
@@ -159,18 +159,17 @@ def apply(
     """Insert ``method`` into ``model`` in place, freeze the rest, and return the same model.
 
     Args:
-        model: a timm (or torch) model; its class, parameters and state_dict keys stay as they are.
-        method: "patt", "adapter", "bapat", "lora", "prefix", "vpt", "ssf", "houlsby", "adapter_plus",
-            "convpass", "repadapter", "fact" or "dora" (see the README for each).
-        layers: which blocks: None (all), an int, an iterable of ints or a slice, over the global block
-            index of :func:`blocks` (negative indices count from the end). Not with LoRA's and SSF's
-            ``modules`` option, which chooses layers by name pattern instead (any model, blocks or not).
         model: a timm (or torch, transformers, open_clip) model, or any module holding one (a
             LightningModule-like wrapper, a detection or segmentation model): the surgery then sits in
             the module given, whichever submodule holds the blocks. Its class, parameters and state_dict
             keys stay as they are. Further methods go to the same module; ``save``, ``load``, ``summary``,
             ``merge`` and ``remove`` take it or any module holding it (``apply(net.backbone, ...)``, then
             ``save(net, ...)``).
+        method: "patt", "adapter", "bapat", "lora", "prefix", "vpt", "ssf", "houlsby", "adapter_plus",
+            "convpass", "repadapter", "fact" or "dora" (see the README for each).
+        layers: which blocks: None (all), an int, an iterable of ints or a slice, over the global block
+            index of :func:`blocks` (negative indices count from the end). Not with LoRA's and SSF's
+            ``modules`` option, which chooses layers by name pattern instead (any model, blocks or not).
         train_head: keep the classifier head trainable (default True). Where a head is expected (the
             model is or holds a timm, transformers or open_clip model) and none is found, this raises a
             SurgeryError naming ``head=``, unless the model has none by construction: a timm model built

@@ -60,7 +60,6 @@ from ..errors import SurgeryError
 from ..inserted import SHARED_BLOCK
 from ..sites import Block
 from .base import (
-    block_diagonal,
     CHILD_PREFIX,
     Hook,
     Insertion,
@@ -69,6 +68,7 @@ from .base import (
     UnsupportedBlockError,
     Write,
     added_into_channels,
+    block_diagonal,
     check_choice,
     check_number,
     check_positive_int,

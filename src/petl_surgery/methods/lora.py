@@ -24,12 +24,12 @@ from torch import nn
 
 from ..sites import Block
 from .base import (
-    block_diagonal,
     Insertion,
     MergeableModule,
     Method,
     UnsupportedBlockError,
     Write,
+    block_diagonal,
     branch_input,
     check_number,
     check_positive_int,

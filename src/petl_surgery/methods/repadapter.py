@@ -46,7 +46,6 @@ from ..errors import SurgeryError
 from ..hooks import hook_owner
 from ..sites import Block, Projection
 from .base import (
-    block_diagonal,
     CHILD_PREFIX,
     SUBLAYERS,
     Hook,
@@ -56,6 +55,7 @@ from .base import (
     PetlModule,
     UnsupportedBlockError,
     attention_of,
+    block_diagonal,
     branch_input,
     check_number,
     check_positive_int,
