@@ -148,7 +148,9 @@ def test_the_dynamo_onnx_exporter_gives_the_models_outputs_merged_and_unmerged(m
 def test_torch_export_gives_the_models_outputs(method):
     model = surgered(method)
     x = images(batch=1)
-    program = torch.export.export(model, (x,))
+    # non-strict, the default of recent torch (2.14 here); torch 2.6's strict export refuses any model with a hook on
+    # the model itself ("whole graph export entails exactly one guard export"), as surgery's guard is
+    program = torch.export.export(model, (x,), strict=False)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
