@@ -529,9 +529,12 @@ def _recorded_root(model: nn.Module, path: PathLike, root_path: str) -> Tuple[st
         ) from None
     elsewhere = [p for p, _ in surgery_roots(model) if p != root_path]
     if elsewhere or (inserted_modules(model) and not surgery_roots(model)):
-        where = repr(elsewhere[0]) if elsewhere else "a module enclosing it"
+        def named(place: str) -> str:
+            return repr(place) if place else "the model itself"
+
+        where = named(elsewhere[0]) if elsewhere else "a module enclosing it"
         raise SurgeryError(
             f"{type(model).__name__} carries surgery applied to {where}, and {path} holds surgery applied to "
-            f"{root_path or 'the model itself'!r}; remove it first or load into a fresh model"
+            f"{named(root_path)}; remove it first or load into a fresh model"
         )
     return root_path, root
