@@ -16,6 +16,7 @@ from .freezing import (
     remember_original_flags,
     restore_original_flags,
     set_trainable,
+    trained_head_names,
     unfrozen_names,
 )
 from .hooks import hook_owner
@@ -23,6 +24,7 @@ from .inventory import delta_names, inserted_modules, next_order
 from .methods import Insertion, PetlModule, capable, get_method
 from .methods.base import MergeableModule, options_dict
 from .patches import undo_patches
+from .roots import check_apply_target, check_not_nested, sole_root, surgery_roots
 from .selection import LayerSelection, select_layers
 from .sites import Block, discover
 from .statistics import give_back_statistics, resolve_mode, take_statistics
@@ -162,15 +164,28 @@ def apply(
     """Insert ``method`` into ``model`` in place, freeze the rest, and return the same model.
 
     Args:
-        model: a timm (or torch) model; its class, parameters and state_dict keys stay as they are.
+        model: a timm (or torch, transformers, open_clip) model, or any module holding one (a
+            LightningModule-like wrapper, a detection or segmentation model): the surgery then sits in
+            the module given, whichever submodule holds the blocks. Its class, parameters and state_dict
+            keys stay as they are. Further methods go to the same module; ``save``, ``load``, ``summary``,
+            ``merge`` and ``remove`` take it or any module holding it (``apply(net.backbone, ...)``, then
+            ``save(net, ...)``).
         method: the name of a registered method (``petl_surgery.METHODS``: "patt", "lora", "vpt", ...;
             see the methods' pages).
         layers: which blocks: None (all), an int, an iterable of ints or a slice, over the global block
             index of :func:`blocks` (negative indices count from the end). Not with LoRA's and SSF's
             ``modules`` option, which chooses layers by name pattern instead (any model, blocks or not).
-        train_head: keep the classifier head trainable (default True).
+        train_head: keep the classifier head trainable (default True). Where a head is expected (the
+            model is or holds a timm, transformers or open_clip model) and none is found, this raises a
+            SurgeryError naming ``head=``, unless the model has none by construction: a timm model built
+            with ``num_classes=0``, a transformers base model (``ViTModel``), open_clip's vision tower,
+            or a module holding only such models. A wrapper holding a timm model with ``num_classes=0``
+            beside a classifier of its own under an unconventional name raises. A plain torch model
+            without a conventional head trains none. Pass ``train_head=False`` to train no head.
         head: module path(s) of the classifier head; by default timm's ``get_classifier()``, or for
-            other models the first of ``heads.head``, ``head``, ``heads``, ``fc``, ``classifier``.
+            other models the first of ``heads.head``, ``head``, ``heads``, ``fc``, ``classifier`` that
+            holds parameters, or else the heads of the outermost timm or transformers models the module
+            holds (``net.backbone.head``).
         unfreeze: regular expressions (``re.search`` on parameter names) of further base parameters to
             train, e.g. ``r"norm"`` or ``r"\\.bias$"``.
         skip_unsupported: skip the chosen blocks the method cannot operate on (attention that is not a
@@ -207,6 +222,7 @@ def apply(
             raise OptionError(
                 f"branch_dtype is supported by methods {', '.join(capable('takes_branch_dtype'))}; not by {method!r}"
             )
+    check_apply_target(inner(model))
     mode = resolve_mode(inner(model), statistics)
     insertions = plan(model, method, layers, skip_unsupported, **options)
     if branch_dtype is not None:
@@ -214,7 +230,7 @@ def apply(
             insertion.module.to(dtype=branch_dtype)
     excluded = delta_names(model)
     trainable = unfrozen_names(model, compile_patterns(unfreeze), excluded)
-    heads = head_parameter_names(model, head)
+    heads = trained_head_names(model, head) if train_head else head_parameter_names(model, head)
     if train_head:
         trainable |= heads
     commit(model, insertions, mode)
@@ -232,6 +248,9 @@ def remove(
     outputs, state_dict (running statistics included), requires_grad flags and train/eval modes are
     exactly those it had before the first apply (the modes as last set by ``train()``/``eval()``).
 
+    ``model`` may be the module surgery was applied to or any module holding it; surgeries applied
+    separately to several of its submodules are each removed from their own.
+
     Deprecated: ``method="lora"`` works and warns; pass ``methods=["lora"]``.
     """
     if method is not None:
@@ -243,7 +262,8 @@ def remove(
         methods = [methods]
     if methods is not None and (not isinstance(methods, (list, tuple)) or not methods):
         raise OptionError(f"methods must be a method name or a non-empty list of them; got {methods!r}")
-    present = inserted_modules(inner(model))
+    model = inner(model)
+    present = inserted_modules(model)
     if not present:
         raise SurgeryError(f"{type(model).__name__} carries no petl_surgery method to remove")
     if methods is not None:
@@ -253,8 +273,14 @@ def remove(
         absent = [name for name in methods if name not in applied]
         if absent:
             raise SurgeryError(f"method {absent[0]!r} is not applied to this model; applied: {', '.join(applied)}")
-        present = [(path, module) for path, module in present if module.method in methods]
-    _take_out(model, present)
+    roots = surgery_roots(model)
+    if not roots:
+        sole_root(model, "remove surgery from")  # applied to an enclosing module: raises naming it
+    check_not_nested(model, roots, "remove surgery from")
+    for _, root in roots:  # each surgery's flags and statistics go back to the module they were taken from
+        chosen = [(path, module) for path, module in inserted_modules(root) if methods is None or module.method in methods]
+        if chosen:
+            _take_out(root, chosen)
     return model
 
 
@@ -297,9 +323,14 @@ def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
     Every module reads what it needs from the unmerged model before any is folded (``before_merge``).
     Once nothing else is left, the model's state_dict has exactly the plain model's keys, and its outputs
     equal the unmerged model's up to floating-point rounding (statistics adapted with
-    ``statistics="adapt"`` stay in the merged model).
+    ``statistics="adapt"`` stay in the merged model). ``model`` may be the module surgery was applied to
+    or any module holding it.
     """
-    present = inserted_modules(inner(model))
+    model = inner(model)
+    if not inserted_modules(model):
+        raise SurgeryError(f"{type(model).__name__} carries no mergeable method (LoRA, DoRA, FacT, SSF, ...); applied: none")
+    _, model = sole_root(model, "merge")
+    present = inserted_modules(model)
     mergeable = [(path, module) for path, module in present if isinstance(module, MergeableModule)]
     mergeable = sorted(
         [item for item in mergeable if not item[1].acts_on_input], key=lambda item: item[1].order
@@ -360,5 +391,8 @@ def _kept_before(module: MergeableModule, host: nn.Module, merged: Set[int]) -> 
 
 
 def summary(model: nn.Module) -> Summary:
-    """A table of trainable parameters per method and per block, with totals and share of the model."""
+    """A table of trainable parameters per method and per block, with totals and share of the model.
+
+    ``model`` may be the module surgery was applied to or any module holding it (paths are then named
+    from ``model``, and its head is found as ``apply`` finds it)."""
     return summarize(inner(model, changes=False))

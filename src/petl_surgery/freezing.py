@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable, List, Optional, Sequence, Set, Union
+from typing import Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from torch import nn
 
@@ -17,8 +17,11 @@ CONVENTIONAL_HEADS = ("heads.head", "head", "heads", "fc", "classifier")
 
 
 def find_heads(model: nn.Module, head: Optional[Union[str, Sequence[str]]] = None) -> List[nn.Module]:
-    """The classifier head module(s): the ones named by ``head`` (module paths), else timm's
-    ``get_classifier()`` (both heads of a distilled model), else the first conventional name present."""
+    """The classifier head module(s): the ones named by ``head`` (module paths), else the model's own
+    (timm's ``get_classifier()``, both heads of a distilled model; else the first conventional name
+    present), else those of the outermost models it holds (a LightningModule-like wrapper holding a timm
+    or transformers classifier as ``self.backbone``). A timm model built with ``num_classes=0`` gives its
+    ``nn.Identity``: a head without parameters. Several nested models give the heads of all of them."""
     if head is not None:
         names = [head] if isinstance(head, str) else list(head)
         modules = []
@@ -28,6 +31,15 @@ def find_heads(model: nn.Module, head: Optional[Union[str, Sequence[str]]] = Non
             except AttributeError:
                 raise OptionError(f"head {name!r} is not a module of {type(model).__name__}") from None
         return modules
+    own = _own_heads(model)
+    if own is not None:
+        return own
+    return [head for _, nested in _nested_models(model) for head in _own_heads(nested) or ()]
+
+
+def _own_heads(model: nn.Module) -> Optional[List[nn.Module]]:
+    """The heads ``model`` names itself (timm's ``get_classifier()``, or a conventional name holding
+    parameters), None when it names none."""
     getter = getattr(model, "get_classifier", None)
     if callable(getter):
         heads = getter()
@@ -39,7 +51,65 @@ def find_heads(model: nn.Module, head: Optional[Union[str, Sequence[str]]] = Non
             continue
         if any(True for _ in module.parameters()):
             return [module]
-    return []
+    return None
+
+
+def _is_model(module: nn.Module) -> bool:
+    """A module that is a whole model of a zoo: timm's (``get_classifier``), a transformers
+    ``PreTrainedModel`` or open_clip's vision tower."""
+    if callable(getattr(module, "get_classifier", None)):
+        return True
+    classes = type(module).__mro__
+    return any(c.__name__ == "PreTrainedModel" for c in classes) or type(module).__module__.startswith("open_clip.")
+
+
+def _nested_models(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The outermost zoo models held below ``model`` (not ``model`` itself), with their paths."""
+    found: List[Tuple[str, nn.Module]] = []
+    for path, module in model.named_modules():
+        if path and _is_model(module) and not any(path.startswith(outer + ".") for outer, _ in found):
+            found.append((path, module))
+    return found
+
+
+def _declares_no_head(model: nn.Module) -> bool:
+    """Whether ``model`` is a model without a classifier by construction: a timm model built with
+    ``num_classes=0``, a transformers base model (``ViTModel``, not a ``*ForTask`` class), open_clip's
+    vision tower, or a module holding nothing but such models (no parameter outside them)."""
+    if _is_model(model):  # timm's get_classifier() has answered: a head without parameters means none
+        return (
+            callable(getattr(model, "get_classifier", None))
+            or getattr(model, "base_model", None) is model
+            or not re.search(r"For[A-Z]", type(model).__name__)  # transformers' heads are *ForTask classes
+            or type(model).__module__.startswith("open_clip.")
+        )
+    nested = _nested_models(model)
+    inside = {id(p) for _, module in nested for p in module.parameters()}
+    return bool(nested) and all(id(p) in inside for p in model.parameters()) and all(
+        _declares_no_head(module) for _, module in nested
+    )
+
+
+def trained_head_names(model: nn.Module, head: Optional[Union[str, Sequence[str]]] = None) -> Set[str]:
+    """The parameter names of the head ``apply(..., train_head=True)`` trains.
+
+    Where a head is expected and none is found, this raises naming ``head=``: the model is a zoo model
+    (timm, transformers, open_clip) or holds one, and neither it nor a conventional name gives a head with
+    parameters, unless it has none by construction (:func:`_declares_no_head`). So a timm model built
+    with ``num_classes=0`` trains none without a word, while a wrapper holding one beside parameters of
+    its own (its own classifier under an unconventional name) raises. A plain torch model from no zoo
+    gives no such evidence: without a conventional name it trains no head (name it with ``head=``)."""
+    modules = find_heads(model, head)
+    found = any(True for module in modules for _ in module.parameters())
+    expected = _is_model(model) or bool(_nested_models(model))
+    if head is None and not found and expected and not _declares_no_head(model):
+        nested = ", ".join(repr(path) for path, _ in _nested_models(model))
+        holding = f" (it holds the models {nested}, and parameters outside them)" if nested else ""
+        raise SurgeryError(
+            f"found no classifier head in {type(model).__name__}{holding}: name it with head='module.path' (or a "
+            f"list of paths), or pass train_head=False to train none"
+        )
+    return head_parameter_names(model, head)
 
 
 def head_parameter_names(model: nn.Module, head: Optional[Union[str, Sequence[str]]] = None) -> Set[str]:

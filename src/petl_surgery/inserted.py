@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Mapping
 
 from torch import nn
 
+from .errors import SurgeryError
 from .hooks import remove_hooks_of
 
 CHILD_PREFIX = "petl_"
@@ -42,3 +43,21 @@ class PetlModule(nn.Module):
     def detach_hooks(self, root: nn.Module) -> None:
         """Remove every hook this module registered anywhere under ``root``."""
         remove_hooks_of(root, self)
+
+    def keep_out_of_quantization(self) -> None:
+        """Mark this module and its children ``qconfig = None``, which torch.ao.quantization reads as "leave
+        in float": ``quantize_dynamic`` (and eager ``prepare``/``convert``) then quantize the base's layers
+        and leave the branches, which read their own weights as tensors, as they are."""
+        for module in self.modules():
+            module.qconfig = None
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script`` on every module before it compiles any: refuse with the ways
+        that work, instead of TorchScript's error about a hook it cannot compile."""
+        raise SurgeryError(
+            f"torch.jit.script cannot compile a model carrying petl_surgery's {self.method!r} (an inserted "
+            f"{type(self).__name__}): its branches run in forward hooks and patched forwards, which TorchScript "
+            "does not compile. Use torch.jit.trace(model, example_inputs), torch.export.export, or the ONNX "
+            "exporter (torch.onnx.export(..., dynamo=True)); or merge (petl_surgery.merge) or remove the surgery "
+            "first"
+        )

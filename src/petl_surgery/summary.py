@@ -11,7 +11,8 @@ from .freezing import head_parameter_names
 from .inserted import SHARED_BLOCK
 from .inventory import delta_names, inserted_modules
 from .sites import discover
-from .statistics import DEFAULT_MODE, adapted_names, mode_of
+from .roots import adapted_names_under, surgery_roots
+from .statistics import DEFAULT_MODE, mode_of
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,9 @@ class Summary:
         total: all parameters of the model, inserted ones included.
         unsupported: what site discovery could not operate on, one line each (attention modules it
             does not understand, attention that q/k/v methods must refuse), with the reason.
-        statistics: ``"frozen"`` or ``"adapt"`` (see ``apply``'s ``statistics``).
+        statistics: ``"frozen"`` or ``"adapt"`` (see ``apply``'s ``statistics``); for a module holding
+            surgeries applied separately to submodules with different settings, both, as
+            ``"adapt, frozen"``.
         adapted_statistics: with ``"adapt"``, the elements of the base's running-statistics buffers
             that the delta holds (not parameters: not in ``trainable``), by buffer name.
         shared: inserted parameters that no single block owns (FacT's factors), by method; counted in
@@ -125,6 +128,8 @@ def summarize(model: nn.Module) -> Summary:
     ]
     delta = delta_names(model)
     heads = head_parameter_names(model)
+    adapted = adapted_names_under(model)
+    modes = sorted({mode_of(root) or DEFAULT_MODE for _, root in surgery_roots(model)}) or [DEFAULT_MODE]
     parameters = dict(model.named_parameters())
     head = sum(p.numel() for name, p in parameters.items() if name in heads and p.requires_grad)
     other = {
@@ -141,7 +146,7 @@ def summarize(model: nn.Module) -> Summary:
         trainable=sum(p.numel() for p in parameters.values() if p.requires_grad),
         total=sum(p.numel() for p in parameters.values()),
         unsupported=unsupported,
-        statistics=mode_of(model) or DEFAULT_MODE,
-        adapted_statistics={name: b.numel() for name, b in model.named_buffers() if name in adapted_names(model)},
+        statistics=", ".join(modes),
+        adapted_statistics={name: b.numel() for name, b in model.named_buffers() if name in adapted},
         shared=shared,
     )

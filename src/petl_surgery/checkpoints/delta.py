@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
 
 from ..version import __version__
 from ..wrappers import inner
+from ..roots import adapted_names_under, join, sole_root, statistics_outside, surgery_roots
 from ..errors import CheckpointError, OptionError, SurgeryError, UnsupportedModelError
 from ..replay import RecordedCall, commit_calls, plan_calls
 from ..freezing import head_parameter_names, set_trainable
@@ -23,6 +24,7 @@ from ..methods.base import CHILD_PREFIX, OUTSIDE_BLOCKS, sizes_only
 from ..sites import discover
 from ..statistics import adapted_names, mode_of, resolve_mode, statistics_names
 from .files import PathLike, check_path, read, write_atomic
+from .plain import assign, plain_names, plain_state
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -44,30 +46,37 @@ def save(model: nn.Module, path: PathLike) -> None:
     base tensors made trainable) and, with ``statistics="adapt"``, the base's running statistics, under
     their state_dict names, and metadata describing the surgery (see
     :mod:`petl_surgery.checkpoints.format`). No pickle is involved.
+
+    ``model`` may be the module surgery was applied to or any module holding it (a LightningModule-like
+    wrapper after ``apply(net.backbone, ...)``): names are then ``model``'s, the file records the
+    submodule the surgery sits in (``root``), and the wrapper's own trainable parameters (a new head)
+    and running statistics outside the submodule are saved with the delta. Separate surgeries applied to several submodules are refused, naming them.
     """
     model = inner(model, changes=False)  # a compile or DDP wrapper's keys would load nowhere
     check_path(path)
     if not inserted_modules(model):
         raise SurgeryError(f"{type(model).__name__} carries no petl_surgery method: there is no delta to save")
-    delta = delta_names(model)
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    adapted = adapted_names(model)
+    root_path, root = sole_root(model, "save")
+    delta = plain_names(delta_names(model))
+    trainable = plain_names(name for name, p in model.named_parameters() if p.requires_grad)
+    adapted = adapted_names_under(model) | statistics_outside(model, root_path)
     tensors = {
         name: tensor.detach().to("cpu", copy=True).contiguous()
         for name, tensor in _unique_state(model).items()
         if name in delta or name in trainable or name in adapted
     }
     shapes = base_shapes(model, delta)
-    heads = head_parameter_names(model)
-    block_paths = [block.path for block in discover(model).blocks]
+    heads = plain_names(head_parameter_names(model))
+    block_paths = _block_paths(root_path, root)
     without_head = {n: s for n, s in shapes.items() if n not in heads}
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "methods": surgery_record(model),
-        "statistics": mode_of(model),
-        "model": model_description(model, block_paths),
+        "root": root_path,
+        "methods": surgery_record(root),
+        "statistics": mode_of(root),
+        "model": model_description(model, block_paths, root),
         "head": sorted(heads),
         "base_shapes": shapes,
         "fingerprint": fingerprint(shapes),
@@ -79,11 +88,18 @@ def save(model: nn.Module, path: PathLike) -> None:
     write_atomic(path, tensors, encode(metadata))
 
 
+def _block_paths(root_path: str, root: nn.Module) -> List[str]:
+    """The paths of the blocks of the surgery's root (the ones its block indices count), named from the
+    module holding it."""
+    return [join(root_path, block.path) for block in discover(root).blocks]
+
+
 def _unique_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The state_dict with each tensor under its first name only (shared modules appear under several)."""
+    """The state_dict with each tensor under its first name only (shared modules appear under several),
+    parametrized tensors under their plain names with their computed values (see :mod:`.plain`)."""
     unique: Dict[str, torch.Tensor] = {}
     seen = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in plain_state(model).items():
         if id(tensor) not in seen:
             seen.add(id(tensor))
             unique[name] = tensor
@@ -91,14 +107,14 @@ def _unique_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def _architecture_mismatch(
-    path: PathLike, model: nn.Module, metadata: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, list]
+    path: PathLike, model: nn.Module, metadata: Mapping[str, Any], here: Mapping[str, Any], shapes: Mapping[str, list]
 ) -> CheckpointError:
+    """The refusal of a file saved from another architecture; ``here`` is the model's description."""
     saved = metadata["model"]
-    here = model_description(model, [block.path for block in discover(model).blocks])
     recorded = metadata["base_shapes"]  # the saved base's names and shapes, the head included
     differing = [name for name in recorded if name in shapes and recorded[name] != shapes[name]]
     listed = ", ".join(f"{n}: checkpoint {recorded[n]}, model {shapes[n]}" for n in differing[:5])
-    model_head = head_parameter_names(model)
+    model_head = plain_names(head_parameter_names(model))
     head_only = set(differing) | (set(recorded) ^ set(shapes)) <= set(metadata["head"]) | model_head
     if head_only and fingerprint(
         {n: s for n, s in shapes.items() if n not in model_head}
@@ -310,7 +326,7 @@ def load_delta(
     """
     _check_arguments(model, path, head, methods, blocks)
     tensors, metadata = _read_checked(model, path)
-    target = _Target.of(model, metadata)
+    target = _Target.of(model, metadata, path)
     if block_map is None:
         _check_architecture(path, model, metadata, tensors, target, head)
     selection = _select(path, model, metadata, tensors, target, head, methods, blocks, block_map)
@@ -329,12 +345,19 @@ class _Target:
     delta_now: Set[str]
     shapes: Dict[str, Any]
     head: Set[str]
+    root_path: str  # the submodule the file's surgery sits in ("" for the model itself)
+    root: nn.Module
+    model_paths: List[str]  # the root's blocks, named from the model
+    here: Dict[str, Any]  # the model's description, as save writes it
 
     @classmethod
-    def of(cls, model: nn.Module, metadata: Dict[str, Any]) -> "_Target":
-        statistics = resolve_mode(model, metadata["statistics"])  # decode checked it
-        delta_now = delta_names(model)
-        return cls(statistics, delta_now, base_shapes(model, delta_now), head_parameter_names(model))
+    def of(cls, model: nn.Module, metadata: Dict[str, Any], path: PathLike) -> "_Target":
+        root_path, root = _recorded_root(model, path, metadata.get("root", ""))
+        statistics = resolve_mode(root, metadata["statistics"])  # decode checked it
+        delta_now = plain_names(delta_names(model))
+        model_paths = _block_paths(root_path, root)
+        return cls(statistics, delta_now, base_shapes(model, delta_now), plain_names(head_parameter_names(model)),
+                   root_path, root, model_paths, model_description(model, model_paths, root))
 
 
 @dataclass
@@ -367,10 +390,10 @@ def _check_architecture(path: PathLike, model: nn.Module, metadata: Dict[str, An
                         target: _Target, head: bool) -> None:
     """Without a block map, the model's base shapes (with or without the head) are the saved model's."""
     if head and fingerprint(target.shapes) != metadata["fingerprint"]:
-        raise _architecture_mismatch(path, model, metadata, tensors, target.shapes)
+        raise _architecture_mismatch(path, model, metadata, target.here, target.shapes)
     without_head = {n: s for n, s in target.shapes.items() if n not in target.head}
     if not head and fingerprint(without_head) != metadata["fingerprint_without_head"]:
-        raise _architecture_mismatch(path, model, metadata, tensors, without_head)
+        raise _architecture_mismatch(path, model, metadata, target.here, without_head)
 
 
 def _select(
@@ -393,7 +416,7 @@ def _select(
     )
     if beyond:
         raise CheckpointError(f"{path} records surgery on block {beyond[0]}, but its model had {len(saved_paths)} blocks")
-    model_paths = [block.path for block in discover(model).blocks]
+    model_paths = target.model_paths
     shared = sorted({p for p in saved_paths + model_paths if saved_paths.count(p) > 1 or model_paths.count(p) > 1})
     if shared and (blocks is not None or block_map is not None):
         # tensors are matched to blocks by path: blocks that share one (TNT's inner and outer
@@ -447,7 +470,7 @@ def _plan(path: PathLike, model: nn.Module, calls: List[Dict[str, Any]], target:
     """Stage 3, plan: the delta's tensor shapes and dtypes the surgery needs, from a sizes-only plan of the
     recorded calls on a model without surgery, or from the model's own modules when it already carries
     exactly that surgery; and the surgery the model carries (empty: none)."""
-    current = json.loads(json.dumps(surgery_record(model)))
+    current = json.loads(json.dumps(surgery_record(target.root)))
     if current:
         if current != calls:
             raise CheckpointError(
@@ -457,9 +480,9 @@ def _plan(path: PathLike, model: nn.Module, calls: List[Dict[str, Any]], target:
         expected = {name: list(t.shape) for name, t in _unique_state(model).items() if name in target.delta_now}
         return expected, {}, current
     with sizes_only():  # the recorded options' sizes, checked against the file before any allocation
-        sized = plan_calls(model, _recorded(calls), str(path))
+        sized = plan_calls(target.root, _recorded(calls), str(path))
     planned_tensors = {
-        f"{insertion.path}.{key}": tensor
+        join(target.root_path, f"{insertion.path}.{key}"): tensor
         for insertions in sized
         for insertion in insertions
         for key, tensor in insertion.module.state_dict().items()
@@ -485,7 +508,8 @@ def _verify(path: PathLike, model: nn.Module, selection: _Selection, expected: D
         # the whole delta: every running statistic of the base was trained and saved (a choice of blocks
         # takes those it finds and leaves the model's own elsewhere)
         base_state = model.state_dict()
-        expected.update({name: list(base_state[name].shape) for name in statistics_names(model)})
+        expected.update({join(target.root_path, name): list(base_state[join(target.root_path, name)].shape)
+                         for name in statistics_names(target.root)})
     missing = sorted(name for name in expected if name not in chosen)
     if missing:
         raise CheckpointError(f"{path} lacks tensors the surgery needs: {', '.join(missing[:5])}")
@@ -493,8 +517,9 @@ def _verify(path: PathLike, model: nn.Module, selection: _Selection, expected: D
     unexpected = sorted(name for name in base_names if name not in shapes)
     if unexpected:
         raise CheckpointError(f"{path} has tensors this model does not have: {', '.join(unexpected[:5])}")
-    parameters = {name for name, _ in model.named_parameters()}
-    buffers = sorted(name for name in base_names if name not in parameters)
+    parameters = plain_names(name for name, _ in model.named_parameters())
+    outside = statistics_outside(model, target.root_path)  # a wrapper's own running statistics, saved with its parameters
+    buffers = sorted(name for name in base_names if name not in parameters and name not in outside)
     if buffers:
         raise CheckpointError(
             f"{path} holds base buffers outside its surgery (statistics={statistics!r}): {', '.join(buffers[:5])}"
@@ -507,7 +532,7 @@ def _verify(path: PathLike, model: nn.Module, selection: _Selection, expected: D
     if wrong:
         raise CheckpointError(f"{path} has tensors of the wrong shape: {', '.join(wrong[:5])}")
 
-    state = model.state_dict()
+    state = plain_state(model)
     _check_values(path, chosen, {name: dtypes.get(name, state[name].dtype if name in state else None) for name in chosen})
     return base_names
 
@@ -516,10 +541,35 @@ def _commit(path: PathLike, model: nn.Module, selection: _Selection, current: li
             target: _Target, head: bool) -> None:
     """Stage 5, commit: replay the recorded calls on a model without surgery, then copy the tensors; the
     saved base parameters (and, with ``head=False``, the model's own head) are trainable afterwards."""
-    planned = [] if current else commit_calls(model, _recorded(selection.calls), target.statistics, str(path))
-    targets = model.state_dict(keep_vars=True)
+    planned = [] if current else commit_calls(target.root, _recorded(selection.calls), target.statistics, str(path))
     with torch.no_grad():
         for name, tensor in selection.chosen.items():
-            targets[name].copy_(tensor)
-    if planned:
-        set_trainable(model, set(base_names) | (set() if head else target.head))
+            assign(model, name, tensor)
+    if planned:  # flags are the root's: parameters outside it (a wrapper's own head) keep theirs
+        trainable = set(base_names) | (set() if head else target.head)
+        parameters = plain_names(name for name, _ in model.named_parameters())
+        prefix = f"{target.root_path}." if target.root_path else ""
+        set_trainable(target.root, {name[len(prefix):] for name in trainable if name.startswith(prefix) and name in parameters})
+
+
+def _recorded_root(model: nn.Module, path: PathLike, root_path: str) -> Tuple[str, nn.Module]:
+    """The submodule of ``model`` the file's surgery sits in, refused when ``model`` has none of that
+    path, or carries surgery somewhere else."""
+    try:
+        root = model.get_submodule(root_path)
+    except AttributeError:
+        raise CheckpointError(
+            f"{path} records surgery applied to the submodule {root_path!r}, which {type(model).__name__} does not "
+            "have: load it into the module it was saved from"
+        ) from None
+    elsewhere = [p for p, _ in surgery_roots(model) if p != root_path]
+    if elsewhere or (inserted_modules(model) and not surgery_roots(model)):
+        def named(place: str) -> str:
+            return repr(place) if place else "the model itself"
+
+        where = named(elsewhere[0]) if elsewhere else "a module enclosing it"
+        raise CheckpointError(
+            f"{type(model).__name__} carries surgery applied to {where}, and {path} holds surgery applied to "
+            f"{named(root_path)}; remove it first or load into a fresh model"
+        )
+    return root_path, root

@@ -4,10 +4,11 @@ A delta checkpoint is one safetensors file. Its tensors are the trainable tensor
 state_dict names; its ``__metadata__`` holds one key, ``petl_surgery``, whose value is this JSON::
 
     {"format": "petl_surgery.delta", "format_version": 1, "library_version": "...",
+     "root": "",                                     # the submodule surgery was applied to ("backbone")
      "methods": [{"method": "bapat", "options": {...}, "blocks": [0, 1, ...]}, ...],   # in apply order
      "statistics": "frozen",                                    # or "adapt": running statistics saved
      "model": {"class": "timm.models...VisionTransformer", "timm_name": "vit_...", "blocks": 12,
-               "block_paths": ["blocks.0", ...]},
+               "block_paths": ["blocks.0", ...]},             # the root's blocks, named from the model
      "head": ["head.weight", "head.bias"],                      # the classifier head's tensors
      "base_shapes": {"patch_embed.proj.weight": [768, 3, 16, 16], ...},  # the base state_dict's
      "fingerprint": "<sha256 of the base state_dict's names and shapes>",
@@ -34,6 +35,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..inserted import OUTSIDE_BLOCKS
 from ..statistics import MODES as STATISTICS_MODES
+from .plain import plain_state
 
 FORMAT_NAME = "petl_surgery.delta"
 FORMAT_VERSION = 1
@@ -41,8 +43,9 @@ METADATA_KEY = "petl_surgery"
 
 
 def base_shapes(model: nn.Module, delta: Set[str]) -> Dict[str, list]:
-    """Names and shapes of the base model's state_dict (inserted tensors left out)."""
-    return {name: list(tensor.shape) for name, tensor in model.state_dict().items() if name not in delta}
+    """Names and shapes of the base model's state_dict, parametrized tensors under their plain names
+    (inserted tensors left out)."""
+    return {name: list(tensor.shape) for name, tensor in plain_state(model).items() if name not in delta}
 
 
 def fingerprint(shapes: Mapping[str, list]) -> str:
@@ -82,9 +85,11 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def model_description(model: nn.Module, block_paths: List[str]) -> Dict[str, Any]:
+def model_description(model: nn.Module, block_paths: List[str], root: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """``model``'s class, the timm name of the model surgery sits in (``root``, default ``model``) and
+    the block paths."""
     cls = type(model)
-    config = getattr(model, "pretrained_cfg", None)
+    config = getattr(model if root is None else root, "pretrained_cfg", None)
     timm_name: Optional[str] = config.get("architecture") if isinstance(config, Mapping) else None
     return {
         "class": f"{cls.__module__}.{cls.__qualname__}",
@@ -154,6 +159,8 @@ def _check_entries(metadata: Mapping[str, Any], path: str) -> None:
         and all(isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape) for shape in shapes.values())
     ):
         raise refuse("'base_shapes' entry (tensor name -> list of sizes)")
+    if not isinstance(metadata.get("root", ""), str):  # absent in files written before nesting: ""
+        raise refuse("'root' entry (a module path)")
     if metadata.get("statistics") not in STATISTICS_MODES:
         expected = " or ".join(map(repr, STATISTICS_MODES))
         raise refuse(f"'statistics' entry {metadata.get('statistics')!r} (expected {expected})")

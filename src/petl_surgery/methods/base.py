@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OptionError, SurgeryError, UnsupportedBlockError  # UnsupportedBlockError: re-exported
@@ -103,6 +104,7 @@ class Insertion:
 
     def commit(self) -> None:
         self.module.train(self.host.training)  # a model in eval mode stays in eval mode
+        self.module.keep_out_of_quantization()
         for patch in self.patches:
             apply_patch(patch, self.module.uid)
         self.host.add_module(self.name, self.module)
@@ -266,7 +268,7 @@ def added_into_channels(
     output: torch.Tensor, dim: int, write: Write, part: torch.Tensor, alpha: float, index: Optional[torch.Tensor]
 ) -> torch.Tensor:
     """A new tensor: ``output`` with ``alpha * part`` added to the channels of ``write`` along ``dim``
-    (``slice_scatter`` for a contiguous slice, ``index_add`` for scattered channels ``index``).
+    (:func:`replaced_slice` for a contiguous slice, ``index_add`` for scattered channels ``index``).
 
     Out of place on purpose: a producer's output may be a view, an autocast or inference-mode tensor, or
     a tensor being functionalised by torch.compile, and an in-place add into it is refused (or silently
@@ -276,8 +278,34 @@ def added_into_channels(
     if index is None:
         start = write.output_start
         updated = output.narrow(dim, start, write.width) + alpha * part
-        return output.slice_scatter(updated, dim, start, start + write.width)
+        return replaced_slice(output, dim, start, updated)
     return output.index_add(dim, index, part, alpha=alpha)
+
+
+def replaced_slice(tensor: torch.Tensor, dim: int, start: int, new: torch.Tensor) -> torch.Tensor:
+    """A new tensor: ``tensor`` with ``new`` in place of its slice ``[start, start + new.shape[dim])``
+    along ``dim`` (what ``slice_scatter`` computes), by concatenation: an op every exporter knows (the
+    legacy ONNX exporter has no ``slice_scatter``)."""
+    dim = dim % tensor.dim()
+    end = start + new.shape[dim]
+    pieces = [tensor.narrow(dim, 0, start)] if start else []
+    pieces.append(new)
+    if end < tensor.shape[dim]:
+        pieces.append(tensor.narrow(dim, end, tensor.shape[dim] - end))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
+def block_diagonal(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.block_diag(*blocks)`` of 2-D tensors, each zero-padded to the full width and stacked: ops
+    every exporter knows (the legacy ONNX exporter has no ``block_diag``)."""
+    if len(blocks) == 1:
+        return blocks[0]
+    total = sum(block.shape[1] for block in blocks)
+    rows, left = [], 0
+    for block in blocks:
+        rows.append(F.pad(block, (left, total - left - block.shape[1])))
+        left += block.shape[1]
+    return torch.cat(rows, 0)
 
 
 def autocast_enabled(device_type: str) -> bool:

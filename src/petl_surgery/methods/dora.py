@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hooks import hook_owner
-from .base import UnsupportedBlockError, branch_input, factory_kwargs
+from ..errors import SurgeryError
+from .base import UnsupportedBlockError, branch_input, factory_kwargs, replaced_slice
 from .lora import Lora, LoraOptions, LowRankAdapter, Target
 from .targets import HostTargets, ResolvedTarget, add_to_rows, foldable_weight
 
@@ -106,7 +107,7 @@ class WeightDecomposedAdapter(LowRankAdapter):
             index = self._index(target)
             if index is None:
                 start = target.write.output_start
-                placed = placed.slice_scatter(scale, 0, start, start + target.write.width)
+                placed = replaced_slice(placed, 0, start, scale)
             else:
                 placed = placed.index_copy(0, index, scale)
         return placed
@@ -127,6 +128,12 @@ class WeightDecomposedAdapter(LowRankAdapter):
         if dropped:
             x = self.dropout(x)
         weight = module.weight
+        if not isinstance(weight, torch.Tensor):  # a quantized projection packs its weight (weight() is a method)
+            raise SurgeryError(
+                f"DoRA on {producer!r} reads the float weight of its projection, which "
+                f"{type(module).__module__}.{type(module).__name__} does not hold (a quantized layer packs it): merge "
+                "DoRA into the base first (petl_surgery.merge), then quantize"
+            )
         channels = out.shape[-1]
         scale = self._scales(producer, weight, channels).to(out.dtype)
         update = F.linear(F.linear(x, self._stacked_a(stack)), self._placed_b(stack, channels)).to(out.dtype)

@@ -68,6 +68,7 @@ from .base import (
     UnsupportedBlockError,
     Write,
     added_into_channels,
+    block_diagonal,
     check_choice,
     check_number,
     check_positive_int,
@@ -230,7 +231,7 @@ class FactorTuning(MergeableModule):
     def _expansion(self, inc: Increment) -> torch.Tensor:
         """V for each slice of the target's output: block-diagonal ``(slices d) x (slices r)`` (fc2: V)."""
         v = self._pair.v
-        return v if inc.columns or inc.slices == 1 else torch.block_diag(*[v] * inc.slices)
+        return v if inc.columns or inc.slices == 1 else block_diagonal([v] * inc.slices)
 
     def add_increment(self, producer: str, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         """``output + s * V dropout(K U x)`` on the channels of each target of ``producer``. Targets lying

@@ -29,6 +29,7 @@ from .base import (
     Method,
     UnsupportedBlockError,
     Write,
+    block_diagonal,
     branch_input,
     check_number,
     check_positive_int,
@@ -184,17 +185,18 @@ class LowRankAdapter(MergeableModule):
     def _placed_b(self, stack: "_Stack", channels: int) -> torch.Tensor:
         pairs = [self.pair(name) for name in stack.names]
         if stack.tiles == channels:  # the targets lie end to end over the whole output, in order
-            return pairs[0].lora_B if len(pairs) == 1 else torch.block_diag(*[pair.lora_B for pair in pairs])
-        first = pairs[0].lora_B
-        rank = first.shape[1]
-        placed = first.new_zeros(channels, rank * len(pairs))
+            return pairs[0].lora_B if len(pairs) == 1 else block_diagonal([pair.lora_B for pair in pairs])
+        # each target's B zero-padded to the output's channels, out of place (an in-place write into a
+        # new tensor gives the dynamo ONNX exporter of torch 2.6 a parameter it cannot name)
+        columns = []
         for number, (pair, write) in enumerate(zip(pairs, stack.writes)):
-            columns = slice(number * rank, (number + 1) * rank)
             if write.index is None:
-                placed[write.output_start : write.output_start + write.width, columns] = pair.lora_B
+                below = channels - write.output_start - write.width
+                columns.append(F.pad(pair.lora_B, (0, 0, write.output_start, below)))
             else:
-                placed[getattr(self, f"index_{stack.names[number]}"), columns] = pair.lora_B
-        return placed
+                index = getattr(self, f"index_{stack.names[number]}")
+                columns.append(pair.lora_B.new_zeros(channels, pair.lora_B.shape[1]).index_copy(0, index, pair.lora_B))
+        return torch.cat(columns, 1)
 
     def producers(self) -> List[str]:
         return list(dict.fromkeys(target.producer for target in self.targets))

@@ -121,7 +121,7 @@ class ParallelAttentionBranch(PetlModule):
         """``output[channels of producer] += scale * up(tanh(down(x)))`` in place; with several producers
         (separate k and v projections), each computes only its own rows of ``up``. One contiguous run of
         channels in a channels-last output takes the fused path (``.fused``); anything else two linears,
-        a tanh and one out-of-place add (``slice_scatter`` or ``index_add``) per run of channels."""
+        a tanh and one out-of-place add (a concatenation or ``index_add``) per run of channels."""
         dim = self.channel_dim
         low, high = self._rows[producer]
         up_weight, up_bias = self.up.weight, self.up.bias

@@ -55,6 +55,7 @@ from .base import (
     PetlModule,
     UnsupportedBlockError,
     attention_of,
+    block_diagonal,
     branch_input,
     check_number,
     check_positive_int,
@@ -134,7 +135,7 @@ class ReparameterisableAdapter(MergeableModule):
         if self.groups == 1:
             return weight
         width, per_group = weight.shape
-        return torch.block_diag(*weight.view(self.groups, width // self.groups, per_group).unbind(0))
+        return block_diagonal(weight.view(self.groups, width // self.groups, per_group).unbind(0))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """``s (B dropout(A x + a) + b)`` for channels-last ``x``."""
