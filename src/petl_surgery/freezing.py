@@ -105,7 +105,7 @@ def trained_head_names(model: nn.Module, head: Optional[Union[str, Sequence[str]
     if head is None and not found and expected and not _declares_no_head(model):
         nested = ", ".join(repr(path) for path, _ in _nested_models(model))
         holding = f" (it holds the models {nested}, and parameters outside them)" if nested else ""
-        raise SurgeryError(
+        raise OptionError(
             f"found no classifier head in {type(model).__name__}{holding}: name it with head='module.path' (or a "
             f"list of paths), or pass train_head=False to train none"
         )

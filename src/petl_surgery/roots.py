@@ -13,7 +13,7 @@ from typing import List, Set, Tuple
 
 from torch import nn
 
-from .errors import SurgeryError
+from .errors import UnsupportedModelError
 from .inventory import inserted_modules
 from .statistics import adapted_names, state_of, statistics_names
 
@@ -34,12 +34,12 @@ def check_apply_target(model: nn.Module) -> None:
     that one root holds one setting and one set of original flags), or in a module enclosing it."""
     below = [path for path, _ in surgery_roots(model) if path]
     if below:
-        raise SurgeryError(
+        raise UnsupportedModelError(
             f"{type(model).__name__} holds surgery applied to its submodule {below[0]!r}: apply further methods to "
             f"that submodule (model.get_submodule({below[0]!r})), or remove its surgery first"
         )
     if state_of(model) is None and inserted_modules(model):
-        raise SurgeryError(
+        raise UnsupportedModelError(
             f"{type(model).__name__} carries surgery applied to a module that encloses it: apply further methods "
             "to that module"
         )
@@ -52,7 +52,7 @@ def check_not_nested(model: nn.Module, roots: List[Tuple[str, nn.Module]], actio
     for outer in paths:
         for path in paths:
             if path != outer and (outer == "" or path.startswith(outer + ".")):
-                raise SurgeryError(
+                raise UnsupportedModelError(
                     f"cannot {action} {type(model).__name__}: it holds surgery applied to {outer or 'itself'!r} "
                     f"and, separately, to its submodule {path!r}; remove one of them"
                 )
@@ -65,18 +65,18 @@ def sole_root(model: nn.Module, action: str) -> Tuple[str, nn.Module]:
     check_not_nested(model, roots, action)
     if len(roots) > 1:
         listed = ", ".join(repr(path or "(the model itself)") for path, _ in roots)
-        raise SurgeryError(
+        raise UnsupportedModelError(
             f"cannot {action} {type(model).__name__}: it holds separate surgeries applied to the submodules "
             f"{listed}, each with its own statistics setting and blocks. {action.capitalize()} each submodule on "
             "its own (model.get_submodule(path)), or apply every method to one module that holds them all"
         )
     if not roots:
         if inserted_modules(model):
-            raise SurgeryError(
+            raise UnsupportedModelError(
                 f"cannot {action} {type(model).__name__}: its surgery was applied to a module that encloses it; "
                 f"{action} that module"
             )
-        raise SurgeryError(f"{type(model).__name__} carries no petl_surgery method")
+        raise UnsupportedModelError(f"{type(model).__name__} carries no petl_surgery method")
     return roots[0]
 
 

@@ -31,7 +31,7 @@ def select_layers(layers: LayerSelection, count: int) -> List[int]:
     if isinstance(layers, slice):
         for bound in (layers.start, layers.stop):  # Python clips a slice; a bound past the blocks is a mistake
             if isinstance(bound, int) and not -count <= bound <= count:
-                raise SurgeryError(
+                raise OptionError(
                     f"layers={layers!r} is out of range: the model has {count} blocks (a slice's bounds run "
                     f"from -{count} to {count})"
                 )
