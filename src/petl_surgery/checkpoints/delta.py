@@ -22,7 +22,7 @@ from ..inventory import delta_names, inserted_modules, surgery_record
 from ..methods import get_method
 from ..methods.base import CHILD_PREFIX, OUTSIDE_BLOCKS, sizes_only
 from ..sites import discover
-from ..statistics import adapted_names, mode_of, resolve_mode, statistics_names
+from ..statistics import mode_of, resolve_mode, statistics_names
 from .files import PathLike, check_path, read, write_atomic
 from .plain import assign, plain_names, plain_state
 from .format import (
