@@ -569,7 +569,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     result = run_study(args.grid, args.out, device=device, plot=not args.no_plot)
     print(f"{len(result.rows)} runs ({result.trained} trained now, {result.reused} finished before): {result.csv}"
-          + (f", {result.plot}" if result.plot else ""))
+          + "".join(f", {path}" for path in (result.gains, result.plot, result.gains_plot) if path))
     return 0
 
 
