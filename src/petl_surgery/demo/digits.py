@@ -85,6 +85,14 @@ class DigitsTask:
         chosen = torch.cat([pool[torch.randperm(len(pool), generator=generator)[:shots]] for pool in pools])
         return images[chosen], labels[chosen]
 
+    def train_pool(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Every image outside the test pools (about 120 per class), in class order: the pool few-shot
+        training sets are drawn from."""
+        images, labels = _digits()
+        _, pools = _split()
+        chosen = torch.cat(pools)
+        return images[chosen], labels[chosen]
+
     def test_set(self, per_class: int, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
         """The first ``per_class`` (at most :data:`TEST_POOL`) held-out images of every class; the same
         for every seed (the split is fixed)."""

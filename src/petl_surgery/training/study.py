@@ -60,6 +60,8 @@ GRID_KEYS: Dict[str, Tuple[Tuple[type, ...], Any]] = {
     "model_args": ((dict,), {}),
     "image_size": ((int, type(None)), None),
     "pretrained": ((bool,), False),
+    "weights": ((str, type(None)), None),
+    "cache_images": ((bool,), False),
     "format": ((str,), "auto"),
     "train_split": ((str, type(None)), None),
     "eval_split": ((str, type(None)), None),
@@ -75,7 +77,7 @@ RUN_KEYS: Dict[str, Tuple[Tuple[type, ...], Any]] = {
     "init": ((str, type(None)), None),
 }
 # the grid's settings a finished run depends on besides its own (method, options, layers, shots, seed)
-COMMON = ("model", "model_args", "image_size", "pretrained", "data", "format", "train_split", "eval_split",
+COMMON = ("model", "model_args", "image_size", "pretrained", "weights", "data", "format", "train_split", "eval_split",
           "epochs", "batch_size", "lr", "weight_decay", "precision")
 CSV_COLUMNS = ("method", "options", "layers", "init", "shots", "seed", "trainable_parameters", "delta_bytes", "accuracy",
                "seconds", "run")
@@ -118,6 +120,22 @@ class StudyResult:
     gains: Optional[Path] = None  # gains.csv, where the grid has an init other than random
     gains_plot: Optional[Path] = None
     messages: List[str] = field(default_factory=list)
+
+
+class Remembered(torch.utils.data.Dataset):
+    """A dataset whose items are computed once and kept (grid key ``cache_images``): the study's
+    preprocessing is deterministic, so an image read again would be the same tensor."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset, self.samples, self.kept = dataset, dataset.samples, {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        if index not in self.kept:
+            self.kept[index] = self.dataset[index]
+        return self.kept[index]
 
 
 def _check_type(value: Any, types: Tuple[type, ...], key: str) -> None:
@@ -173,7 +191,9 @@ def load_grid(grid: Union[str, Path, Mapping[str, Any]]) -> Dict[str, Any]:
     """The grid (a JSON file or a mapping) with every key checked and the defaults filled in; a bad
     one raises StudyError naming the key. Required: ``model``, ``data``, ``epochs``, ``batch_size``,
     ``lr``, ``runs`` (each ``method``, optional ``options`` and ``layers``) and ``seeds``; optional:
-    ``model_args`` ({}), ``image_size`` (the model's), ``pretrained`` (false), ``format`` ("auto"),
+    ``model_args`` ({}), ``image_size`` (the model's), ``pretrained`` (false), ``weights`` (null: a local
+    file of pretrained weights, loaded as ``train --weights`` loads it), ``cache_images`` (false: true
+    keeps the preprocessed images in memory across epochs and runs, for data that fits), ``format`` ("auto"),
     ``train_split`` and ``eval_split`` (the format's), ``shots`` ([null]: every image),
     ``weight_decay`` (1e-4), ``precision`` ("none"), ``inits`` (["random"]: each run from each of these
     inits, "random" or a delta checkpoint's path), and per run ``init`` (that run from this init only)."""
@@ -195,6 +215,10 @@ def load_grid(grid: Union[str, Path, Mapping[str, Any]]) -> Dict[str, Any]:
             raise StudyError(f"grid key {key!r} must be at least 1; got {filled[key]}")
     if filled["format"] not in FORMATS:
         raise StudyError(f"grid key 'format' {filled['format']!r} is not one of {', '.join(FORMATS)}")
+    if filled["weights"] is not None and filled["pretrained"]:
+        raise StudyError("grid keys 'weights' and 'pretrained' exclude each other: weights from a file or the hub's")
+    if filled["weights"] is not None and not Path(filled["weights"]).is_file():
+        raise StudyError(f"grid key 'weights': no weights file at {filled['weights']}")
     if filled["precision"] not in PRECISIONS:
         raise StudyError(f"grid key 'precision' {filled['precision']!r} is not one of {', '.join(PRECISIONS)}")
     if not filled["runs"]:
@@ -237,7 +261,11 @@ def _build(grid: Mapping[str, Any], classes: int, seed: int) -> torch.nn.Module:
     model_args = dict(grid["model_args"])
     if grid["image_size"]:
         model_args.setdefault("img_size", grid["image_size"])
-    torch.manual_seed(seed)  # the base's weights without pretrained ones
+    torch.manual_seed(seed)  # the base's weights without pretrained ones, and the head's
+    if grid["weights"]:
+        from .weights import create_with_weights
+
+        return create_with_weights(grid["model"], grid["weights"], num_classes=classes, **model_args)
     return timm.create_model(grid["model"], pretrained=grid["pretrained"], num_classes=classes, **model_args)
 
 
@@ -357,6 +385,10 @@ def run_study(
                 )
     except DataError as error:
         raise StudyError(f"grid key 'data': {error}") from None
+    if grid["cache_images"]:
+        evaluation = Remembered(evaluation)
+        for data in data_of.values():
+            data.train = Remembered(data.train)
     evaluated = {path for path, _ in evaluation.samples}
     for data in data_of.values():
         shared = [path for path, _ in data.train.samples if path in evaluated]
