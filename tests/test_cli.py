@@ -88,8 +88,8 @@ def test_demo_command(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "REDUCED", demo.MICRO)
     assert cli.main(["demo", "--out", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
-    assert "identical" in out and (tmp_path / "d" / "pvp_fewshot.csv").is_file()
-    assert sorted(p.name for p in (tmp_path / "d").glob("*.safetensors")) == ["pvp_lora.safetensors", "pvp_patt.safetensors"]
+    assert "what the intervals support" in out and (tmp_path / "d" / "pvp_fewshot.csv").is_file()
+    assert sorted(p.name for p in (tmp_path / "d" / "studies").iterdir()) == ["digits", "glyphs", "source"]
     try:
         import matplotlib  # noqa: F401
     except ImportError:
