@@ -11,9 +11,10 @@ chosen: docs/demo.md.
    ``petl-surgery study`` runs) over the ImageFolder ``data/source``, the backbone loaded from the file.
 3. Targets (PVP's second stage): per target, one study whose runs are each method from a random init and
    from its source delta (``init``: ``ps.load(model, delta, head=False)``), at every shot count and
-   seed, plus each method from random in the upper half of the blocks (the V-PETL trade-off). The
-   targets: scikit-learn's handwritten digits (real images, the ``demo`` extra) and 10 glyph classes
-   seen by neither source.
+   seed; and for the V-PETL trade-off a study of each method from random in the upper half of the
+   blocks, at the largest shot count. The targets: scikit-learn's handwritten digits (real images, the
+   ``demo`` extra) and 10 glyph classes seen by neither source. The studies run side by side in
+   ``processes`` processes.
 4. The report: accuracy per cell, the paired gain of the pre-trained init with its 95% interval per
    target and pooled over the targets (:mod:`petl_surgery.training.intervals`, as the study's own
    ``gains.csv``), what the intervals support, the trade-off; CSV files and a plot.
@@ -22,6 +23,12 @@ chosen: docs/demo.md.
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -59,7 +66,7 @@ class DemoConfig:
     targets: Tuple[str, ...] = ("digits", "glyphs")
     shots: Tuple[int, ...] = (1, 4, 16)
     seeds: Tuple[int, ...] = (0, 1, 2, 3, 4, 5)
-    tradeoff_target: Optional[str] = "digits"  # its study also trains every method, random, in the upper half
+    tradeoff_target: Optional[str] = "digits"  # a study of every method, random, in the upper half, largest shots
     # the backbone
     patch_size: int = 8
     embed_dim: int = 96
@@ -79,9 +86,10 @@ class DemoConfig:
     target_glyph_classes: int = 10
     target_pool_per_class: int = 40  # the glyph target's training pool, shots drawn from it
     test_per_class: int = 30
-    epochs: int = 8
+    epochs: int = 12
     batch_size: int = 32
-    lr: float = 5e-3
+    lr: float = 1e-2
+    processes: int = 2  # the target studies run side by side in this many processes (one torch thread each)
     seed: int = 0
 
     def method_list(self) -> List[str]:
@@ -108,7 +116,7 @@ FULL = replace(REDUCED, name="full", methods=("vpt", "lora", "adapter", "patt", 
 MICRO = replace(REDUCED, name="micro", methods=("lora", "patt"), shots=(1, 2), seeds=(0, 1, 2), embed_dim=32,
                 depth=2, num_heads=2, backbone_glyph_classes=4, backbone_per_class=2, backbone_epochs=1,
                 source_classes=4, source_per_class=4, source_epochs=1, target_glyph_classes=3,
-                target_pool_per_class=3, test_per_class=2, epochs=1, batch_size=16)
+                target_pool_per_class=3, test_per_class=2, epochs=1, batch_size=16, processes=1)
 
 
 @dataclass
@@ -152,11 +160,17 @@ class DemoReport:
     skipped_methods: List[str] = field(default_factory=list)
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished child processes (the target studies')."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 @contextlib.contextmanager
 def _timed(report: DemoReport, stage: str) -> Any:
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu = time.perf_counter(), _cpu_seconds()
     yield
-    report.timings[stage] = (time.perf_counter() - wall, time.process_time() - cpu)
+    report.timings[stage] = (time.perf_counter() - wall, _cpu_seconds() - cpu)
 
 
 def build_model(config: DemoConfig, num_classes: int) -> torch.nn.Module:
@@ -227,6 +241,72 @@ def _grid(config: DemoConfig, weights: Path, data: Path, runs: List[Dict[str, An
     return grid
 
 
+def _target_studies(
+    config: DemoConfig, methods: Sequence[str], targets: Mapping[str, Target], sources: Mapping[str, Path], weights: Path,
+    out: Path,
+) -> List[Tuple[str, Path, Dict[str, Any]]]:
+    """(name, folder, grid) of every target study: per target each method from random and from its source
+    delta; for the trade-off target a study of each method, random, in the upper half at the largest
+    shot count (the all-block runs it is compared with are the target study's)."""
+    from ..training.initialization import RANDOM
+
+    studies = []
+    for name in targets:
+        runs = [{"method": m, "options": METHOD_OPTIONS[m], "init": init} for m in methods
+                for init in (RANDOM, str(sources[m]))]
+        studies.append((name, out / "studies" / name, _grid(config, weights, out / "data" / name, runs)))
+    if config.tradeoff_target in targets:
+        runs = [{"method": m, "options": METHOD_OPTIONS[m], "layers": config.upper_half()} for m in methods]
+        name = config.tradeoff_target
+        studies.append((f"{name}-upper-half", out / "studies" / f"{name}-upper-half",
+                        _grid(config, weights, out / "data" / name, runs, shots=[max(config.shots)])))
+    return studies
+
+
+def _run_studies(
+    studies: Sequence[Tuple[str, Path, Dict[str, Any]]], processes: int, training_log: Path, plot: bool
+) -> List[List[Dict[str, Any]]]:
+    """The studies' rows, in order. With one process, each study runs here (:func:`run_study`); with
+    more, each is ``python -m petl_surgery study GRID --out FOLDER --threads 1``, the command a user
+    runs, up to ``processes`` of them at a time; their output goes to ``training_log``."""
+    from ..training import run_study
+
+    processes = max(1, min(processes, len(studies), os.cpu_count() or 1))
+    if processes == 1:
+        rows = []
+        with open(training_log, "a") as stream, contextlib.redirect_stderr(stream):
+            for _, folder, grid in studies:
+                rows.append(run_study(grid, folder, device="cpu", plot=plot, log=lambda line: None).rows)
+        return rows
+    package_root = str(Path(__file__).resolve().parents[2])  # where petl_surgery imports from, for the children
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    waiting = list(studies)
+    running: List[Tuple[str, subprocess.Popen]] = []
+    with open(training_log, "a") as stream:
+        while waiting or running:
+            while waiting and len(running) < processes:
+                name, folder, grid = waiting.pop(0)
+                folder.mkdir(parents=True, exist_ok=True)
+                grid_file = folder.parent / f"{name}.json"
+                grid_file.write_text(json.dumps(grid, indent=2) + "\n")
+                command = [sys.executable, "-m", "petl_surgery", "study", str(grid_file), "--out", str(folder),
+                           "--device", "cpu", "--threads", "1"] + ([] if plot else ["--no-plot"])
+                running.append((name, subprocess.Popen(command, stdout=stream, stderr=stream, env=environment)))
+            name, process = running[0]
+            if process.wait() != 0:
+                for _, other in running[1:]:
+                    other.kill()
+                raise ps.SurgeryError(f"the study {name} failed (exit status {process.returncode}); its output is in "
+                                      f"{training_log}")
+            running.pop(0)
+    return [_read_rows(folder / "results.csv") for _, folder, _ in studies]
+
+
+def _read_rows(path: Path) -> List[Dict[str, Any]]:
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
 def _head_parameters(config: DemoConfig, classes: int) -> int:
     return (config.embed_dim + 1) * classes
 
@@ -257,7 +337,7 @@ def run(
     names = config.target_list()
     left_out = [t for t in config.targets if t not in names]
     quiet = lambda line: None  # noqa: E731  (a study's line per run: the demo prints its own)
-    started_wall, started_cpu = time.perf_counter(), time.process_time()
+    started_wall, started_cpu = time.perf_counter(), _cpu_seconds()
     try:
         with open(out / "training.log", "w") as training_log, contextlib.redirect_stderr(training_log):
             log(f"PVP demonstration ({config.name}): {len(methods)} methods ({', '.join(methods)}), targets "
@@ -300,30 +380,27 @@ def run(
 
             per_target = len(methods) * len(INITS) * len(config.shots) * len(config.seeds)
             log(f"[3/3] few-shot targets: per target one study of {per_target} runs (each method from random and "
-                f"from its source delta, ps.load(..., head=False)), {config.epochs} epochs"
-                + (f"; on '{config.tradeoff_target}' also every method, random, in the upper half (blocks "
-                   f"{config.upper_half()}) for the V-PETL trade-off" if config.tradeoff_target in targets else ""))
+                f"from its source delta, ps.load(..., head=False)), {config.epochs} epochs, lr {config.lr}"
+                + (f"; on '{config.tradeoff_target}' at {max(config.shots)} shots also every method, random, in the "
+                   f"upper half (blocks {config.upper_half()}) for the V-PETL trade-off"
+                   if config.tradeoff_target in targets else ""))
+            studies = _target_studies(config, methods, targets, report.checkpoints, weights, out)
             with _timed(report, "targets"):
-                for name, target in targets.items():
-                    runs = [{"method": m, "options": METHOD_OPTIONS[m], "init": init}
-                            for m in methods for init in (RANDOM, str(report.checkpoints[m]))]
-                    if name == config.tradeoff_target:
-                        runs += [{"method": m, "options": METHOD_OPTIONS[m], "layers": config.upper_half(),
-                                  "init": RANDOM} for m in methods]
-                    stage = time.perf_counter()
-                    folder = out / "studies" / name
-                    study = run_study(_grid(config, weights, out / "data" / name, runs), folder, device="cpu",
-                                      plot=plot, log=quiet)
-                    report.studies[name] = folder
-                    head = _head_parameters(config, target.num_classes)
-                    for row in study.rows:
-                        report.results.append(Result(
-                            name, target.kind, row["method"], "random" if row["init"] == RANDOM else "pretrained",
-                            int(row["shots"]), int(row["seed"]), float(row["accuracy"]),
-                            "all" if row["layers"] == "all" else POSITIONS[1],
-                            int(row["trainable_parameters"]) - head,
-                        ))
-                    log(f"      {name:<8} {len(study.rows)} runs, {time.perf_counter() - stage:.0f} s; {folder}")
+                finished = _run_studies(studies, config.processes, out / "training.log", plot)
+            for (name, folder, _), rows in zip(studies, finished):
+                report.studies[name] = folder
+                target = targets[name.split("-")[0]]
+                head = _head_parameters(config, target.num_classes)
+                for row in rows:
+                    report.results.append(Result(
+                        target.name, target.kind, row["method"], "random" if row["init"] == RANDOM else "pretrained",
+                        int(row["shots"]), int(row["seed"]), float(row["accuracy"]),
+                        "all" if row["layers"] == "all" else POSITIONS[1],
+                        int(row["trainable_parameters"]) - head,
+                    ))
+                log(f"      {name:<17} {len(rows)} runs; {folder}")
+            log(f"      {_seconds(report.timings['targets'])} in {min(config.processes, len(studies))} process"
+                f"{'es' if min(config.processes, len(studies)) > 1 else ''}")
 
         rows = summarize(report.results)
         gains = gain_rows(report.results)
@@ -341,7 +418,7 @@ def run(
             report.files["plot"], message = write_plot(rows, gains, points, config, methods, targets,
                                                        out / "pvp_fewshot.png")
             log(message)
-        report.timings["total"] = (time.perf_counter() - started_wall, time.process_time() - started_cpu)
+        report.timings["total"] = (time.perf_counter() - started_wall, _cpu_seconds() - started_cpu)
         written = [p.name for key, p in report.files.items() if key != "plot" and p is not None]
         log(f"wrote {', '.join(written)} to {out}; the studies (results.csv, gains.csv, plots, deltas, logs) in "
             f"{out / 'studies'}")
