@@ -92,7 +92,9 @@ def test_demo_command(tmp_path, capsys, monkeypatch):
     assert cli.main(["demo", "--out", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
     assert "what the intervals support" in out and (tmp_path / "d" / "pvp_fewshot.csv").is_file()
-    assert sorted(p.name for p in (tmp_path / "d" / "studies").iterdir()) == ["digits", "digits-upper-half", "glyphs", "source"]
+    studies = tmp_path / "d" / "studies"
+    assert sorted(p.name for p in studies.iterdir() if p.is_dir()) == ["digits", "digits-upper-half", "glyphs", "source"]
+    assert all((studies / name / "results.csv").is_file() for name in ("digits", "digits-upper-half", "glyphs"))
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -4,7 +4,6 @@ over the CSV gives them, resume across the axis, and inits that do not fit refus
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 
@@ -15,7 +14,8 @@ import torch
 import petl_surgery as ps
 from petl_surgery.training import StudyError, run_study, study
 
-from test_study import MODEL_ARGS, grid_for
+from test_study import MODEL_ARGS, fits, grid_for  # noqa: F401  (fits: the fixture, counting fit's calls)
+from test_study import read_rows as read
 
 T_975 = {1: 12.706204736174698, 2: 4.302652729749464, 3: 3.182446305284263}  # Student t tables, two-sided 95%
 
@@ -33,24 +33,6 @@ def make_source(path, patt_mid_dim=4):
                 parameter.normal_(0, 0.5)
     ps.save(model, path)
     return path
-
-
-@pytest.fixture
-def fits(monkeypatch):
-    calls = []
-    real = study.fit
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs["seed"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(study, "fit", counting)
-    return calls
-
-
-def read(path):
-    with path.open() as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_an_init_axis_writes_paired_gains_equal_to_an_independent_computation(vtab_folder, tmp_path, fits):
@@ -161,3 +143,43 @@ def test_an_init_without_the_runs_method_is_refused(vtab_folder, tmp_path, fits)
 def test_bad_inits_are_named(vtab_folder, tmp_path, inits):
     with pytest.raises(StudyError, match="grid key 'inits'"):
         run_study(grid_for(vtab_folder, inits=inits), tmp_path / "s", device="cpu", log=lambda line: None)
+
+
+def test_weights_from_a_file_build_every_runs_base(vtab_folder, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(21)
+    base = timm.create_model("vit_small_patch16_224", num_classes=7, **MODEL_ARGS)
+    save_file({k: v for k, v in base.state_dict().items() if not k.startswith("head.")}, str(tmp_path / "base.safetensors"))
+    seen = []
+    real = study.fit
+
+    def check(model, *args, **kwargs):
+        seen.append(torch.equal(model.patch_embed.proj.weight, base.patch_embed.proj.weight))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(study, "fit", check)
+    grid = grid_for(vtab_folder, weights=str(tmp_path / "base.safetensors"), seeds=[0, 1])
+    run_study(grid, tmp_path / "s", device="cpu", plot=False, log=lambda line: None)
+    assert seen == [True] * 4
+
+
+@pytest.mark.parametrize("change, message", [({"weights": "missing.safetensors"}, "no weights file"),
+                                             ({"weights": "x", "pretrained": True}, "exclude each other")])
+def test_bad_weights_are_refused(vtab_folder, tmp_path, change, message):
+    with pytest.raises(StudyError, match=message):
+        run_study(grid_for(vtab_folder, **change), tmp_path / "s", device="cpu", log=lambda line: None)
+
+
+def test_cached_images_train_and_evaluate_as_read_ones(vtab_folder, tmp_path):
+    grid = grid_for(vtab_folder, seeds=[0])
+    plain = run_study(grid, tmp_path / "plain", device="cpu", plot=False, log=lambda line: None).rows
+    cached = run_study({**grid, "cache_images": True}, tmp_path / "cached", device="cpu", plot=False,
+                       log=lambda line: None).rows
+    assert [r["accuracy"] for r in cached] == [r["accuracy"] for r in plain]
+    from safetensors.torch import load_file
+
+    for row in plain:  # the deltas: the same tensors, bit for bit
+        a = load_file(str(tmp_path / "plain" / "runs" / row["run"] / "delta.safetensors"))
+        b = load_file(str(tmp_path / "cached" / "runs" / row["run"] / "delta.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
