@@ -26,7 +26,6 @@ import contextlib
 import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -161,7 +160,12 @@ class DemoReport:
 
 
 def _cpu_seconds() -> float:
-    """CPU seconds of this process and of its finished child processes (the target studies')."""
+    """CPU seconds of this process and of its finished child processes (the target studies'; on
+    systems without the ``resource`` module, Windows, this process's alone)."""
+    try:
+        import resource
+    except ImportError:
+        return time.process_time()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + children.ru_utime + children.ru_stime
 
