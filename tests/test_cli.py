@@ -87,11 +87,16 @@ def test_train_records_the_statistics_setting_in_the_delta(image_folder, tmp_pat
 def test_demo_command(tmp_path, capsys, monkeypatch):
     from petl_surgery import demo
 
-    monkeypatch.setattr(demo, "REDUCED", demo.MICRO)
+    from dataclasses import replace
+
+    # two processes: the target studies run as `python -m petl_surgery study`, side by side
+    monkeypatch.setattr(demo, "REDUCED", replace(demo.MICRO, processes=2))
     assert cli.main(["demo", "--out", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
-    assert "identical" in out and (tmp_path / "d" / "pvp_fewshot.csv").is_file()
-    assert sorted(p.name for p in (tmp_path / "d").glob("*.safetensors")) == ["pvp_lora.safetensors", "pvp_patt.safetensors"]
+    assert "what the intervals support" in out and (tmp_path / "d" / "pvp_fewshot.csv").is_file()
+    studies = tmp_path / "d" / "studies"
+    assert sorted(p.name for p in studies.iterdir() if p.is_dir()) == ["digits", "digits-upper-half", "glyphs", "source"]
+    assert all((studies / name / "results.csv").is_file() for name in ("digits", "digits-upper-half", "glyphs"))
     try:
         import matplotlib  # noqa: F401
     except ImportError:

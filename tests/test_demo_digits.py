@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import socket
 
-import pytest
 import torch
 
-pytest.importorskip("sklearn")
-
-from petl_surgery.demo import digits as digits_module  # noqa: E402
-from petl_surgery.demo.digits import DIGITS, TEST_POOL  # noqa: E402
+from petl_surgery.demo import digits as digits_module
+from petl_surgery.demo.digits import DIGITS, TEST_POOL
 
 
 def test_digits_load_with_the_network_blocked(monkeypatch):
@@ -28,17 +25,12 @@ def test_digits_load_with_the_network_blocked(monkeypatch):
     assert images.min() == -1.0 and images.max() == 1.0
 
 
-def test_few_shot_draws_are_class_balanced_and_seeded():
-    x, y = DIGITS.few_shot(3, seed=7)
-    assert torch.equal(y, torch.arange(10).repeat_interleave(3)) and x.shape == (30, 3, 32, 32)
-    again, _ = DIGITS.few_shot(3, seed=7)
-    other, _ = DIGITS.few_shot(3, seed=8)
-    assert torch.equal(x, again) and not torch.equal(x, other)
-
-
 def test_test_images_are_never_drawn_for_training():
     test_pools, train_pools = digits_module._split()
     for test, train in zip(test_pools, train_pools):
         assert len(test) == TEST_POOL and not set(test.tolist()) & set(train.tolist())
     x, y = DIGITS.test_set(5)
     assert torch.equal(y, torch.arange(10).repeat_interleave(5)) and DIGITS.kind == "real"
+    pool, labels = DIGITS.train_pool()
+    assert len(pool) == 1797 - 10 * TEST_POOL and torch.equal(labels, labels.sort().values)
+    assert not any(torch.equal(image, test) for test in x for image in pool[::7])

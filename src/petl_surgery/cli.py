@@ -476,10 +476,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from petl_surgery.training.inputs import class_names, run_training_data
     from petl_surgery.training.outputs import check_base, check_output_paths, file_digest, read_run_log
 
-    if args.method is None and args.resume is None:
-        raise UsageError("give --method (a new delta) or --resume DELTA (continue one)")
+    if args.method is None and args.resume is None and args.init is None:
+        raise UsageError("give --method (a new delta), --init DELTA (start from another delta's modules) or "
+                         "--resume DELTA (continue one)")
     if args.method is not None and args.resume is not None:
         raise UsageError("--method and --resume exclude each other: a resumed delta brings its own surgery")
+    init = _init_of(args)  # checked before any data is read
     if args.resume is not None and not Path(args.resume).is_file():
         raise UsageError(f"no delta checkpoint at {args.resume}")
     if args.resume is not None:  # arguments a resumed run would otherwise ignore
@@ -530,9 +532,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     train_set, val_set, classes = data.train, data.val, data.classes
     options = parse_options(args.option)
+    init_record = None
     if args.resume:
         ps.load(model, args.resume)
         what = f"resumed from {args.resume}"
+    elif init is not None:
+        init_record = init.load_into(model, args.method)
+        what = f"{'+'.join(c['method'] for c in init_record['surgery'])} started from {args.init}"
     else:
         ps.apply(model, args.method, layers=parse_layers(args.layers), statistics=args.statistics or "frozen", **options)
         what = f"{args.method}" + (f" ({_format_options(options)})" if options else "")
@@ -551,11 +557,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         "model": args.model,
         "model_args": model_args,
         "pretrained": args.pretrained,
-        "method": args.method,
-        "layers": args.layers or (None if args.resume else "all"),  # a resumed delta brings its own
+        "method": args.method or (init_record and "+".join(c["method"] for c in init_record["surgery"])),
+        "layers": args.layers or (None if args.resume or init_record else "all"),  # a loaded delta brings its own
         "options": options,
         "statistics": summary.statistics,
         "resumed_from": args.resume,
+        "init": init_record,  # the delta the modules started from (path, sha256, what was taken), or None
         **data.record(),  # data, format, split, val, shots, shot_seed, train_images (and the drawn shot_images)
         "val_split": args.val_split,
         "classes": classes,
@@ -611,6 +618,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init_of(args: argparse.Namespace) -> Any:
+    """``--init`` and its options as a :class:`petl_surgery.training.initialization.Init`, or None;
+    combinations that would be ignored are usage errors."""
+    from petl_surgery.training.initialization import Init
+
+    chosen = [name for name, value in (("--init-head", args.init_head), ("--init-methods", args.init_methods),
+                                       ("--init-blocks", args.init_blocks), ("--init-block-map", args.init_block_map))
+              if value]
+    if args.init is None:
+        if chosen:
+            raise UsageError(f"{', '.join(chosen)} choose what --init takes: give --init DELTA")
+        return None
+    if args.resume is not None:
+        raise UsageError("--init and --resume exclude each other: --resume continues a run, --init starts a new one "
+                         "from another delta's modules")
+    ignored = [name for name, value in (("--layers", args.layers), ("-o/--option", args.option),
+                                        ("--statistics", args.statistics)) if value is not None]
+    if ignored:
+        raise UsageError(f"--init takes the surgery from {args.init}: {', '.join(ignored)} would be ignored; leave it "
+                         "out (choose with --init-methods and --init-blocks)")
+    if not Path(args.init).is_file():
+        raise UsageError(f"no delta checkpoint at {args.init}")
+    blocks = parse_layers(args.init_blocks)
+    if isinstance(blocks, slice):
+        raise UsageError(f"--init-blocks {args.init_blocks!r}: give saved block indices (3 or 0,2,4), not a slice")
+    block_map = None
+    if args.init_block_map:
+        try:
+            block_map = {int(a): int(b) for a, _, b in (p.partition(":") for p in args.init_block_map.split(","))}
+        except ValueError:
+            raise UsageError(f"--init-block-map {args.init_block_map!r}: expected saved:model pairs, e.g. 0:2,1:3") from None
+    methods = [m for m in args.init_methods.split(",") if m] if args.init_methods else None
+    return Init(Path(args.init), head=args.init_head, methods=methods,
+                blocks=[blocks] if isinstance(blocks, int) else blocks, block_map=block_map)
+
+
 # -- study ----------------------------------------------------------------------------------------------
 
 
@@ -624,7 +667,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     result = run_study(args.grid, args.out, device=device, plot=not args.no_plot)
     print(f"{len(result.rows)} runs ({result.trained} trained now, {result.reused} finished before): {result.csv}"
-          + (f", {result.plot}" if result.plot else ""))
+          + "".join(f", {path}" for path in (result.gains, result.plot, result.gains_plot) if path))
     return 0
 
 
@@ -635,14 +678,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from petl_surgery import demo
 
     config = demo.FULL if args.full else demo.REDUCED
-    report = demo.run(config, Path(args.out), threads=args.threads, plot=not args.no_plot)
-    identical = all(report.reload_identical.values())
-    written = [path.name for path in report.files.values() if path is not None]
-    print(f"outputs in {args.out}: {', '.join(written)}, delta checkpoints "
-          f"{', '.join(p.name for p in report.checkpoints.values())}")
-    print(f"delta checkpoints saved and reloaded into fresh models: outputs "
-          f"{'identical' if identical else 'NOT identical'}")
-    return 0 if identical else 1
+    demo.run(config, Path(args.out), threads=args.threads, plot=not args.no_plot)
+    return 0
 
 
 # -- main -----------------------------------------------------------------------------------------------
@@ -710,10 +747,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", help="validation data: an ImageFolder directory (same classes), or for vtab and fgvc "
                                   "a split of --data (val200, val)")
     p.add_argument("--val-split", type=float, default=0.0, help="without --val: this fraction of --data validates")
-    p.add_argument("--method", "-m", help="the method to apply (not with --resume)")
+    p.add_argument("--method", "-m", help="the method to apply (not with --resume; with --init, the one to take)")
     p.add_argument("--layers", "-l", help="blocks: all (default), 3, 0,2,4, 6:12; negative as --layers=-4:")
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     p.add_argument("--resume", metavar="DELTA", help="continue from a delta checkpoint (ps.load)")
+    p.add_argument("--init", metavar="DELTA",
+                   help="start from another delta's modules (PVP), its head left out: ps.load(model, DELTA, head=False); "
+                        "with --method, the delta must hold that method and only it is taken")
+    p.add_argument("--init-head", action="store_true", help="with --init: also take its classifier head")
+    p.add_argument("--init-methods", metavar="M1,M2", help="with --init: take only these of its methods")
+    p.add_argument("--init-blocks", metavar="BLOCKS", help="with --init: take only these saved blocks (3 or 0,2,4)")
+    p.add_argument("--init-block-map", metavar="S:M,...",
+                   help="with --init: saved block S goes to model block M (a model of another depth)")
     p.add_argument(
         "--statistics", choices=("frozen", "adapt"), default=None,
         help="the base's BatchNorm statistics: frozen (default) or adapted and saved in the delta",
@@ -752,7 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the PVP few-shot demonstration (reduced size: a few minutes on a CPU)")
     p.add_argument("--out", default="petl_demo", help="output directory (default ./petl_demo)")
-    p.add_argument("--full", action="store_true", help="the full size of examples/pvp_fewshot.py")
+    p.add_argument("--full", action="store_true", help="the full size (more methods, shots and seeds; long)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
     p.add_argument("--no-plot", action="store_true", help="skip the plot")
     p.set_defaults(run=cmd_demo)

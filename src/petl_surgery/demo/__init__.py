@@ -1,32 +1,17 @@
-"""The PVP demonstration: pre-trained PETL modules versus random-init ones on few-shot tasks.
+"""The PVP demonstration: pre-trained PETL modules versus random-init ones on few-shot tasks, run
+through the study a user runs (:func:`petl_surgery.training.run_study`).
 
-``petl-surgery demo`` runs :data:`REDUCED` (a few minutes on 2 CPU cores); ``examples/pvp_fewshot.py``
-runs :data:`FULL`. The target tasks are generated from seeds (:mod:`.tasks`) and, with scikit-learn
-installed (the ``demo`` extra), the real handwritten digits it ships (:mod:`.digits`); nothing is
-downloaded. Gains come with 95% intervals (:mod:`.stats`).
+``petl-surgery demo`` runs :data:`REDUCED`; ``demo --full`` and ``examples/pvp_fewshot.py`` run
+:data:`FULL`. The images are generated from seeds (:mod:`.tasks`, :mod:`.glyphs`) and, with
+scikit-learn installed (the ``demo`` extra), the real handwritten digits it ships (:mod:`.digits`);
+nothing is downloaded. Gains come with 95% intervals (:mod:`petl_surgery.training.intervals`). The
+design and why it was chosen: docs/demo.md.
 """
 
-from .pvp import FULL, MICRO, REDUCED, DemoConfig, DemoReport, Result, run
 from .digits import DIGITS, DigitsTask
-from .targets import TARGETS, targets_by_name
-from .tasks import BACKBONE_TASK, SOURCE_TASK, TARGET_TASKS, Task, few_shot_split, make_images
+from .glyphs import glyph_classes, glyph_images
+from .pvp import FULL, MICRO, REDUCED, DemoConfig, DemoReport, Result, Target, run
+from .tasks import Task, make_images
 
-__all__ = [
-    "BACKBONE_TASK",
-    "DIGITS",
-    "DigitsTask",
-    "TARGETS",
-    "targets_by_name",
-    "FULL",
-    "MICRO",
-    "REDUCED",
-    "SOURCE_TASK",
-    "TARGET_TASKS",
-    "DemoConfig",
-    "DemoReport",
-    "Result",
-    "Task",
-    "few_shot_split",
-    "make_images",
-    "run",
-]
+__all__ = ["DIGITS", "FULL", "MICRO", "REDUCED", "DemoConfig", "DemoReport", "DigitsTask", "Result", "Target", "Task",
+           "glyph_classes", "glyph_images", "make_images", "run"]

@@ -4,8 +4,8 @@
 about 180 per class; from the UCI "Optical Recognition of Handwritten Digits" set) inside the package.
 They are upsampled to the demo's image size (bilinear), copied to three channels and normalised to about
 [-1, 1] like the generated images. A fixed split (seed 0) holds out :data:`TEST_POOL` images per class
-for testing; few-shot training sets are drawn from the rest by seed. scikit-learn comes with the
-``demo`` extra; without it :func:`digits_available` is False and the demo leaves this target out.
+for testing; the rest is the training pool the demo's studies draw few-shot sets from. scikit-learn
+comes with the ``demo`` extra; without it :func:`digits_available` is False and the demo leaves this target out.
 """
 
 from __future__ import annotations
@@ -77,12 +77,12 @@ class DigitsTask:
     def num_classes(self) -> int:
         return 10
 
-    def few_shot(self, shots: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``shots`` training images per class, drawn by ``seed`` from the training pool, in class order."""
+    def train_pool(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Every image outside the test pools (about 120 per class), in class order: the pool few-shot
+        training sets are drawn from."""
         images, labels = _digits()
         _, pools = _split()
-        generator = torch.Generator().manual_seed(int(seed))
-        chosen = torch.cat([pool[torch.randperm(len(pool), generator=generator)[:shots]] for pool in pools])
+        chosen = torch.cat(pools)
         return images[chosen], labels[chosen]
 
     def test_set(self, per_class: int, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:

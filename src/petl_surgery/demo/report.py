@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ..training.tradeoff import pareto_front
-from .stats import METHOD as INTERVAL_METHOD
-from .stats import paired_interval
+from ..training.intervals import METHOD as INTERVAL_METHOD
+from ..training.intervals import paired_interval
 
 ALL_TARGETS = "all targets"
 

@@ -64,14 +64,6 @@ class Task:
     description: str = ""
     kind: str = "generated"
 
-    def few_shot(self, shots: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """A class-balanced training set of ``shots`` images per class (:func:`few_shot_split`)."""
-        return few_shot_split(self, shots, seed)
-
-    def test_set(self, per_class: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``per_class`` test images of every class, drawn by ``seed``."""
-        return make_images(self, per_class, seed, per_class=True)
-
     def value_lists(self) -> Tuple[Tuple[int, ...], ...]:
         return tuple(
             tuple(range(len(ATTRIBUTES[a]))) if v is None else tuple(v) for a, v in zip(self.attributes, self.values)
@@ -87,26 +79,6 @@ class Task:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-
-# Stand-in for ImageNet pre-training of the backbone: the object's colour (6 classes; shapes, textures
-# and positions vary). A ViT trained from scratch learns colour in a few hundred steps on a CPU, and
-# neither textures nor shapes in that time, so what the backbone does not know is what the source task
-# can teach the modules.
-BACKBONE_TASK = Task("colour", ("colour",), (None,), "6 colours, any shape, texture and position")
-# The source task the PETL modules are pre-trained on (PVP's ImageNet-1k): 16 texture-colour pairs.
-SOURCE_TASK = Task(
-    "texture+colour", ("texture", "colour"), ((0, 1, 2, 3), (0, 1, 2, 3)), "4 textures x 4 colours, 16 classes"
-)
-# Few-shot target tasks: other class sets, values unseen in the source task.
-TARGET_TASKS: Dict[str, Task] = {
-    "texture": Task("texture", ("texture",), (None,), "all 6 textures (dots and diagonal unseen before)"),
-    "novel": Task(
-        "novel", ("texture", "colour"), ((4, 5), (4, 5)), "dots/diagonal x magenta/cyan: only unseen values"
-    ),
-    "shape": Task("shape", ("shape",), (None,), "which of 6 shapes (taught by neither pre-training)"),
-    "quadrant": Task("quadrant", ("quadrant",), (None,), "where the object is: 4 quadrants"),
-}
 
 
 def _shape_masks(shape: torch.Tensor, x: torch.Tensor, y: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
@@ -198,8 +170,3 @@ def make_images(
         values[second] = torch.tensor(lists[1])[labels % len(lists[1])]
     images = render(values["shape"], values["texture"], values["colour"], values["quadrant"], generator)
     return images, labels
-
-
-def few_shot_split(task: Task, shots: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A class-balanced training set of ``shots`` images per class (the same for every method and init)."""
-    return make_images(task, shots, seed, per_class=True)

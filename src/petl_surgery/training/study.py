@@ -11,6 +11,12 @@ studies where trainable parameters go and how many; a grid file states such a st
               {"method": "lora", "options": {"rank": 8}}],
      "shots": [null], "seeds": [0, 1, 2]}
 
+PVP's comparison (pre-trained modules against random ones) is an init axis: ``"inits": ["random",
+"source.safetensors"]`` trains every run from each, the second as ``ps.load(model, file, head=False)``
+restricted to the run's method and blocks (:mod:`.initialization`); a run may name its own ``"init"``.
+The printed report, ``gains.csv`` and ``gains.png`` give the paired gain of each init over random per
+run and data scale with its 95% interval over seeds (:mod:`.gains`).
+
 Everything a run writes stays under the output directory, so a study interrupted and started again
 trains only what it had not finished.
 """
@@ -29,6 +35,8 @@ import torch
 
 from ..errors import SurgeryError
 from .data import DataError
+from .gains import format_gains, paired_gains, plot_gains, write_gains
+from .initialization import RANDOM, Init, file_sha256
 from .inputs import ALL_FORMATS, class_names, clip_spec, run_evaluation_data, run_training_data
 from .loop import PRECISIONS, accuracy_report, choose_device, fit
 from .outputs import read_run_log
@@ -52,6 +60,8 @@ GRID_KEYS: Dict[str, Tuple[Tuple[type, ...], Any]] = {
     "model_args": ((dict,), {}),
     "image_size": ((int, type(None)), None),
     "pretrained": ((bool,), False),
+    "weights": ((str, type(None)), None),
+    "cache_images": ((bool,), False),
     "format": ((str,), "auto"),
     "train_split": ((str, type(None)), None),
     "eval_split": ((str, type(None)), None),
@@ -63,17 +73,19 @@ GRID_KEYS: Dict[str, Tuple[Tuple[type, ...], Any]] = {
     "video_aug": ((str, type(None)), None),
     "test_clips": ((int, type(None)), None),
     "test_crops": ((int, type(None)), None),
+    "inits": ((list,), [RANDOM]),
 }
 RUN_KEYS: Dict[str, Tuple[Tuple[type, ...], Any]] = {
     "method": ((str,), REQUIRED),
     "options": ((dict,), {}),
     "layers": ((int, str, list, type(None)), None),
+    "init": ((str, type(None)), None),
 }
 # the grid's settings a finished run depends on besides its own (method, options, layers, shots, seed)
-COMMON = ("model", "model_args", "image_size", "pretrained", "data", "format", "train_split", "eval_split",
+COMMON = ("model", "model_args", "image_size", "pretrained", "weights", "data", "format", "train_split", "eval_split",
           "epochs", "batch_size", "lr", "weight_decay", "precision", "frames", "frame_stride", "video_aug", "test_clips",
           "test_crops")
-CSV_COLUMNS = ("method", "options", "layers", "shots", "seed", "trainable_parameters", "delta_bytes", "accuracy",
+CSV_COLUMNS = ("method", "options", "layers", "init", "shots", "seed", "trainable_parameters", "delta_bytes", "accuracy",
                "seconds", "run")
 
 
@@ -86,14 +98,19 @@ class Run:
     layers: Any
     shots: Optional[int]
     seed: int
+    init: str = RANDOM  # "random" or a delta checkpoint's path, as the grid writes it
+    init_sha256: Optional[str] = None  # the init file's checksum
+    blocks: Tuple[int, ...] = field(default=(), compare=False)  # where the method goes (what an init takes)
 
     @property
     def name(self) -> str:
-        """Its directory under ``out/runs``: the method, a digest of (method, options, layers), the
-        data scale and the seed."""
+        """Its directory under ``out/runs``: the method, a digest of (method, options, layers), for an
+        init other than random ``init-`` and the first digits of the file's SHA-256 (another file, or the
+        same one changed, is another run), the data scale and the seed."""
         spec = json.dumps([self.method, self.options, self.layers], sort_keys=True)
         digest = hashlib.sha256(spec.encode()).hexdigest()[:8]
-        return f"{self.method}-{digest}-shots{'all' if self.shots is None else self.shots}-seed{self.seed}"
+        init = "" if self.init == RANDOM else f"-init{(self.init_sha256 or '')[:8]}"
+        return f"{self.method}-{digest}{init}-shots{'all' if self.shots is None else self.shots}-seed{self.seed}"
 
 
 @dataclass
@@ -106,7 +123,25 @@ class StudyResult:
     plot: Optional[Path]
     trained: int = 0
     reused: int = 0
+    gains: Optional[Path] = None  # gains.csv, where the grid has an init other than random
+    gains_plot: Optional[Path] = None
     messages: List[str] = field(default_factory=list)
+
+
+class Remembered(torch.utils.data.Dataset):
+    """A dataset whose items are computed once and kept (grid key ``cache_images``): the study's
+    preprocessing is deterministic, so an image read again would be the same tensor."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset, self.samples, self.kept = dataset, dataset.samples, {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        if index not in self.kept:
+            self.kept[index] = self.dataset[index]
+        return self.kept[index]
 
 
 def _check_type(value: Any, types: Tuple[type, ...], key: str) -> None:
@@ -162,11 +197,15 @@ def load_grid(grid: Union[str, Path, Mapping[str, Any]]) -> Dict[str, Any]:
     """The grid (a JSON file or a mapping) with every key checked and the defaults filled in; a bad
     one raises StudyError naming the key. Required: ``model``, ``data``, ``epochs``, ``batch_size``,
     ``lr``, ``runs`` (each ``method``, optional ``options`` and ``layers``) and ``seeds``; optional:
-    ``model_args`` ({}), ``image_size`` (the model's), ``pretrained`` (false), ``format`` ("auto"),
+    ``model_args`` ({}), ``image_size`` (the model's), ``pretrained`` (false), ``weights`` (null: a local
+    file of pretrained weights, loaded as ``train --weights`` loads it), ``cache_images`` (false: true
+    keeps the preprocessed images in memory across epochs and runs, for data that fits), ``format`` ("auto"),
     ``train_split`` and ``eval_split`` (the format's), ``shots`` ([null]: every image),
-    ``weight_decay`` (1e-4), ``precision`` ("none"); for ``"format": "video"``: ``frames`` and
-    ``frame_stride`` (the model's clip length, else 8, and 4), ``video_aug`` ("multiscale"), ``test_clips`` and
-    ``test_crops`` (1 and 1). ``model`` is a model spec of any zoo (:mod:`.zoo`)."""
+    ``weight_decay`` (1e-4), ``precision`` ("none"), ``inits`` (["random"]: each run from each of these
+    inits, "random" or a delta checkpoint's path), and per run ``init`` (that run from this init only); for
+    ``"format": "video"``: ``frames`` and ``frame_stride`` (the model's clip length, else 8, and 4),
+    ``video_aug`` ("multiscale"), ``test_clips`` and ``test_crops`` (1 and 1). ``model`` is a model spec of
+    any zoo (:mod:`.zoo`)."""
     from ..methods import METHODS
 
     if not isinstance(grid, Mapping):
@@ -188,6 +227,10 @@ def load_grid(grid: Union[str, Path, Mapping[str, Any]]) -> Dict[str, Any]:
     video_keys = [key for key in ("frames", "frame_stride", "video_aug", "test_clips", "test_crops") if filled[key] is not None]
     if video_keys and filled["format"] != "video":
         raise StudyError(f"grid keys {', '.join(video_keys)} apply to videos: set 'format' to 'video'")
+    if filled["weights"] is not None and filled["pretrained"]:
+        raise StudyError("grid keys 'weights' and 'pretrained' exclude each other: weights from a file or the hub's")
+    if filled["weights"] is not None and not Path(filled["weights"]).is_file():
+        raise StudyError(f"grid key 'weights': no weights file at {filled['weights']}")
     if filled["precision"] not in PRECISIONS:
         raise StudyError(f"grid key 'precision' {filled['precision']!r} is not one of {', '.join(PRECISIONS)}")
     if not filled["runs"]:
@@ -196,6 +239,10 @@ def load_grid(grid: Union[str, Path, Mapping[str, Any]]) -> Dict[str, Any]:
         raise StudyError(f"grid key 'seeds' must be a non-empty list of ints; got {filled['seeds']!r}")
     if not filled["shots"] or not all(s is None or (type(s) is int and s > 0) for s in filled["shots"]):
         raise StudyError(f"grid key 'shots' must be a non-empty list of positive ints or null; got {filled['shots']!r}")
+    inits = filled["inits"]
+    if not inits or not all(isinstance(i, str) and i for i in inits) or len(set(inits)) != len(inits):
+        raise StudyError(f"grid key 'inits' must be a non-empty list of distinct strings (\"random\" or a delta "
+                         f"checkpoint's path); got {inits!r}")
     runs = []
     for i, run in enumerate(filled["runs"]):
         where = f"runs[{i}]."
@@ -205,6 +252,8 @@ def load_grid(grid: Union[str, Path, Mapping[str, Any]]) -> Dict[str, Any]:
         if run["method"] not in METHODS:
             raise StudyError(f"grid key {where}'method': unknown method {run['method']!r}; known: {', '.join(METHODS)}")
         _layers(run["layers"], where)
+        if run["init"] == "":
+            raise StudyError(f"grid key {where}'init' must be \"random\" or a delta checkpoint's path; got \"\"")
         runs.append(run)
     filled["runs"] = runs
     return filled
@@ -226,23 +275,29 @@ def _build(grid: Mapping[str, Any], classes: int, seed: int) -> torch.nn.Module:
     model_args = dict(grid["model_args"])
     if grid["image_size"] and spec.is_timm:
         model_args.setdefault("img_size", grid["image_size"])
-    torch.manual_seed(seed)  # the base's weights without pretrained ones
-    return build_model(spec, classes, pretrained=grid["pretrained"], model_args=model_args)
+    torch.manual_seed(seed)  # the base's weights without pretrained ones, and the head's
+    return build_model(spec, classes, pretrained=grid["pretrained"], weights=grid["weights"], model_args=model_args)
 
 
-def _probe(grid: Mapping[str, Any], classes: int) -> Tuple[Any, Any]:
-    """(the input config, the clip spec or None) of the grid's model, built once without pretrained
-    weights, on which every run is planned (no training): unknown options and bad layers are refused now."""
-    from ..api import plan
-    from .zoo import input_config
+def _inits_of(grid: Mapping[str, Any], run: Mapping[str, Any]) -> List[str]:
+    return [run["init"]] if run["init"] is not None else list(grid["inits"])
 
+
+def _built(grid: Mapping[str, Any], classes: int) -> torch.nn.Module:
+    """The grid's model without pretrained weights, for the checks (nothing trains on it)."""
     try:
-        model = _build({**grid, "pretrained": False}, classes, 0)
+        return _build({**grid, "pretrained": False, "weights": None}, classes, 0)
     except StudyError:
         raise
     except Exception as error:
         raise StudyError(f"grid keys 'model'/'model_args': cannot build {grid['model']!r}: {error}") from None
-    config = input_config(model, _spec(grid), grid["image_size"])
+
+
+def _probe(grid: Mapping[str, Any], classes: int) -> Tuple[Any, Any]:
+    """(the input config, the clip spec or None) of the grid's model, built once without pretrained weights."""
+    from .zoo import input_config
+
+    config = input_config(_built(grid, classes), _spec(grid), grid["image_size"])
     clips = None
     if grid["format"] == "video":
         try:
@@ -250,12 +305,46 @@ def _probe(grid: Mapping[str, Any], classes: int) -> Tuple[Any, Any]:
                               grid["test_clips"] or 1, grid["test_crops"] or 1)
         except DataError as error:
             raise StudyError(f"grid keys 'model'/'frames': {error}") from None
+    return config, clips
+
+
+def _check_runs(grid: Mapping[str, Any], classes: int) -> List[Tuple[int, ...]]:
+    """Apply every run on a model without weights (no training): unknown options and bad layers are
+    refused now. Every init other than random must hold the run's method, with the same options, on the
+    same blocks (so that its gain over random compares like with like) and fit the model. Returns each
+    run's blocks."""
+    from ..api import apply
+    from ..inventory import surgery_record
+
+    def model() -> torch.nn.Module:
+        return _built(grid, classes)
+
+    blocks = []
     for i, run in enumerate(grid["runs"]):
+        fresh = model()
         try:
-            plan(model, run["method"], _layers(run["layers"], ""), False, **run["options"])
+            apply(fresh, run["method"], layers=_layers(run["layers"], ""), **run["options"])
         except SurgeryError as error:
             raise StudyError(f"grid key runs[{i}] ({run['method']}): {error}") from None
-    return config, clips
+        expected = surgery_record(fresh)
+        blocks.append(tuple(expected[0]["blocks"]))
+        for init in _inits_of(grid, run):
+            if init == RANDOM:
+                continue
+            where = f"grid key runs[{i}] ({run['method']}), init {init!r}"
+            if not Path(init).is_file():
+                raise StudyError(f"{where}: no delta checkpoint at {init}")
+            loaded = model()
+            try:
+                Init(Path(init), blocks=list(blocks[-1])).load_into(loaded, run["method"])
+            except SurgeryError as error:
+                raise StudyError(f"{where}: {error}") from None
+            got = surgery_record(loaded)
+            if got != expected:
+                raise StudyError(f"{where}: it holds {got[0]['method']} with options {got[0]['options']} on blocks "
+                                 f"{got[0]['blocks']}, the run {expected[0]['options']} on blocks "
+                                 f"{expected[0]['blocks']}: a gain over random would compare other modules")
+    return blocks
 
 
 def _same_grid(out: Path, grid: Mapping[str, Any]) -> None:
@@ -279,6 +368,7 @@ def _same_grid(out: Path, grid: Mapping[str, Any]) -> None:
 def _row(run: Run, result: Mapping[str, Any]) -> Dict[str, Any]:
     return {
         "method": run.method, "options": json.dumps(run.options, sort_keys=True), "layers": _layers_text(run.layers),
+        "init": run.init,
         "shots": "all" if run.shots is None else run.shots, "seed": run.seed,
         "trainable_parameters": result["trainable_parameters"], "delta_bytes": result["delta_bytes"],
         "accuracy": result["accuracy"], "seconds": result["seconds"], "run": run.name,
@@ -332,6 +422,10 @@ def run_study(
                 )
     except DataError as error:
         raise StudyError(f"grid key 'data': {error}") from None
+    if grid["cache_images"]:
+        evaluation = Remembered(evaluation)
+        for data in data_of.values():
+            data.train = Remembered(data.train)
     evaluated = {path for path, _ in evaluation.samples}
     for data in data_of.values():
         shared = [path for path, _ in data.train.samples if path in evaluated]
@@ -341,13 +435,16 @@ def run_study(
                              f"(e.g. {shared[0]}); give train_split and eval_split")
     if len(layout.classes) != classes:
         raise StudyError(f"grid key 'data': the evaluation split has {len(layout.classes)} classes, the lists {classes}")
+    blocks = _check_runs(grid, classes)
     if out.exists() and not out.is_dir():
         raise StudyError(f"--out {out} is a file, not a directory")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     _same_grid(out, grid)
 
-    runs = [Run(r["method"], r["options"], r["layers"], shots, seed)
-            for r in grid["runs"] for shots in grid["shots"] for seed in grid["seeds"]]
+    checksums = {init: file_sha256(Path(init)) for r in grid["runs"] for init in _inits_of(grid, r) if init != RANDOM}
+    runs = [Run(r["method"], r["options"], r["layers"], shots, seed, init, checksums.get(init), blocks[i])
+            for i, r in enumerate(grid["runs"]) for init in _inits_of(grid, r)
+            for shots in grid["shots"] for seed in grid["seeds"]]
     result = StudyResult([], out / "results.csv", None)
     eval_loader = torch.utils.data.DataLoader(evaluation, batch_size=grid["batch_size"])
     for number, run in enumerate(runs, 1):
@@ -370,8 +467,15 @@ def run_study(
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(result.rows)
+    title = f"{grid['model']} on {Path(grid['data']).name}"
+    gains = paired_gains(result.rows)
+    if gains:
+        result.gains = write_gains(gains, out / "gains.csv")
+        log(format_gains(gains))
     if plot:
-        result.plot, message = plot_tradeoff(result.rows, out / "tradeoff.png", title=f"{grid['model']} on {Path(grid['data']).name}")
+        result.plot, message = plot_tradeoff(result.rows, out / "tradeoff.png", title=title)
+        if gains and message is None:
+            result.gains_plot, message = plot_gains(gains, out / "gains.png", title=title)
         if message:
             result.messages.append(message)
             log(message)
@@ -390,11 +494,15 @@ def _train_one(
     from ..version import __version__
 
     model = _build(grid, classes, run.seed)
-    apply(model, run.method, layers=_layers(run.layers, ""), **run.options)
+    if run.init == RANDOM:
+        apply(model, run.method, layers=_layers(run.layers, ""), **run.options)
+        init: Any = RANDOM
+    else:  # checked to fit before the first run (_check_runs)
+        init = Init(Path(run.init), blocks=list(run.blocks)).load_into(model, run.method)
     counts = summary(model)
     record: Dict[str, Any] = {
         **{key: grid[key] for key in COMMON}, **data.record(), "method": run.method, "options": run.options,
-        "layers": run.layers, "seed": run.seed, "classes": class_names, "eval_split": eval_split,
+        "layers": run.layers, "init": init, "seed": run.seed, "classes": class_names, "eval_split": eval_split,
         "device": str(device), "history": [],
         "versions": {"petl_surgery": __version__, "torch": torch.__version__, "timm": timm.__version__},
     }

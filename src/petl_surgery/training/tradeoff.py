@@ -12,17 +12,19 @@ NO_MATPLOTLIB = ("matplotlib is not installed: no tradeoff.png written (pip inst
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
-    """One entry per (method, options, layers, shots) over its seeds: ``label``, ``shots``,
+    """One entry per (method, options, layers, init, shots) over its seeds: ``label``, ``shots``,
     ``parameters`` (trainable), ``mean``, ``low`` and ``high`` (the seeds' extremes) of accuracy,
-    ``seeds``; in the rows' order."""
+    ``seeds``; in the rows' order. A label names an init other than random by its file name."""
     groups: Dict[Tuple[Any, ...], List[Mapping[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["method"], row["options"], row["layers"], row["shots"]), []).append(row)
+        init = row.get("init") or "random"
+        groups.setdefault((row["method"], row["options"], row["layers"], init, row["shots"]), []).append(row)
     entries = []
-    for (method, options, layers, shots), members in groups.items():
+    for (method, options, layers, init, shots), members in groups.items():
         accuracies = [float(m["accuracy"]) for m in members]
         settings = json.loads(options) if options else {}
-        label = " ".join([method, *(f"{k}={v}" for k, v in settings.items())] + ([] if layers in ("all", "") else [f"@{layers}"]))
+        label = " ".join([method, *(f"{k}={v}" for k, v in settings.items())] + ([] if layers in ("all", "") else [f"@{layers}"])
+                         + ([] if init == "random" else [f"from {Path(init).name}"]))
         entries.append({
             "label": label, "shots": shots, "parameters": int(members[0]["trainable_parameters"]),
             "mean": mean(accuracies), "low": min(accuracies), "high": max(accuracies), "seeds": len(members),

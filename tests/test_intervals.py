@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from petl_surgery.demo.stats import incomplete_beta, paired_interval, t_cdf, t_quantile
+from petl_surgery.training.intervals import incomplete_beta, paired_interval, t_cdf, t_quantile
 
 
 @pytest.mark.parametrize(

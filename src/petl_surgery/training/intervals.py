@@ -1,12 +1,13 @@
-"""Confidence intervals for the demonstration's gains: Student's t on paired differences.
+"""Confidence intervals for the gain of one init over another: Student's t on paired differences.
 
-Every few-shot cell of the demonstration trains two models that differ only in the init of the PETL
-modules (random or pre-trained): same few-shot draw, head init, steps and learning rate. The gain of one
-pair is the pre-trained model's accuracy minus the random one's; pairs from different seeds (each seed a
-new few-shot draw and head init) are independent. The mean gain's two-sided 95% interval is then
+The one statistics module of the study (:mod:`.gains`) and the demonstration. Every few-shot cell
+trains two models that differ only in the init of the PETL modules (random or pre-trained): same few-shot
+draw, head init, steps and learning rate. The gain of one pair is the pre-trained model's accuracy minus
+the random one's; pairs from different seeds (each seed a new few-shot draw and head init) are
+independent. The mean gain's two-sided 95% interval is then
 Student's t interval on the paired differences, ``mean ± t(0.975, n-1) · sd / sqrt(n)``: it assumes the
-gains are roughly normal, which for a handful of pairs nothing can check, so the demo says which method
-it used and draws conclusions only where the whole interval lies on one side of zero.
+gains are roughly normal, which for a handful of pairs nothing can check, so the reports say which method
+they use and draw conclusions only where the whole interval lies on one side of zero.
 
 No SciPy: the t quantile comes from the regularised incomplete beta function (continued fraction,
 evaluated by the modified Lentz method) and bisection.
