@@ -79,7 +79,7 @@ def test_init_head_takes_the_source_head_where_it_fits(image_folder, tmp_path, c
 
 def test_init_methods_blocks_and_the_chosen_method(image_folder, source, tmp_path, capsys):
     out = tmp_path / "patt_block1.safetensors"
-    assert train(image_folder, out, "--init", str(source), "--init-methods", "patt", "--init-blocks", "1") == 0
+    assert train(image_folder, out, "--init", str(source), "--init-methods", "patt", "--init-layers", "1") == 0
     modules = {name.split(".petl_")[0] + ".petl_" + name.split(".petl_")[1].split(".")[0]
                for name in load_file(str(out)) if ".petl_" in name}
     assert modules == {"blocks.1.attn.petl_patt"}
@@ -111,7 +111,7 @@ def test_init_block_map_moves_the_modules(image_folder, source, tmp_path, capsys
         (["--method", "adapter"], 1, "holds no method 'adapter'"),
         (["--model-arg", "embed_dim=48"], 1, "source.safetensors"),  # another architecture
         (["--model-arg", "depth=3"], 1, "block_map"),
-        (["--init-blocks", "5"], 1, "no surgery on block 5"),
+        (["--init-layers", "5"], 1, "no surgery on block 5"),
         (["-o", "mid_dim=8"], 2, "--init takes the surgery"),
         (["--layers", "1"], 2, "--init takes the surgery"),
         (["--resume", "x.safetensors"], 2, "exclude each other"),

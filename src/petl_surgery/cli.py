@@ -624,7 +624,7 @@ def _init_of(args: argparse.Namespace) -> Any:
     from petl_surgery.training.initialization import Init
 
     chosen = [name for name, value in (("--init-head", args.init_head), ("--init-methods", args.init_methods),
-                                       ("--init-blocks", args.init_blocks), ("--init-block-map", args.init_block_map))
+                                       ("--init-layers", args.init_layers), ("--init-block-map", args.init_block_map))
               if value]
     if args.init is None:
         if chosen:
@@ -637,12 +637,12 @@ def _init_of(args: argparse.Namespace) -> Any:
                                         ("--statistics", args.statistics)) if value is not None]
     if ignored:
         raise UsageError(f"--init takes the surgery from {args.init}: {', '.join(ignored)} would be ignored; leave it "
-                         "out (choose with --init-methods and --init-blocks)")
+                         "out (choose with --init-methods and --init-layers)")
     if not Path(args.init).is_file():
         raise UsageError(f"no delta checkpoint at {args.init}")
-    blocks = parse_layers(args.init_blocks)
+    blocks = parse_layers(args.init_layers)
     if isinstance(blocks, slice):
-        raise UsageError(f"--init-blocks {args.init_blocks!r}: give saved block indices (3 or 0,2,4), not a slice")
+        raise UsageError(f"--init-layers {args.init_layers!r}: give saved block indices (3 or 0,2,4), not a slice")
     block_map = None
     if args.init_block_map:
         try:
@@ -752,11 +752,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     p.add_argument("--resume", metavar="DELTA", help="continue from a delta checkpoint (ps.load)")
     p.add_argument("--init", metavar="DELTA",
-                   help="start from another delta's modules (PVP), its head left out: ps.load(model, DELTA, head=False); "
+                   help="start from another delta's modules (PVP), its head left out: ps.load(model, DELTA, load_head=False); "
                         "with --method, the delta must hold that method and only it is taken")
     p.add_argument("--init-head", action="store_true", help="with --init: also take its classifier head")
     p.add_argument("--init-methods", metavar="M1,M2", help="with --init: take only these of its methods")
-    p.add_argument("--init-blocks", metavar="BLOCKS", help="with --init: take only these saved blocks (3 or 0,2,4)")
+    p.add_argument("--init-layers", metavar="LAYERS", help="with --init: take only these saved blocks (3 or 0,2,4), as ps.load(layers=)")
     p.add_argument("--init-block-map", metavar="S:M,...",
                    help="with --init: saved block S goes to model block M (a model of another depth)")
     p.add_argument(

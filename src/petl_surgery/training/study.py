@@ -12,7 +12,7 @@ studies where trainable parameters go and how many; a grid file states such a st
      "shots": [null], "seeds": [0, 1, 2]}
 
 PVP's comparison (pre-trained modules against random ones) is an init axis: ``"inits": ["random",
-"source.safetensors"]`` trains every run from each, the second as ``ps.load(model, file, head=False)``
+"source.safetensors"]`` trains every run from each, the second as ``ps.load(model, file, load_head=False)``
 restricted to the run's method and blocks (:mod:`.initialization`); a run may name its own ``"init"``.
 The printed report, ``gains.csv`` and ``gains.png`` give the paired gain of each init over random per
 run and data scale with its 95% interval over seeds (:mod:`.gains`).
