@@ -48,7 +48,8 @@ def load(
         layers: take only these block indices of the saved model, as ``apply``'s ``layers`` counts
             blocks (ours only).
         block_map: ``{saved block: model block}`` for a model of another depth (ours only).
-        head, blocks: deprecated spellings of ``load_head`` and ``layers``; they work and warn.
+        head: deprecated spelling of ``load_head``; it works and warns.
+        blocks: deprecated spelling of ``layers``; it works and warns.
     """
     if head is not None:
         renamed("load", "head", "load_head")
