@@ -239,7 +239,7 @@ def test_sites_are_the_separate_projections(family: str) -> None:
         site = block.attention
         assert {role: p.module for role, p in site.projections.items()} == {"q": "q_proj", "k": "k_proj", "v": "v_proj"}
         assert site.output.module in ("o_proj", "out_proj") and site.unsupported is None
-        gated = bool(dict(FAMILIES[family].refused))  # a gated MLP's input is two layers: no one "fc1"
+        gated = FAMILIES[family].refused is NO_FC1  # a gated MLP's input is two layers: no one "fc1"
         assert set(block.mlp.projections) == ({"fc2"} if gated else {"fc1", "fc2"})
 
 

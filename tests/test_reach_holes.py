@@ -19,10 +19,7 @@ from torch.overrides import TorchFunctionMode
 import petl_surgery as ps
 from petl_surgery.sites import discover
 
-ALL_METHODS = (
-    "patt", "adapter", "bapat", "lora", "prefix", "vpt", "ssf", "houlsby", "adapter_plus", "convpass", "repadapter",
-    "fact", "dora",
-)
+ALL_METHODS = tuple(ps.METHODS)
 
 
 # ---------------------------------------------------------------- ViT with mixed rotary embeddings
