@@ -17,6 +17,7 @@ from .checkpoints.files import PathLike, check_path
 from .errors import SurgeryError
 from .interop import FORMATS, detect, is_adapter_directory, load_any
 from .interop.files import safetensors_header
+from .tasks.named import load_task, task_names
 
 
 def load(
@@ -28,6 +29,7 @@ def load(
     methods: Optional[Sequence[str]] = None,
     blocks: Optional[Sequence[int]] = None,
     block_map: Optional[Mapping[int, int]] = None,
+    name: Optional[str] = None,
     **options: Any,
 ) -> nn.Module:
     """Load a delta checkpoint, or another code's PETL checkpoint, into ``model`` in place; return it.
@@ -35,6 +37,9 @@ def load(
     ``format`` is detected when not given: ``"petl_surgery"`` (ours), ``"peft"`` (a PEFT LoRA adapter
     directory), ``"adaptformer"``, ``"vpetl"``, ``"vpt"`` (see :mod:`petl_surgery.interop`, which also
     documents the ``options`` each importer takes; ``head`` goes to importers that take one).
+
+    ``name``: load a petl_surgery delta as a named task beside the tasks already loaded (see
+    :func:`petl_surgery.tasks.load_task`); without it, a model carrying named tasks is refused.
     """
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -43,6 +48,13 @@ def load(
         raise SurgeryError(f"head must be True, False or None; got {head!r}")
     if format is not None and format not in FORMATS:
         raise SurgeryError(f"unknown checkpoint format {format!r}; known formats: {', '.join(FORMATS)}")
+    if name is not None or task_names(model):
+        if name is None:
+            raise SurgeryError(f"the model carries named tasks ({', '.join(task_names(model))}); load with name=")
+        if format not in (None, "petl_surgery") or options:
+            raise SurgeryError("name= loads petl_surgery delta checkpoints; import other formats into a model of their own")
+        choices = {"methods": methods, "blocks": blocks, "block_map": block_map}
+        return load_task(model, path, name, head=True if head is None else head, **{k: v for k, v in choices.items() if v is not None})
     source = Path(path)
     chosen = format
     if chosen is None and source.exists():
