@@ -68,14 +68,30 @@ FAMILIES: Dict[str, Tuple[Callable[[int], nn.Module], int, Callable]] = {
 }
 
 
-def _options(method: str) -> dict:
-    return METHODS[method]
+# methods a family's single-task model refuses (by name, in apply): not tasks there either
+UNSUPPORTED = {
+    "timm swin": ("convpass",),  # no flat token grid
+    "transformers vit": ("convpass",),  # no fixed patch grid
+    # nn.MultiheadAttention: its in-projection is no plain Linear (dora), its output projection no module
+    # called as one (houlsby); open_clip's patch grid follows the input size (convpass)
+    # (fact: no output projection as a module either)
+    "open_clip vit": ("dora", "houlsby", "convpass", "fact"),
+}
 
 
-def _randomized_task(build, method: str, classes: int, seed: int, path) -> nn.Module:
+# options a family needs beyond METHODS' (open_clip's attention output is inside nn.MultiheadAttention)
+QKV_MLP = ("q", "k", "v", "fc1", "fc2")
+FAMILY_OPTIONS = {"open_clip vit": {"ssf": {"targets": QKV_MLP}}}
+
+
+def _options(method: str, family: str) -> dict:
+    return {**METHODS[method], **FAMILY_OPTIONS.get(family, {}).get(method, {})}
+
+
+def _randomized_task(family: str, method: str, classes: int, seed: int, path) -> nn.Module:
     """A single-task model: ``method`` applied, its delta and head set to random values, saved to ``path``."""
-    model = build(classes)
-    ps.apply(model, method, **_options(method))
+    model = FAMILIES[family][0](classes)
+    ps.apply(model, method, **_options(method, family))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -91,7 +107,7 @@ def _prepared(family: str, tmp_path, methods: List[str]):
     for position, method in enumerate(methods):
         classes = 3 + position % 4  # tasks of different class counts
         files[method] = tmp_path / f"{method}.safetensors"
-        singles[method] = _randomized_task(build, method, classes, position, files[method])
+        singles[method] = _randomized_task(family, method, classes, position, files[method])
     base = build(5)
     for method in methods:
         ps.load(base, files[method], name=method)
@@ -100,7 +116,7 @@ def _prepared(family: str, tmp_path, methods: List[str]):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_sample_of_a_mixed_batch_equals_its_task_alone(family, tmp_path):
-    methods = list(METHODS)
+    methods = [m for m in METHODS if m not in UNSUPPORTED.get(family, ())]
     base, singles, _, size, logits_of = _prepared(family, tmp_path, methods)
     tasks = [methods[i % len(methods)] for i in range(2 * len(methods))][::-1]  # every task twice, unsorted
     x = torch.randn(len(tasks), 3, size, size, generator=torch.Generator().manual_seed(3))
@@ -175,7 +191,7 @@ def test_a_taken_name_and_another_base_are_refused_before_anything_changes(tmp_p
     with pytest.raises(ps.TaskError, match="already carries a task named 'patt'"):
         ps.load(base, files["patt"], name="patt")
     swin_file = tmp_path / "swin.safetensors"
-    _randomized_task(FAMILIES["timm swin"][0], "lora", 3, 0, swin_file)
+    _randomized_task("timm swin", "lora", 3, 0, swin_file)
     with pytest.raises(ps.SurgeryError, match="saved from another base architecture"):
         ps.load(base, swin_file, name="swin")
     assert ps.task_names(base) == ["patt"]
