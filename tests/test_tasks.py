@@ -211,17 +211,82 @@ def test_unnamed_surgery_and_merge_are_refused_on_a_model_with_tasks(tmp_path):
         ps.save(base, tmp_path / "x.safetensors")
 
 
-@pytest.mark.parametrize("method", ["vpt", "prefix"])
-def test_token_methods_are_refused_as_tasks_by_name(method, tmp_path):
-    model = make_vit(num_classes=3)
-    ps.apply(model, method)
-    ps.save(model, tmp_path / "t.safetensors")
-    base = make_vit()
-    with pytest.raises(ps.TaskError, match=f"'{method}', which adds tokens"):
-        ps.load(base, tmp_path / "t.safetensors", name="t")
-    with pytest.raises(ps.TaskError, match=f"method '{method}' adds tokens"):
-        ps.apply(base, method, name="t")
-    assert ps.task_names(base) == []
+TOKEN_TASKS = {  # task -> (method, options): the prompt tasks agree on 3 tokens from block 0
+    "deep": ("vpt", {"num_tokens": 3}),
+    "shallow": ("vpt", {"num_tokens": 3, "deep": False}),
+    "five": ("vpt", {"num_tokens": 5}),
+    "prefix": ("prefix", {"length": 4, "mid_dim": 16}),
+    "lora": ("lora", {"rank": 4}),
+}
+
+
+def _token_tasks(family: str, tmp_path):
+    build, size, logits_of = FAMILIES[family]
+    singles = {}
+    base = build(5)
+    for seed, (name, (method, options)) in enumerate(TOKEN_TASKS.items()):
+        model = build(3 + seed)
+        ps.apply(model, method, **options)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+        ps.save(model, tmp_path / f"{name}.safetensors")
+        singles[name] = model
+        ps.load(base, tmp_path / f"{name}.safetensors", name=name)
+    return base, singles, size, logits_of
+
+
+@pytest.mark.parametrize("family", ["timm vit", "transformers vit", "open_clip vit"])
+def test_prompt_tasks_of_one_token_count_mix_and_every_token_task_runs_alone(family, tmp_path):
+    base, singles, size, logits_of = _token_tasks(family, tmp_path)
+    tasks = ["shallow", "deep", "deep", "shallow", "deep"]
+    x = torch.randn(len(tasks), 3, size, size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        mixed = logits_of(ps.forward_tasks(base, x, tasks))
+        for row, task in enumerate(tasks):
+            alone = logits_of(singles[task](x[row : row + 1]))[0]
+            torch.testing.assert_close(mixed[row, : alone.shape[-1]], alone, rtol=1e-4, atol=1e-5)
+        for task in ["five", "prefix", "lora", "deep", "lora"]:  # patches of one task never stay for the next
+            with ps.using_task(base, task):
+                torch.testing.assert_close(logits_of(base(x)), logits_of(singles[task](x)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "tasks, message",
+    [
+        (["deep", "five"], r"tasks 'deep' \(3 prompt tokens from block 0\) and 'five' \(5 prompt tokens from block 0\)"),
+        (["lora", "deep"], r"'deep' \(3 prompt tokens from block 0\) and 'lora' \(no prompt tokens\)"),
+        (["deep", "prefix"], r"task 'prefix' uses prefix tuning, whose keys and values enter the attention call"),
+    ],
+)
+def test_tasks_that_change_tokens_differently_are_refused_in_one_batch(tasks, message, tmp_path):
+    base, _, size, _ = _token_tasks("timm vit", tmp_path)
+    with pytest.raises(ps.TaskError, match=message):
+        ps.forward_tasks(base, torch.randn(2, 3, size, size), tasks)
+    assert ps.active_task(base) is None
+
+
+class TokensFirst(nn.Module):
+    """A transformer layer on (tokens, batch, width) input, and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x).mean(0))
+
+
+def test_a_model_whose_layers_run_tokens_first_is_refused_in_mixed_batches():
+    torch.manual_seed(0)
+    model = TokensFirst().eval()
+    ps.apply(model, "patt", name="a", mid_dim=4)
+    ps.apply(model, "patt", name="b", mid_dim=4)
+    with pytest.raises(ps.TaskError, match=r"runs tokens first \(batch_first=False\)"):
+        ps.forward_tasks(model, torch.randn(2, 5, 16), ["a", "b"])
 
 
 def test_unknown_tasks_and_wrong_counts_are_refused(tmp_path):

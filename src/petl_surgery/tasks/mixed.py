@@ -19,7 +19,7 @@ from torch import nn
 
 from ..wrappers import inner
 from .named import bank_of, task_classes, task_names, using_task
-from .routing import TaskError
+from .routing import TaskBank, TaskError
 
 TaskIds = Union[Sequence[Union[str, int]], torch.Tensor]
 
@@ -44,6 +44,45 @@ def resolve_tasks(model: nn.Module, tasks: TaskIds, batch: int) -> List[str]:
             raise TaskError(f"the model carries no task {task!r}; it carries: {', '.join(names) or 'none'}")
         resolved.append(task)
     return resolved
+
+
+def token_signature(bank: TaskBank, name: str) -> Optional[tuple]:
+    """What task ``name`` does to the token sequence: None (nothing), ``("vpt", tokens, first block)``, or
+    ``("prefix", ...)``; tasks of one batch must agree on it."""
+    modules = list(bank.deltas[name].values())
+    prompts = [m for m in modules if m.method == "vpt"]
+    if prompts:
+        return ("vpt", prompts[0].options["num_tokens"], min(m.block for m in prompts))
+    if any(m.method == "prefix" for m in modules):
+        return ("prefix",)
+    return None
+
+
+def _describe(signature: Optional[tuple]) -> str:
+    if signature is None:
+        return "no prompt tokens"
+    if signature[0] == "vpt":
+        return f"{signature[1]} prompt tokens from block {signature[2]}"
+    return "prefix keys and values"
+
+
+def _token_refusal(bank: TaskBank, present: Sequence[str]) -> Optional[str]:
+    signatures = {name: token_signature(bank, name) for name in present}
+    prefixed = [name for name, sig in signatures.items() if sig == ("prefix",)]
+    if prefixed:
+        return (
+            f"task {prefixed[0]!r} uses prefix tuning, whose keys and values enter the attention call of the whole "
+            "batch; it runs in batches of its own (or alone)"
+        )
+    first = present[0]
+    for name in present[1:]:
+        if signatures[name] != signatures[first]:
+            return (
+                f"tasks {first!r} ({_describe(signatures[first])}) and {name!r} ({_describe(signatures[name])}) put "
+                "different token sequences through the blocks; only tasks with the same prompt count and first "
+                "prompted block share a batch"
+            )
+    return None
 
 
 def _mix_refusal(root: nn.Module) -> Optional[str]:
@@ -92,7 +131,7 @@ def forward_tasks(model: nn.Module, x: torch.Tensor, tasks: TaskIds, **kwargs: A
     if len(present) == 1:
         with using_task(root, present[0]):
             return model(x, **kwargs)
-    refusal = _mix_refusal(root)
+    refusal = _token_refusal(bank, present) or _mix_refusal(root)
     if refusal is not None:
         raise TaskError(f"tasks cannot be mixed in one batch of this model: {refusal}")
     keys = torch.tensor([order[name] for name in names])
@@ -104,11 +143,14 @@ def forward_tasks(model: nn.Module, x: torch.Tensor, tasks: TaskIds, **kwargs: A
         segments.append((name, start, start + count))
         start += count
     inputs = x if is_sorted else x.index_select(0, permutation.to(x.device))
+    engaged = bank.engaged
+    bank.engage(present[0])  # every task present sets the same token patches (checked above)
     bank.segments, bank.batch = segments, batch
     try:
         output = model(inputs, **kwargs)
     finally:
         bank.segments, bank.batch = None, 0
+        bank.engage(engaged)
     if is_sorted:
         return output
     inverse = torch.empty_like(permutation)

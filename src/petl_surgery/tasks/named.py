@@ -25,15 +25,11 @@ from ..freezing import find_heads, restore_original_flags
 from ..hooks import hook_owner, remove_hooks_of
 from ..inventory import inserted_modules
 from ..methods import PetlModule
-from ..patches import undo_patches
+from ..patches import recording, undo_patches
 from ..sites.torch_layouts import IN_PROJ
 from ..statistics import give_back_statistics
 from ..wrappers import inner
-from .routing import BANK_NAME, HeadDispatch, TaskBank, TaskError, decode_path, encode_path
-
-# methods whose modules change the model's token count through attribute patches that every task would see
-# (VPT grows the prefix-token count, prefix tuning replaces the attention's forward): not taken as tasks
-TOKEN_METHODS = ("vpt", "prefix")
+from .routing import BANK_NAME, HeadDispatch, TaskBank, TaskError, decode_path, encode_path, take_patches
 
 
 def bank_of(model: nn.Module) -> Optional[TaskBank]:
@@ -99,13 +95,14 @@ def _hidden(root: nn.Module) -> Iterator[Optional[TaskBank]]:
     if bank is None:
         yield None
         return
-    active, bank.active = bank.active, None
+    active = bank.active
+    bank.select(None)
     del root._modules[BANK_NAME]
     try:
         yield bank
     finally:
         root._modules[BANK_NAME] = bank
-        bank.active = active
+        bank.select(active)
 
 
 def _head_of(root: nn.Module) -> Optional[Tuple[str, nn.Module]]:
@@ -174,8 +171,11 @@ def _ensure_bank(root: nn.Module, bank: Optional[TaskBank]) -> TaskBank:
     return bank
 
 
-def _take_in(root: nn.Module, bank: TaskBank, name: str, head: Optional[nn.Module]) -> None:
-    """Move the surgery the (hidden-bank) model now carries into ``bank`` as task ``name``."""
+def _take_in(
+    root: nn.Module, bank: TaskBank, name: str, head: Optional[nn.Module], applied: Sequence[Tuple[Any, str]]
+) -> None:
+    """Move the surgery the (hidden-bank) model now carries into ``bank`` as task ``name`` (``applied``:
+    the patches its commit applied, with their owners)."""
     present = inserted_modules(root)
     owners = {id(module) for _, module in present}
     sequence_first = {
@@ -192,6 +192,7 @@ def _take_in(root: nn.Module, bank: TaskBank, name: str, head: Optional[nn.Modul
                 found.append((target, kind, hook))
     for _, module in present:
         remove_hooks_of(root, module)
+    bank.token_patches[name] = take_patches(applied)
     for target, kind, hook in found:
         dispatch = bank.dispatch_for(target, kind, 1 if id(target) in sequence_first else 0)
         dispatch.hooks.setdefault(name, []).append(hook)
@@ -221,7 +222,7 @@ def load_task(model: nn.Module, path: PathLike, name: str, *, head: bool = True,
     ``head=False`` leaves it out and the task uses the base head. ``choices`` are ``load``'s
     ``methods``/``blocks``/``block_map``. Refused, before anything changes: a taken name, a file of another
     base (the same checks as ``load`` on a model of its own), a file with trainable base tensors besides
-    the head or adapted statistics (they belong to the base every task shares), VPT and prefix tuning.
+    the head or adapted statistics (they belong to the base every task shares).
     """
     root = inner(model)
     name = _check_name(name)
@@ -237,11 +238,11 @@ def load_task(model: nn.Module, path: PathLike, name: str, *, head: bool = True,
         prefix = found[0] + "."
         slot = {n[len(prefix):]: torch.zeros_like(t, device=_device(root)) for n, t in tensors.items() if n in saved_head and n.startswith(prefix)}
     with _hidden(root) as bank:
-        with _head_slot(root, slot):
+        with _head_slot(root, slot), recording() as applied:
             load_delta(root, path, head=head, **choices)
             task_head = _copy_head(root, bank) if slot else None
         bank = _ensure_bank(root, bank)
-        _take_in(root, bank, name, task_head)
+        _take_in(root, bank, name, task_head, applied)
     if BANK_NAME not in root._modules:
         root.add_module(BANK_NAME, bank)
     return model
@@ -253,13 +254,6 @@ def _device(root: nn.Module) -> torch.device:
 
 
 def _refuse_shared_state(path: PathLike, metadata: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
-    methods = [call["method"] for call in metadata["methods"]]
-    token = [m for m in methods if m in TOKEN_METHODS]
-    if token:
-        raise TaskError(
-            f"{path} holds {token[0]!r}, which adds tokens through attribute patches of the base that every task "
-            "would see; named tasks take the methods that insert branches (not vpt, prefix)"
-        )
     if metadata["statistics"] == "adapt":
         raise TaskError(
             f"{path} adapts the base's running statistics (statistics='adapt'): they are base state every task "
@@ -279,19 +273,15 @@ def apply_task(model: nn.Module, method: str, name: str, **options: Any) -> nn.M
     ``options`` are ``apply``'s (``layers``, ``skip_unsupported``, ``branch_dtype`` and the method's own).
     The task's head starts as a copy of the base head's current values and is trainable; the base head
     stays as it is. Refused, before anything changes: a taken name, ``unfreeze``, ``statistics="adapt"``,
-    ``train_head=False`` with another head, and VPT and prefix tuning (see :func:`load_task`).
+    ``train_head=False`` with another head.
     """
     root = inner(model)
     name = _check_name(name)
     _new_task_refusal(root, name)
-    if method in TOKEN_METHODS:
-        raise TaskError(
-            f"method {method!r} adds tokens through attribute patches of the base that every task would see; "
-            "named tasks take the methods that insert branches (not vpt, prefix)"
-        )
-    for refused in ("unfreeze", "head"):
-        if options.get(refused):
-            raise TaskError(f"{refused}= trains base tensors every task shares; not with name=")
+    if options.get("unfreeze"):
+        raise TaskError("unfreeze= trains base tensors every task shares; not with name=")
+    if options.get("head") is not None:
+        raise TaskError("head= is not taken with name=: a task's head is a copy of the model's classifier head")
     if options.get("statistics") == "adapt":
         raise TaskError("statistics='adapt' trains base state every task shares; not with name=")
     train_head = options.pop("train_head", True)
@@ -300,13 +290,13 @@ def apply_task(model: nn.Module, method: str, name: str, **options: Any) -> nn.M
     if found is not None and train_head:
         slot = {n: p.detach().clone() for n, p in found[1].named_parameters()}
     with _hidden(root) as bank:
-        with _head_slot(root, slot):
+        with _head_slot(root, slot), recording() as applied:
             apply_method(root, method, train_head=train_head, **options)
             task_head = _copy_head(root, bank) if slot else None
         if task_head is not None:
             task_head.requires_grad_(True)
         bank = _ensure_bank(root, bank)
-        _take_in(root, bank, name, task_head)
+        _take_in(root, bank, name, task_head, applied)
     if BANK_NAME not in root._modules:
         root.add_module(BANK_NAME, bank)
     return model
@@ -319,6 +309,9 @@ def remove_task(model: nn.Module, name: str) -> nn.Module:
     bank = _known(root, name)
     for dispatch in bank.dispatches:
         dispatch.hooks.pop(name, None)
+    if bank.engaged == name:
+        bank.engage(None)
+    bank.token_patches.pop(name, None)
     for module in bank.deltas[name].values():
         undo_patches(root, module.uid)
     del bank.deltas[name]
@@ -326,7 +319,7 @@ def remove_task(model: nn.Module, name: str) -> nn.Module:
         del bank.heads[name]
     bank.classes.pop(name, None)
     if bank.active == name:
-        bank.active = None
+        bank.select(None)
     if not bank.deltas:
         for dispatch in bank.dispatches:
             remove_hooks_of(root, dispatch)
@@ -343,9 +336,9 @@ def select_task(model: nn.Module, name: Optional[str]) -> None:
     if name is None:
         bank = bank_of(root)
         if bank is not None:
-            bank.active = None
+            bank.select(None)
         return
-    _known(root, name).active = name
+    _known(root, name).select(name)
 
 
 def active_task(model: nn.Module) -> Optional[str]:

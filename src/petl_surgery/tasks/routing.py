@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
+from ..patches import Patch, apply_patch, undo_patches
 
 BANK_NAME = "petl_tasks"
 PATH_SEPARATOR = "|"  # nn.ModuleDict keys cannot hold dots
@@ -54,6 +55,25 @@ class TaskBank(nn.Module):
         self.batch = 0
         self.classes: Dict[str, Optional[int]] = {}  # output width of each task's head (None: the base head)
         self.dispatches: List["Dispatch"] = []
+        # each task's own attribute patches (VPT's grown prefix-token count, prefix tuning's forward), set
+        # only while that task runs: (owner uid, patch) per task
+        self.token_patches: Dict[str, List[Tuple[str, Patch]]] = {}
+        self.engaged: Optional[str] = None  # the task whose token patches are set now
+
+    def engage(self, name: Optional[str]) -> None:
+        """Set task ``name``'s token patches (and take off those of the task engaged before)."""
+        if self.engaged == name:
+            return
+        for uid, patch in self.token_patches.get(self.engaged, ()) if self.engaged is not None else ():
+            undo_patches(patch.target, uid + ENGAGED)
+        self.engaged = None
+        for uid, patch in self.token_patches.get(name, ()) if name is not None else ():
+            apply_patch(patch, uid + ENGAGED)
+        self.engaged = name
+
+    def select(self, name: Optional[str]) -> None:
+        self.active = name
+        self.engage(name)
 
     def names(self) -> List[str]:
         return list(self.deltas)
@@ -70,6 +90,24 @@ class TaskBank(nn.Module):
             target.register_forward_pre_hook(dispatch.pre, with_kwargs=kind == "forward_pre_kwargs")
         self.dispatches.append(dispatch)
         return dispatch
+
+
+ENGAGED = "#engaged"  # owner suffix of a task's own patches while the task runs
+
+
+def take_patches(applied: Sequence[Tuple[Patch, str]]) -> List[Tuple[str, Patch]]:
+    """Of the patches ``applied`` (with owners) while a task was committed, those that are not shared
+    (VPT's grown prefix-token count, prefix tuning's forward): taken off the model and returned as
+    ``(owner, patch)``, for :meth:`TaskBank.engage` to set while the task runs. The shared ones (switches,
+    stand-in modules) stay."""
+    own = [(owner, patch) for patch, owner in applied if not patch.shared]
+    touched = {(id(patch.target), owner) for owner, patch in own}
+    for owner, patch in own:
+        undo_patches(patch.target, owner)
+    for patch, owner in applied:  # undo took every layer of the owner off those modules: shared ones go back
+        if patch.shared and (id(patch.target), owner) in touched:
+            apply_patch(patch, owner)
+    return own
 
 
 def encode_path(path: str) -> str:
