@@ -324,3 +324,16 @@ def test_a_task_applied_by_name_trains_and_saves_as_a_task_alone(tmp_path):
     ps.load(alone, tmp_path / "a.safetensors")
     with torch.no_grad(), ps.using_task(base, "a"):
         torch.testing.assert_close(base(x), alone(x))
+
+
+def test_a_copied_model_keeps_its_tasks_and_their_routing(tmp_path):
+    import copy
+
+    base, singles, _, size, _ = _prepared("timm vit", tmp_path, ["patt", "ssf"])
+    twin = copy.deepcopy(base)
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ps.forward_tasks(twin, x, ["ssf", "patt", "ssf"]), ps.forward_tasks(base, x, ["ssf", "patt", "ssf"]))
+        ps.select_task(twin, "patt")
+        torch.testing.assert_close(twin(x), singles["patt"](x))
+    assert ps.active_task(base) is None

@@ -67,24 +67,12 @@ def _new_task_refusal(model: nn.Module, name: str) -> None:
     """Refuse a taken name, and a model carrying unnamed surgery, before anything changes."""
     if name in task_names(model):
         raise TaskError(f"the model already carries a task named {name!r}; remove it first or choose another name")
-    plain = [path for path, _ in inserted_modules(_hidden_view(model))]
+    plain = [path for path, _ in inserted_modules(model) if not path.startswith(BANK_NAME + ".")]
     if plain:
         raise TaskError(
             f"the model carries surgery that belongs to no task ({plain[0]!r}); named tasks need a base without "
             "surgery (remove it, or load it as a task with name=)"
         )
-
-
-def _hidden_view(model: nn.Module) -> nn.Module:
-    """The model with its bank out of sight, for reading (the bank is not a child of what is returned)."""
-    root = inner(model, changes=False)
-    if BANK_NAME not in root._modules:
-        return root
-    view = nn.Module()
-    for key, child in root._modules.items():
-        if key != BANK_NAME:
-            view.add_module(key, child)
-    return view
 
 
 @contextlib.contextmanager
