@@ -92,12 +92,17 @@ def _randomized_task(family: str, method: str, classes: int, seed: int, path) ->
     """A single-task model: ``method`` applied, its delta and head set to random values, saved to ``path``."""
     model = FAMILIES[family][0](classes)
     ps.apply(model, method, **_options(method, family))
+    ps.save(_perturbed(model, seed), path)
+    return model
+
+
+def _perturbed(model: nn.Module, seed: int) -> nn.Module:
+    """``model`` with seeded noise added to every trainable tensor (its delta and head)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    ps.save(model, path)
     return model
 
 
@@ -227,12 +232,7 @@ def _token_tasks(family: str, tmp_path):
     for seed, (name, (method, options)) in enumerate(TOKEN_TASKS.items()):
         model = build(3 + seed)
         ps.apply(model, method, **options)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                if parameter.requires_grad:
-                    parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-        ps.save(model, tmp_path / f"{name}.safetensors")
+        ps.save(_perturbed(model, seed), tmp_path / f"{name}.safetensors")
         singles[name] = model
         ps.load(base, tmp_path / f"{name}.safetensors", name=name)
     return base, singles, size, logits_of
