@@ -337,3 +337,18 @@ def test_a_copied_model_keeps_its_tasks_and_their_routing(tmp_path):
         ps.select_task(twin, "patt")
         torch.testing.assert_close(twin(x), singles["patt"](x))
     assert ps.active_task(base) is None
+
+
+def test_adding_and_removing_a_task_at_run_time_leaves_the_others_as_they_are(tmp_path):
+    base, singles, files, size, _ = _prepared("timm vit", tmp_path, ["patt", "lora", "adapter"])
+    ps.remove_task(base, "lora")
+    kept = {name: [id(m) for m in ps.tasks.task_modules(base, name)] for name in ("patt", "adapter")}
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = ps.forward_tasks(base, x, ["patt", "adapter", "adapter", "patt"])
+        ps.load(base, files["lora"], name="lora")  # back, beside the others
+        after = ps.forward_tasks(base, x, ["patt", "adapter", "adapter", "patt"])
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+        with ps.using_task(base, "lora"):
+            torch.testing.assert_close(base(x), singles["lora"](x))
+    assert {name: [id(m) for m in ps.tasks.task_modules(base, name)] for name in ("patt", "adapter")} == kept
