@@ -123,9 +123,15 @@ def peft_mixed(args: argparse.Namespace, count: int) -> nn.Module:
     return peft_model.to(args.device).eval()
 
 
-def mixed_section(args: argparse.Namespace, x: torch.Tensor) -> List[str]:
-    lines = []
-    for label, (method, options) in MIXED_METHODS.items():
+def mixed_section(args: argparse.Namespace, x: torch.Tensor) -> None:
+    """Prints the table, a row as soon as it is measured."""
+    print(
+        "| method | mixed N=1 | mixed N=4 | mixed N=16 | in turn N=4 | in turn N=16 | ours/PEFT N=1 | ours/PEFT N=4 "
+        "| ours/PEFT N=16 | memory 16 tasks / 16 deltas | single-task batch (ms) |"
+    )
+    print("|" + "---|" * 11, flush=True)
+    for label in args.methods:
+        method, options = MIXED_METHODS[label]
         models = {count: with_tasks(args, method, options, count) for count in COUNTS}
         configs: Dict[str, Callable[[], Any]] = {}
         single = models[max(COUNTS)]
@@ -151,12 +157,7 @@ def mixed_section(args: argparse.Namespace, x: torch.Tensor) -> List[str]:
             one = sum(t.numel() * t.element_size() for t in read(path)[0].values())
         added = tensor_bytes(models[16]) - tensor_bytes(base_model(args))
         cells.append(f"{added / (16 * one):.3f}")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {statistics.median(times['single']) * 1e3:.0f} |")
-    header = (
-        "| method | mixed N=1 | mixed N=4 | mixed N=16 | in turn N=4 | in turn N=16 | ours/PEFT N=1 | ours/PEFT N=4 "
-        "| ours/PEFT N=16 | memory 16 tasks / 16 deltas | single-task batch (ms) |"
-    )
-    return [header, "|" + "---|" * 11] + lines
+        print(f"| {label} | " + " | ".join(cells) + f" | {statistics.median(times['single']) * 1e3:.0f} |", flush=True)
 
 
 def flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -205,6 +206,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-share", action="store_true", help="leave out the single-task forward table")
+    parser.add_argument("--methods", nargs="+", choices=list(MIXED_METHODS), default=list(MIXED_METHODS),
+                        help="methods of the mixed-batch table (default: all four)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
@@ -217,7 +220,7 @@ def main() -> None:
         f"timm {timm.__version__}, peft {peft.__version__}, petl_surgery {ps.__version__}"
     )
     print("\nThroughput ratios against the single-task batch (higher is faster; 1.00 = as fast):\n")
-    print("\n".join(mixed_section(args, x)))
+    mixed_section(args, x)
     if not args.skip_share:
         print("\nSingle-task forward against the plain model's:\n")
         print("\n".join(share_section(args, x)))
