@@ -10,8 +10,7 @@
 
 from .version import __version__
 
-from .api import apply, blocks, merge, plan, remove, summary
-from .checkpoints import save
+from .api import blocks, plan, summary
 from .errors import (
     CheckpointError,
     OptionError,
@@ -42,6 +41,18 @@ from .sites import Block
 from .statistics import StatefulBaseError
 from .summary import Summary
 from .verification import BranchNeverRanError
+from .tasks import (
+    TaskError,
+    active_task,
+    forward_tasks,
+    remove_task,
+    select_task,
+    task_classes,
+    task_logits,
+    task_names,
+    using_task,
+)
+from .tasks.public import apply, merge, remove, save
 
 __all__ = [
     "METHODS",
@@ -68,7 +79,16 @@ __all__ = [
     "SurgeryRuntimeError",
     "UnsupportedBlockError",
     "UnsupportedModelError",
+    "TaskError",
     "__version__",
+    "active_task",
+    "forward_tasks",
+    "remove_task",
+    "select_task",
+    "task_classes",
+    "task_logits",
+    "task_names",
+    "using_task",
     "apply",
     "blocks",
     "export",

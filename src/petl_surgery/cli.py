@@ -685,6 +685,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- main -----------------------------------------------------------------------------------------------
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from petl_surgery.serving import TimmBase, serve
+    from petl_surgery.training.zoo import input_config
+
+    tasks = {}
+    for item in args.task:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise UsageError(f"--task takes NAME=FILE; got {item!r}")
+        if name in tasks:
+            raise UsageError(f"--task {name!r} is given twice")
+        if not Path(file).is_file():
+            raise UsageError(f"task {name!r}: no delta checkpoint at {file}")
+        tasks[name] = file
+    _check_weights(args)
+    model_args = parse_options(args.model_arg)
+    spec = model_spec(args.model)
+    if not spec.is_timm:
+        raise UsageError(f"serve builds timm bases; {args.model!r} is a {spec.zoo} model (serve it from Python with "
+                         "petl_surgery.serving.serve and a base builder of your own)")
+    import timm
+
+    if args.image_size:
+        model_args.setdefault("img_size", args.image_size)
+    with torch.device("meta"):  # the input size only: nothing allocated
+        size = input_config(timm.create_model(spec.name, pretrained=False, **model_args), spec, args.image_size).size
+    shape = (int(model_args.get("in_chans", 3)), int(size), int(size))
+    devices = args.devices if args.devices == "auto" else int(args.devices)
+    base = TimmBase(spec.name, tuple(sorted(model_args.items())), args.seed, args.pretrained, args.weights)
+    serve(base, tasks, shape, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+          batch_timeout=args.batch_timeout, accelerator=args.accelerator, devices=devices,
+          workers_per_device=args.workers_per_device)
+    return 0
+
+
 def _add_format_arguments(p: argparse.ArgumentParser, split_help: str, train: bool) -> None:
     p.add_argument("--format", choices=("auto", "imagefolder", "vtab", "fgvc", "video"), default="auto",
                    help="the layout of --data: auto (by the files present; default), imagefolder, vtab "
@@ -794,6 +831,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-plot", action="store_true", help="skip tradeoff.png")
     p.set_defaults(run=cmd_study)
+
+    p = sub.add_parser("serve", help="serve named task deltas of one timm base over HTTP (LitServe, mixed-task batches)")
+    p.add_argument("model", help="timm model name of the base every task was trained on")
+    p.add_argument("--task", action="append", required=True, metavar="NAME=FILE",
+                   help="a task: its name in requests and its delta checkpoint (repeatable)")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="a keyword for timm.create_model")
+    p.add_argument("--pretrained", action="store_true", help="the hub's pretrained weights for the base")
+    p.add_argument("--weights", metavar="FILE", help="pretrained weights of the base from a local file")
+    p.add_argument("--seed", type=int, default=0, help="seed of a base built without weights (default 0)")
+    p.add_argument("--image-size", type=int, help="input size (default: img_size, else timm's pretrained config)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="largest batch LitServe forms (default 64)")
+    p.add_argument("--batch-timeout", type=float, default=0.01,
+                   help="seconds LitServe waits for a batch to fill (default 0.01)")
+    p.add_argument("--accelerator", default="auto", help="cpu, cuda, mps or auto (default)")
+    p.add_argument("--devices", default="auto", help="number of devices, or auto (default)")
+    p.add_argument("--workers-per-device", type=int, default=1, help="model copies per device (default 1)")
+    p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("demo", help="the PVP few-shot demonstration (reduced size: a few minutes on a CPU)")
     p.add_argument("--out", default="petl_demo", help="output directory (default ./petl_demo)")

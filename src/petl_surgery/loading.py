@@ -18,6 +18,7 @@ from .deprecation import renamed
 from .errors import CheckpointError, OptionError
 from .interop import FORMATS, detect, is_adapter_directory, load_any
 from .interop.files import safetensors_header
+from .tasks.named import load_task, task_names
 
 
 def load(
@@ -31,6 +32,7 @@ def load(
     block_map: Optional[Mapping[int, int]] = None,
     head: Optional[bool] = None,
     blocks: Optional[Sequence[int]] = None,
+    name: Optional[str] = None,
     **options: Any,
 ) -> nn.Module:
     """Load a delta checkpoint, or another code's PETL checkpoint, into ``model`` in place; return it.
@@ -48,6 +50,8 @@ def load(
         layers: take only these block indices of the saved model, as ``apply``'s ``layers`` counts
             blocks (ours only).
         block_map: ``{saved block: model block}`` for a model of another depth (ours only).
+        name: load a petl_surgery delta as a named task beside the tasks already loaded (see
+            :func:`petl_surgery.tasks.load_task`); without it, a model carrying named tasks is refused.
         head: deprecated spelling of ``load_head``; it works and warns.
         blocks: deprecated spelling of ``layers``; it works and warns.
     """
@@ -64,6 +68,14 @@ def load(
         raise OptionError(f"load_head must be True, False or None; got {load_head!r}")
     if format is not None and format not in FORMATS:
         raise OptionError(f"unknown checkpoint format {format!r}; known formats: {', '.join(FORMATS)}")
+    if name is not None or task_names(model):
+        if name is None:
+            raise OptionError(f"the model carries named tasks ({', '.join(task_names(model))}); load with name=")
+        if format not in (None, "petl_surgery") or options:
+            raise OptionError("name= loads petl_surgery delta checkpoints; import other formats into a model of their own")
+        choices = {"methods": methods, "blocks": layers, "block_map": block_map}
+        return load_task(model, path, name, head=True if load_head is None else load_head,
+                         **{k: v for k, v in choices.items() if v is not None})
     source = Path(path)
     chosen = format
     if chosen is None and source.exists():

@@ -67,7 +67,25 @@ def _set(module: nn.Module, name: str, value: Any) -> None:
         setattr(module, name, value)
 
 
+# lists that ``recording`` hands out: every patch applied meanwhile is appended, with its owner
+_recorders: List[List[Tuple[Patch, str]]] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[List[Tuple[Patch, str]]]:
+    """The patches applied inside the block, with their owners, in order (named tasks keep the patches
+    that are not ``shared`` apart, to set them only while their task runs)."""
+    applied: List[Tuple[Patch, str]] = []
+    _recorders.append(applied)
+    try:
+        yield applied
+    finally:
+        _recorders.remove(applied)
+
+
 def apply_patch(patch: Patch, owner: str) -> None:
+    for applied in _recorders:
+        applied.append((patch, owner))
     record: Dict[str, List[Tuple[str, Any]]] = patch.target.__dict__.setdefault(PATCHED_ATTR, {})
     layers = record.setdefault(patch.name, [])
     current = _instance_value(patch.target, patch.name)

@@ -1,0 +1,7 @@
+"""Serving many tasks of one base over HTTP, on LitServe with dynamic batching (the ``serve`` extra)."""
+
+from .requests import BadRequest, RequestCheck, check_request
+from .server import TimmBase, build_server, load_tasks, serve, task_api
+
+__all__ = ["BadRequest", "RequestCheck",
+    "TimmBase", "build_server", "check_request", "load_tasks", "serve", "task_api"]
