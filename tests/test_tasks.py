@@ -216,8 +216,9 @@ def test_unnamed_surgery_and_merge_are_refused_on_a_model_with_tasks(tmp_path):
         ps.save(base, tmp_path / "x.safetensors")
 
 
-TOKEN_TASKS = {  # task -> (method, options): the prompt tasks agree on 3 tokens from block 0
+TOKEN_TASKS = {  # task -> (method, options): "deep" and "deep_too" put the same token sequence through
     "deep": ("vpt", {"num_tokens": 3}),
+    "deep_too": ("vpt", {"num_tokens": 3}),
     "shallow": ("vpt", {"num_tokens": 3, "deep": False}),
     "five": ("vpt", {"num_tokens": 5}),
     "prefix": ("prefix", {"length": 4, "mid_dim": 16}),
@@ -241,14 +242,14 @@ def _token_tasks(family: str, tmp_path):
 @pytest.mark.parametrize("family", ["timm vit", "transformers vit", "open_clip vit"])
 def test_prompt_tasks_of_one_token_count_mix_and_every_token_task_runs_alone(family, tmp_path):
     base, singles, size, logits_of = _token_tasks(family, tmp_path)
-    tasks = ["shallow", "deep", "deep", "shallow", "deep"]
+    tasks = ["deep_too", "deep", "deep", "deep_too", "deep"]
     x = torch.randn(len(tasks), 3, size, size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         mixed = logits_of(ps.forward_tasks(base, x, tasks))
         for row, task in enumerate(tasks):
             alone = logits_of(singles[task](x[row : row + 1]))[0]
             torch.testing.assert_close(mixed[row, : alone.shape[-1]], alone, rtol=1e-4, atol=1e-5)
-        for task in ["five", "prefix", "lora", "deep", "lora"]:  # patches of one task never stay for the next
+        for task in ["five", "prefix", "shallow", "lora", "deep", "lora"]:  # one task's patches never stay for the next
             with ps.using_task(base, task):
                 torch.testing.assert_close(logits_of(base(x)), logits_of(singles[task](x)), rtol=1e-4, atol=1e-5)
 
@@ -256,8 +257,9 @@ def test_prompt_tasks_of_one_token_count_mix_and_every_token_task_runs_alone(fam
 @pytest.mark.parametrize(
     "tasks, message",
     [
-        (["deep", "five"], r"tasks 'deep' \(3 prompt tokens from block 0\) and 'five' \(5 prompt tokens from block 0\)"),
-        (["lora", "deep"], r"'deep' \(3 prompt tokens from block 0\) and 'lora' \(no prompt tokens\)"),
+        (["deep", "five"], r"tasks 'deep' \(3 prompt tokens from block 0, deep\) and 'five' \(5 prompt tokens from block 0, deep\)"),
+        (["lora", "deep"], r"'deep' \(3 prompt tokens from block 0, deep\) and 'lora' \(no prompt tokens\)"),
+        (["deep", "shallow"], r"'deep' \(3 prompt tokens from block 0, deep\) and 'shallow' \(3 prompt tokens from block 0, shallow\)"),
         (["deep", "prefix"], r"task 'prefix' uses prefix tuning, whose keys and values enter the attention call"),
     ],
 )

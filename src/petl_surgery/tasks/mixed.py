@@ -47,12 +47,15 @@ def resolve_tasks(model: nn.Module, tasks: TaskIds, batch: int) -> List[str]:
 
 
 def token_signature(bank: TaskBank, name: str) -> Optional[tuple]:
-    """What task ``name`` does to the token sequence: None (nothing), ``("vpt", tokens, first block)``, or
-    ``("prefix", ...)``; tasks of one batch must agree on it."""
+    """What task ``name`` does to the token sequence: None (nothing), ``("vpt", tokens, first block, deep,
+    blocks)``, or ``("prefix", ...)``; tasks of one batch must agree on it. Deep prompts on every block
+    from the first to the last are inserted before and dropped after each block, shallow ones travel from
+    block to block: the same count and first block is not the same token sequence then."""
     modules = list(bank.deltas[name].values())
     prompts = [m for m in modules if m.method == "vpt"]
     if prompts:
-        return ("vpt", prompts[0].options["num_tokens"], min(m.block for m in prompts))
+        blocks = tuple(sorted(m.block for m in prompts))
+        return ("vpt", prompts[0].options["num_tokens"], blocks[0], bool(prompts[0].options["deep"]), blocks)
     if any(m.method == "prefix" for m in modules):
         return ("prefix",)
     return None
@@ -62,7 +65,7 @@ def _describe(signature: Optional[tuple]) -> str:
     if signature is None:
         return "no prompt tokens"
     if signature[0] == "vpt":
-        return f"{signature[1]} prompt tokens from block {signature[2]}"
+        return f"{signature[1]} prompt tokens from block {signature[2]}, {'deep' if signature[3] else 'shallow'}"
     return "prefix keys and values"
 
 
@@ -79,8 +82,8 @@ def _token_refusal(bank: TaskBank, present: Sequence[str]) -> Optional[str]:
         if signatures[name] != signatures[first]:
             return (
                 f"tasks {first!r} ({_describe(signatures[first])}) and {name!r} ({_describe(signatures[name])}) put "
-                "different token sequences through the blocks; only tasks with the same prompt count and first "
-                "prompted block share a batch"
+                "different token sequences through the blocks; only tasks with the same prompt count, blocks and "
+                "depth (deep or shallow) share a batch"
             )
     return None
 

@@ -27,6 +27,7 @@ from ..inventory import inserted_modules
 from ..methods import PetlModule
 from ..patches import recording, undo_patches
 from ..sites.torch_layouts import IN_PROJ
+from ..checkpointing import guard_checkpointing
 from ..statistics import give_back_statistics
 from ..wrappers import inner
 from .routing import BANK_NAME, HeadDispatch, TaskBank, TaskError, decode_path, encode_path, take_patches
@@ -315,6 +316,7 @@ def remove_task(model: nn.Module, name: str) -> nn.Module:
         del root._modules[BANK_NAME]
         restore_original_flags(root)
         give_back_statistics(root)
+        guard_checkpointing(root)  # no surgery left: the activation-checkpointing guard goes too
     return model
 
 
