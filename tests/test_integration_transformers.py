@@ -134,3 +134,20 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_delta(tmp_path):
 def test_importing_petl_surgery_imports_no_integration():
     code = "import sys, petl_surgery; print(sorted(m for m in sys.modules if 'integrations' in m or m == 'transformers'))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_trainer_gradient_checkpointing_trains_the_delta_as_without_it(tmp_path, reentrant):
+    """TrainingArguments(gradient_checkpointing=True) in both modes: every inserted tensor learns, and the
+    delta after the steps is the one the same run without checkpointing ends with."""
+    plain = surgered()
+    T.Trainer(model=plain, args=arguments(tmp_path / "plain", save_strategy="no"), train_dataset=Images()).train()
+    model = surgered()
+    before = delta(model)
+    args = arguments(tmp_path / "checkpointed", save_strategy="no", gradient_checkpointing=True,
+                     gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    T.Trainer(model=model, args=args, train_dataset=Images()).train()
+    after, expected = delta(model), delta(plain)
+    assert inserted(after) and all(not torch.equal(before[n], after[n]) for n in inserted(after))
+    for name in after:
+        torch.testing.assert_close(after[name], expected[name], rtol=1e-5, atol=1e-6)
