@@ -50,8 +50,7 @@ MIXED_METHODS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "lora": ("lora", {"rank": 8, "targets": ["qkv"]}),
     "vpt": ("vpt", {"num_tokens": 10}),
 }
-SHARE_METHODS = ("patt", "adapter", "bapat", "lora", "dora", "ssf", "houlsby", "adapter_plus", "convpass",
-                 "repadapter", "fact", "vpt", "prefix")
+SHARE_METHODS = tuple(ps.METHODS)  # every registered method's single-task forward beside its FLOP share
 COUNTS = (1, 4, 16)
 CLASSES = 10
 

@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence, Union
 
 from torch import nn
 
-from .. import api
+from ..api import apply as apply_surgery, merge as merge_surgery, remove as remove_surgery
 from ..checkpoints.delta import save as save_delta
 from ..checkpoints.files import PathLike
 from .named import apply_task, save_task, task_names
@@ -28,10 +28,10 @@ def apply(model: nn.Module, method: str, *, name: Optional[str] = None, **option
     if name is not None:
         return apply_task(model, method, name, **options)
     _refuse_unnamed(model, "give the new surgery a task name with name=")
-    return api.apply(model, method, **options)
+    return apply_surgery(model, method, **options)
 
 
-apply.__doc__ = (apply.__doc__ or "") + "\n\n" + (api.apply.__doc__ or "")
+apply.__doc__ = (apply.__doc__ or "") + "\n\n" + (apply_surgery.__doc__ or "")
 
 
 def save(model: nn.Module, path: PathLike, *, name: Optional[str] = None) -> None:
@@ -48,10 +48,10 @@ def merge(model: nn.Module, *, keep_unmergeable: bool = False) -> nn.Module:
     base weights changes the backbone every task shares, so merged deltas cannot run side by side or mix
     in one batch (merge a model that carries one task alone instead)."""
     _refuse_unnamed(model, "merging folds a delta into the base weights every task shares; merge a model carrying one task alone")
-    return api.merge(model, keep_unmergeable=keep_unmergeable)
+    return merge_surgery(model, keep_unmergeable=keep_unmergeable)
 
 
 def remove(model: nn.Module, methods: Union[None, str, Sequence[str]] = None, *, method: Optional[str] = None) -> nn.Module:
     """:func:`petl_surgery.api.remove`; a model carrying named tasks takes ``remove_task`` instead."""
     _refuse_unnamed(model, "take a task out with petl_surgery.remove_task(model, name)")
-    return api.remove(model, methods, method=method)
+    return remove_surgery(model, methods, method=method)
