@@ -305,11 +305,14 @@ def check_layout(
     return checked
 
 
-def check_patt_parity(build: Callable[[], nn.Module], make_input: Callable[[], torch.Tensor], mode: str = "kv") -> int:
+def check_patt_parity(build: Callable[[], nn.Module], make_input: Callable[[], torch.Tensor], mode: str = "kv",
+                      dtype: torch.dtype = torch.float64) -> int:
     """PATT on ``build()`` equals an untouched copy of the model whose q/k/v producers get the V-PETL
     equations added by plain hooks, ``h = tanh(x A + a)``, ``[D1|D2] = h B + b``, at the channels the
-    layout names (which :func:`check_layout` verifies independently). float64; returns sites compared."""
-    model = build().double().eval()
+    layout names (which :func:`check_layout` verifies independently). In ``dtype`` (float64, or float32
+    for a model that cannot run in float64); returns sites compared."""
+    tolerance = 1e-9 if dtype == torch.float64 else 1e-5
+    model = build().to(dtype).eval()
     base = copy.deepcopy(model)
     ps.apply(model, "patt", mode=mode, scale=0.6)
     randomize_inserted(model, std=0.1)
@@ -345,7 +348,7 @@ def check_patt_parity(build: Callable[[], nn.Module], make_input: Callable[[], t
 
             handles.append(base_site.producer(projection.module).register_forward_hook(add))
         compared += 1
-    x = make_input().double()
+    x = make_input().to(dtype)
     with torch.no_grad():
-        torch.testing.assert_close(first_output(model(x)), first_output(base(x)), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(first_output(model(x)), first_output(base(x)), rtol=tolerance, atol=tolerance)
     return compared
