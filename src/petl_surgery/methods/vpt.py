@@ -211,7 +211,7 @@ class PromptPlanner:
         first = index == self.first
         if index not in self.chosen:
             return []  # shallow: the prompts inserted before the first chosen block travel on
-        prompts = PromptTokens(self.layout, options, method, index, context.recorded, context.factory_kwargs(block.module))
+        prompts = PromptTokens(self.layout, options, index, context, context.factory_kwargs(block.module))
         arrive = prompts.insert if first or index - 1 in self.chosen else prompts.overwrite
         hooks = [Hook(block.module, "forward_pre", arrive)]
         if index == self.last or index + 1 in self.chosen:  # no block after it reads its prompts
