@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import OptionError, SurgeryError, UnsupportedBlockError  # UnsupportedBlockError: re-exported
+from ..errors import OptionError, UnsupportedBlockError  # UnsupportedBlockError: re-exported
 from ..inserted import CHILD_PREFIX, OUTSIDE_BLOCKS, PetlModule  # re-exported: methods build on them
 from ..patches import Patch, apply_patch
 from ..selection import LayerSelection
