@@ -19,7 +19,9 @@ from family_checks import WORKS, assert_outcome, check_layout, check_method
 
 import petl_surgery as ps
 from petl_surgery.methods import Method, PetlModule, capable, register
+from petl_surgery.api import plan_on_device
 from petl_surgery.methods.base import MergeableModule
+from petl_surgery.methods.planning import SIZES_ONLY
 from petl_surgery.sites import registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +100,21 @@ def test_a_mergeable_method_inserts_mergeable_modules_only(method: str) -> None:
     inserted = [module for module in model.modules() if isinstance(module, PetlModule)]
     assert inserted
     assert {isinstance(module, MergeableModule) for module in inserted} == {ps.METHODS[method].mergeable}
+
+
+def tensors(insertions: list) -> Dict[str, torch.Tensor]:
+    return {f"{i.path}.{key}": t for i in insertions for key, t in i.module.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", list(ps.METHODS))
+def test_the_planning_context_alone_decides_where_modules_are_built(method: str) -> None:
+    model = make_vit()
+    sized = plan_on_device(model, method, None, False, {}, SIZES_ONLY)
+    planned = ps.plan(model, method)  # after a sizes-only plan: nothing carried over from it
+    assert {name: t.device.type for name, t in tensors(sized).items()} == dict.fromkeys(tensors(planned), "meta")
+    assert {name: t.shape for name, t in tensors(sized).items()} == {name: t.shape for name, t in tensors(planned).items()}
+    assert {t.device.type for t in tensors(planned).values()} == {"cpu"}
+    assert not any(isinstance(module, PetlModule) for module in model.modules())
 
 
 def test_branch_dtype_is_refused_by_name_for_a_method_that_does_not_declare_it() -> None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
 
 from .checkpointing import guard_checkpointing
 from .deprecation import renamed
-from .errors import OptionError, SurgeryError, UnsupportedBlockError, UnsupportedModelError
+from .errors import OptionError, SurgeryError
 from .freezing import (
     compile_patterns,
     head_parameter_names,
@@ -23,9 +23,10 @@ from .hooks import hook_owner
 from .inventory import delta_names, inserted_modules, next_order
 from .methods import Insertion, PetlModule, capable, get_method
 from .methods.base import MergeableModule, options_dict
+from .methods.planning import PlanContext
 from .patches import undo_patches
 from .roots import check_apply_target, check_not_nested, sole_root, surgery_roots
-from .selection import LayerSelection, select_layers
+from .selection import LayerSelection
 from .sites import Block, discover
 from .statistics import give_back_statistics, resolve_mode, take_statistics
 from .summary import Summary, summarize
@@ -57,79 +58,24 @@ def plan(
     its ``block``, its ``path`` (the inserted module's path once committed) and its ``module``, whose
     parameters are the ones ``apply`` would add.
     """
+    return plan_on_device(model, method, layers, skip_unsupported, options)
+
+
+def plan_on_device(
+    model: nn.Module,
+    method: str,
+    layers: LayerSelection,
+    skip_unsupported: bool,
+    options: Mapping[str, Any],
+    device: Optional[torch.device] = None,
+) -> List[Insertion]:
+    """:func:`plan` with its inserted modules built on ``device`` (None, :func:`plan`'s: beside the
+    layers they extend; :data:`~petl_surgery.methods.planning.SIZES_ONLY`: their sizes only, what
+    ``load`` checks a file against before allocating)."""
     method_type = get_method(method)
     parsed = method_type.parse_options(options)
-    by_name = method_type.plan_modules(inner(model), parsed, method, options_dict(parsed))
-    if by_name is not None:  # layers chosen by name pattern, not blocks
-        if layers is not None:
-            raise OptionError(
-                f"method {method!r}: option 'modules' chooses layers by name pattern, and layers= chooses "
-                "blocks; give one of them"
-            )
-        return _checked_once(by_name, method)
-    found = discover(inner(model))
-    if found.unsupported and not skip_unsupported:
-        listed = "; ".join(f"{u.path!r} ({u.class_name}): {u.reason}" for u in found.unsupported[:5])
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has attention modules petl_surgery cannot operate on: {listed}. "
-            "Pass skip_unsupported=True to operate on the supported blocks only"
-        )
-    if not found.blocks:
-        raise UnsupportedModelError(
-            f"found no transformer block that petl_surgery can operate on in {type(model).__name__}"
-        )
-    recorded = options_dict(parsed)
-    insertions: List[Insertion] = []
-    skipped: List[str] = []
-    planned_hosts: Set[Tuple[int, str]] = set()
-    chosen = select_layers(layers, len(found.blocks))
-    planner = method_type.planner(model, found.blocks, chosen, parsed)
-    for index in chosen:
-        try:
-            planned = planner.plan_block(found.blocks[index], parsed, method, recorded)
-        except UnsupportedBlockError as error:
-            if not skip_unsupported:
-                raise UnsupportedBlockError(f"{error}; pass skip_unsupported=True to skip such blocks") from None
-            skipped.append(str(error))
-            continue
-        for insertion in planned:
-            if (id(insertion.host), insertion.name) in planned_hosts:
-                continue  # a module shared by several blocks (CoaT's MLPs) takes its branch once
-            planned_hosts.add((id(insertion.host), insertion.name))
-            if hasattr(insertion.host, insertion.name):
-                raise SurgeryError(
-                    f"method {method!r} is already applied to block {index} ({insertion.host_path!r}); "
-                    f"remove it first or choose other layers"
-                )
-            twin = _same_component(insertion)
-            if twin is not None:
-                raise SurgeryError(
-                    f"block {index} ({insertion.host_path!r}) already carries a {twin.component} branch from method "
-                    f"{twin.method!r}; a {method!r} one would stack a second {twin.component} on the same "
-                    "projections. Remove it first or choose other layers"
-                )
-            insertions.append(insertion)
-    if not insertions:
-        raise UnsupportedModelError(f"method {method!r} can operate on none of the chosen blocks: {skipped[0]}")
-    return insertions
-
-
-def _checked_once(insertions: List[Insertion], method: str) -> List[Insertion]:
-    """``insertions`` on layers chosen by name, refused when one of those layers carries the method already."""
-    for insertion in insertions:
-        if hasattr(insertion.host, insertion.name):
-            raise SurgeryError(f"method {method!r} is already applied to {insertion.host_path!r}; remove it first")
-    return insertions
-
-
-def _same_component(insertion: Insertion) -> Optional[PetlModule]:
-    """An inserted module of the host that is of the same kind as the planned one (BAPAT's PATT half
-    beside a PATT), if any."""
-    component = insertion.module.component
-    for child in insertion.host.children():
-        if isinstance(child, PetlModule) and component and child.component == component:
-            return child
-    return None
+    context = PlanContext(method, options_dict(parsed), skip_unsupported, device)
+    return method_type.plan(model, layers, parsed, context)
 
 
 def commit(model: nn.Module, insertions: Sequence[Insertion], statistics: str) -> None:

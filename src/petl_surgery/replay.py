@@ -10,7 +10,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Set, Tuple
 import torch
 from torch import nn
 
-from .api import commit, plan, remove
+from .api import commit, plan_on_device, remove
 from .errors import CheckpointError, SurgeryError
 from .methods import Insertion
 from .methods.base import OUTSIDE_BLOCKS
@@ -26,18 +26,22 @@ class RecordedCall:
     options: Mapping[str, Any]
 
 
-def plan_calls(model: nn.Module, calls: Sequence[RecordedCall], source: str) -> List[List[Insertion]]:
+def plan_calls(
+    model: nn.Module, calls: Sequence[RecordedCall], source: str, device: Optional[torch.device] = None
+) -> List[List[Insertion]]:
     """The insertions of every call, planned on ``model`` as it is now, without changing it; raises
     CheckpointError, naming ``source``, when the model cannot take a call on exactly its recorded blocks
     or when two calls would place a module on the same host.
 
-    The plans are for checking (names, shapes, sizes under :func:`~petl_surgery.methods.base.sizes_only`):
+    ``device`` (default None: beside the layers they extend) is where the planned modules are built;
+    :data:`~petl_surgery.methods.planning.SIZES_ONLY` gives their sizes without their memory.
+    The plans are for checking (names, shapes, sizes):
     :func:`commit_calls` re-plans each call on the model that the calls before it changed."""
     planned: List[List[Insertion]] = []
     hosts: Set[Tuple[int, str]] = set()
     with torch.random.fork_rng(devices=[]):  # branch inits are overwritten: leave the user's RNG alone
         for call in calls:
-            insertions = _plan_one(model, call, source)
+            insertions = _plan_one(model, call, source, device)
             for insertion in insertions:
                 key = (id(insertion.host), insertion.name)
                 if key in hosts:
@@ -66,19 +70,19 @@ def commit_calls(model: nn.Module, calls: Sequence[RecordedCall], statistics: st
     return committed
 
 
-def _plan_one(model: nn.Module, call: RecordedCall, source: str) -> List[Insertion]:
+def _plan_one(model: nn.Module, call: RecordedCall, source: str, device: Optional[torch.device] = None) -> List[Insertion]:
     """The insertions of one call, on exactly its blocks (skip_unsupported passes other blocks' attention
     that the model's discovery does not understand, never one of the call's own blocks)."""
     layers: Optional[List[int]] = None if list(call.blocks) == [OUTSIDE_BLOCKS] else list(call.blocks)
     try:
-        insertions = plan(model, call.method, layers, True, **call.options)
+        insertions = plan_on_device(model, call.method, layers, True, call.options, device)
     except SurgeryError as error:
         raise CheckpointError(f"{source} records surgery this model cannot take: {error}") from None
     placed = {insertion.block for insertion in insertions}
     for block in call.blocks:
         if block not in placed:
             try:
-                plan(model, call.method, [block], True, **call.options)
+                plan_on_device(model, call.method, [block], True, call.options, device)
                 reason = "it is not placed there"
             except SurgeryError as error:
                 reason = str(error)

@@ -20,7 +20,8 @@ from ..replay import RecordedCall, commit_calls, plan_calls
 from ..freezing import head_parameter_names, set_trainable
 from ..inventory import delta_names, inserted_modules, surgery_record
 from ..methods import get_method
-from ..methods.base import CHILD_PREFIX, OUTSIDE_BLOCKS, sizes_only
+from ..methods.base import CHILD_PREFIX, OUTSIDE_BLOCKS
+from ..methods.planning import SIZES_ONLY
 from ..sites import discover
 from ..statistics import mode_of, resolve_mode, statistics_names
 from .files import PathLike, check_path, read, write_atomic
@@ -479,8 +480,8 @@ def _plan(path: PathLike, model: nn.Module, calls: List[Dict[str, Any]], target:
             )
         expected = {name: list(t.shape) for name, t in _unique_state(model).items() if name in target.delta_now}
         return expected, {}, current
-    with sizes_only():  # the recorded options' sizes, checked against the file before any allocation
-        sized = plan_calls(target.root, _recorded(calls), str(path))
+    # the recorded options' sizes, checked against the file before any allocation
+    sized = plan_calls(target.root, _recorded(calls), str(path), device=SIZES_ONLY)
     planned_tensors = {
         join(target.root_path, f"{insertion.path}.{key}"): tensor
         for insertions in sized

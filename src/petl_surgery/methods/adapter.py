@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,8 @@ from .base import (
     check_choice,
     check_number,
     check_positive_int,
-    factory_kwargs,
 )
+from .planning import PlanContext
 
 POSITIONS = ("parallel", "sequential")
 LAYERNORMS = (None, "in", "out")
@@ -146,12 +146,11 @@ class BottleneckAdapter(PetlModule):
         shape: Bottleneck,
         channel_dim: int,
         reference: nn.Module,
-        method: str,
         block: int,
-        recorded: Mapping[str, Any],
+        context: PlanContext,
     ) -> None:
-        super().__init__(method, recorded, block)
-        kwargs = factory_kwargs(reference)
+        super().__init__(context.method, context.recorded, block)
+        kwargs = context.factory_kwargs(reference)
         self.channel_dim = channel_dim
         self.activation = _ACTIVATIONS[shape.activation]
         self.drop_path = float(shape.drop_path)
@@ -272,9 +271,10 @@ class Adapter(Method):
     takes_branch_dtype = True
 
     @classmethod
-    def plan_block(cls, block: Block, options: AdapterOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
+    def plan_block(cls, block: Block, options: AdapterOptions, context: PlanContext) -> List[Insertion]:
+        method = context.method
         site = mlp_of(block, method)
-        adapter = BottleneckAdapter(mlp_bottleneck(site, options), site.channel_dim, site.module, method, block.index, recorded)
+        adapter = BottleneckAdapter(mlp_bottleneck(site, options), site.channel_dim, site.module, block.index, context)
         if options.position == "sequential":
             hooks = [Hook(site.module, "forward", adapter.add_sequential)]
         elif options.input == "mlp" and site.input_module is None:

@@ -25,7 +25,7 @@ d 768), r 8: 165,984. The paper's own table count is not checked here (its code 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Mapping
+from typing import List
 
 from ..sites import Block
 from .adapter import ACTIVATIONS, INITS, Bottleneck, BottleneckAdapter, mlp_host, mlp_of
@@ -39,6 +39,7 @@ from .base import (
     check_number,
     check_positive_int,
 )
+from .planning import PlanContext
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ class AdapterPlus(Method):
     takes_branch_dtype = True
 
     @classmethod
-    def plan_block(cls, block: Block, options: AdapterPlusOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
+    def plan_block(cls, block: Block, options: AdapterPlusOptions, context: PlanContext) -> List[Insertion]:
+        method = context.method
         site = mlp_of(block, method)
         if site.residual_input is None or site.residual_output is None:
             raise UnsupportedBlockError(
@@ -91,7 +93,7 @@ class AdapterPlus(Method):
             site.out_features, site.out_features, options.bottleneck, "channel", None, options.dropout,
             options.activation, options.init, options.init_std, options.drop_path,
         )
-        adapter = BottleneckAdapter(shape, site.channel_dim, site.module, method, block.index, recorded)
+        adapter = BottleneckAdapter(shape, site.channel_dim, site.module, block.index, context)
         hooks = [
             Hook(site.residual_input, "forward_pre", adapter.keep_stream),
             Hook(site.residual_output, "forward", adapter.add_after_stream),

@@ -14,6 +14,7 @@ from ..errors import OptionError
 from ..sites import Block
 from .adapter import Adapter, AdapterOptions
 from .base import Insertion, Method
+from .planning import PlanContext
 from .patt import Patt, PattOptions
 
 
@@ -67,7 +68,7 @@ class Bapat(Method):
         return super().parse_options(given)
 
     @classmethod
-    def plan_block(cls, block: Block, options: BapatOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
-        return Patt.plan_block(block, options.patt_options(), method, recorded) + Adapter.plan_block(
-            block, options.adapter_options(), method, recorded
+    def plan_block(cls, block: Block, options: BapatOptions, context: PlanContext) -> List[Insertion]:
+        return Patt.plan_block(block, options.patt_options(), context) + Adapter.plan_block(
+            block, options.adapter_options(), context
         )

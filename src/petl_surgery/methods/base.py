@@ -4,20 +4,21 @@ inserted-module base class lives in :mod:`petl_surgery.inserted`, below site dis
 from __future__ import annotations
 
 import abc
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import OptionError, SurgeryError, UnsupportedBlockError  # UnsupportedBlockError: re-exported
+from ..errors import OptionError, UnsupportedBlockError  # UnsupportedBlockError: re-exported
 from ..inserted import CHILD_PREFIX, OUTSIDE_BLOCKS, PetlModule  # re-exported: methods build on them
 from ..patches import Patch, apply_patch
+from ..selection import LayerSelection
 from ..sites import AttentionSite, Block, Projection
+from .planning import PlanContext, choose_blocks, plan_each_block
 
 
 class MergeableModule(PetlModule, abc.ABC):
@@ -116,7 +117,7 @@ class Insertion:
 
 
 class Method:
-    """A PETL method: a name, an options dataclass, and the insertions it plans for one block.
+    """A PETL method: a name, an options dataclass, and the insertions it plans (:meth:`plan`).
 
     Its capabilities are declared here, on the class, and read by ``apply``, ``merge``, the tests, the
     benchmarks and the coverage script; no list of method names is kept anywhere else. A new method sets
@@ -148,28 +149,26 @@ class Method:
         return parse_options(cls.name, cls.Options, given)
 
     @classmethod
-    def planner(cls, model: nn.Module, blocks: Sequence[Block], chosen: Sequence[int], options: Any) -> Any:
-        """What plans the ``chosen`` blocks of ``model``: by default the method itself. A method that needs
-        the whole model (prompt tokens: where the prefix tokens end, which block is last) returns an object
-        with the same ``plan_block``, built from it, and raises SurgeryError for a model it cannot operate
-        on; it must not change the model."""
-        return cls
+    def plan(cls, model: nn.Module, layers: LayerSelection, options: Any, context: PlanContext) -> List[Insertion]:
+        """The one planning entry point: the insertions for the blocks ``layers`` chooses in ``model``
+        (None: all), built with ``context`` and without touching the model; raises SurgeryError (before
+        any change) for what the method cannot do.
 
-    @classmethod
-    def plan_modules(cls, model: nn.Module, options: Any, method: str, recorded: Mapping[str, Any]) -> Optional[List[Insertion]]:
-        """The insertions when ``options`` choose layers by name pattern rather than blocks (LoRA's and
-        SSF's ``modules``), built without touching the model; None (the default) when they do not."""
-        return None
-
-    @classmethod
-    def plan_block(cls, block: Block, options: Any, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
-        """The insertions for ``block``, built without touching the model; raises SurgeryError if the
-        block lacks what the method needs.
-
-        ``method`` and ``recorded`` are the user-facing method name and its resolved options, recorded on
-        the inserted modules (a composite method passes its own to the methods it is made of).
+        The default chooses the blocks (:func:`~petl_surgery.methods.planning.choose_blocks`) and plans
+        each with :meth:`plan_block` (:func:`~petl_surgery.methods.planning.plan_each_block`). A method
+        that needs the whole model (prompt tokens: where the prefix tokens end, which block is last)
+        overrides it with the same two helpers around a per-block planner of its own; one that can choose
+        layers by name pattern returns :func:`~petl_surgery.methods.planning.checked_by_name` of them.
         """
-        raise NotImplementedError(f"{cls.__name__} must implement plan_block")
+        blocks, chosen = choose_blocks(model, layers, context)
+        return plan_each_block(blocks, chosen, lambda block: cls.plan_block(block, options, context), context)
+
+    @classmethod
+    def plan_block(cls, block: Block, options: Any, context: PlanContext) -> List[Insertion]:
+        """The insertions for ``block``, built without touching the model, with
+        ``context.factory_kwargs`` for the device and dtype of every module; raises UnsupportedBlockError
+        if the block lacks what the method needs. Used by the default :meth:`plan`."""
+        raise NotImplementedError(f"{cls.__name__} must implement plan_block or plan")
 
 
 def parse_options(method: str, options_type: Type[Any], given: Mapping[str, Any]) -> Any:
@@ -225,32 +224,6 @@ def check_number(method: str, option: str, value: Any, *, low: float = float("-i
         raise OptionError(
             f"option {option!r} of method {method!r} must be a finite number in [{low}, {high}]; got {value!r}"
         )
-
-
-_planning_on_meta = [False]
-
-
-@contextlib.contextmanager
-def sizes_only() -> Iterator[None]:
-    """Inserted modules planned inside this block are built on the meta device: their shapes without
-    their memory (``load`` checks the sizes a file records before it allocates them)."""
-    _planning_on_meta.append(True)
-    try:
-        yield
-    finally:
-        _planning_on_meta.pop()
-
-
-def factory_kwargs(*references: nn.Module) -> Dict[str, Any]:
-    """Device and dtype of the first parameter of the first of ``references`` that has one (a producer
-    added by a site's patches holds none: the attention behind it does), for building layers beside it;
-    the meta device inside :func:`sizes_only`."""
-    for reference in references:
-        parameter = next(reference.parameters(), None)
-        if parameter is not None:
-            device = torch.device("meta") if _planning_on_meta[-1] else parameter.device
-            return {"device": device, "dtype": parameter.dtype}
-    raise SurgeryError(f"{type(references[0]).__name__} has no parameters to take a device and dtype from")
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ Trainable parameters: ``2 L ((2 h + 1) d + 9 h^2 + 2 h)`` (paper 3.2); ViT-B/16 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +59,10 @@ from .base import (
     check_choice,
     check_number,
     check_positive_int,
-    factory_kwargs,
     parse_sublayers,
 )
+from ..selection import LayerSelection
+from .planning import PlanContext, choose_blocks, plan_each_block
 
 CONV_INITS = ("identity", "xavier")
 
@@ -109,12 +110,11 @@ class ConvolutionalBypass(PetlModule):
         prefix: int,
         options: ConvpassOptions,
         reference: nn.Module,
-        method: str,
         block: int,
-        recorded: Mapping[str, Any],
+        context: PlanContext,
     ) -> None:
-        super().__init__(method, recorded, block)
-        kwargs = factory_kwargs(reference)
+        super().__init__(context.method, context.recorded, block)
+        kwargs = context.factory_kwargs(reference)
         hidden = options.bottleneck
         self.grid_of = source.grid_of
         self.grid: Optional[Tuple[int, int]] = None  # of the current forward, set by ``read_grid``
@@ -205,9 +205,10 @@ class ConvpassPlanner:
         self.source = layout.grid_source
         self.prefix = layout.num_prefix_tokens
 
-    def plan_block(self, block: Block, options: ConvpassOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
+    def plan_block(self, block: Block, options: ConvpassOptions, context: PlanContext) -> List[Insertion]:
+        method = context.method
         def bypass(width: int, reference: nn.Module) -> ConvolutionalBypass:
-            return ConvolutionalBypass(width, self.source, self.prefix, options, reference, method, block.index, recorded)
+            return ConvolutionalBypass(width, self.source, self.prefix, options, reference, block.index, context)
 
         def grid_hook(inserted: ConvolutionalBypass) -> Hook:
             return Hook(self.source.module, "forward_pre", inserted.read_grid)
@@ -254,9 +255,8 @@ class Convpass(Method):
     needs_token_grid = True
 
     @classmethod
-    def planner(cls, model: nn.Module, blocks: Sequence[Block], chosen: Sequence[int], options: Any) -> ConvpassPlanner:
-        return ConvpassPlanner(model, blocks)
-
-    @classmethod
-    def plan_block(cls, block: Block, options: Any, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
-        raise SurgeryError(f"method {method!r} plans the whole model (it needs the patch grid): use Convpass.planner")
+    def plan(cls, model: nn.Module, layers: LayerSelection, options: ConvpassOptions, context: PlanContext) -> List[Insertion]:
+        """The chosen blocks, planned with the patch grid and prefix count of the whole model."""
+        blocks, chosen = choose_blocks(model, layers, context)
+        planner = ConvpassPlanner(model, blocks)
+        return plan_each_block(blocks, chosen, lambda block: planner.plan_block(block, options, context), context)

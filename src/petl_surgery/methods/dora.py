@@ -33,7 +33,7 @@ projection), ``n`` and ``W0`` read before anything is folded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,8 @@ from torch import nn
 
 from ..hooks import hook_owner
 from ..errors import SurgeryError
-from .base import UnsupportedBlockError, branch_input, factory_kwargs, replaced_slice
+from .base import UnsupportedBlockError, branch_input, replaced_slice
+from .planning import PlanContext
 from .lora import Lora, LoraOptions, LowRankAdapter, Target
 from .targets import HostTargets, ResolvedTarget, add_to_rows, foldable_weight
 
@@ -72,13 +73,13 @@ class WeightDecomposedAdapter(LowRankAdapter):
 
     component = "dora"
 
-    def __init__(self, host: HostTargets, options: DoraOptions, method: str, block: int, recorded: Mapping[str, Any]) -> None:
-        super().__init__(host, options, method, block, recorded)
+    def __init__(self, host: HostTargets, options: DoraOptions, block: int, context: PlanContext) -> None:
+        super().__init__(host, options, block, context)
         for target, resolved in zip(self.targets, host.targets):
             weight = foldable_weight(resolved.producer, pointwise=True)
             assert weight is not None  # checked by Dora.check_target
-            kwargs = factory_kwargs(resolved.producer, host.module)
-            if kwargs["device"].type == "meta":  # planned for its sizes only (``sizes_only``)
+            kwargs = context.factory_kwargs(resolved.producer, host.module)
+            if kwargs["device"].type == "meta":  # planned for its sizes only (``SIZES_ONLY``)
                 magnitude = torch.empty(target.write.width, **kwargs)
             else:
                 with torch.no_grad():

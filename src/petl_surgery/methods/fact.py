@@ -72,8 +72,9 @@ from .base import (
     check_choice,
     check_number,
     check_positive_int,
-    factory_kwargs,
 )
+from ..selection import LayerSelection
+from .planning import PlanContext, choose_blocks, plan_each_block
 from .targets import HostTargets, add_to_rows, fold_refusal, foldable_weight, resolve_targets
 
 VARIANTS = ("tt", "tk")
@@ -171,12 +172,11 @@ class FactorTuning(MergeableModule):
         width: int,
         options: FactOptions,
         columns_in_all: int,
-        method: str,
         block: int,
-        recorded: Mapping[str, Any],
+        context: PlanContext,
     ) -> None:
-        super().__init__(method, recorded, block)
-        kwargs = factory_kwargs(host.targets[0].producer, host.module)
+        super().__init__(context.method, context.recorded, block)
+        kwargs = context.factory_kwargs(host.targets[0].producer, host.module)
         r = options.rank
         self.variant = options.variant
         self.scale = float(options.scale)
@@ -319,7 +319,8 @@ class _FactPlanner:
         self.chosen = chosen
         self.shared: Optional[SharedFactors] = None
 
-    def plan_block(self, block: Block, options: FactOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
+    def plan_block(self, block: Block, options: FactOptions, context: PlanContext) -> List[Insertion]:
+        method = context.method
         where = f"block {block.index} ({block.path!r})"
         hosts = resolve_targets(block, ATTENTION_TARGETS + MLP_TARGETS, method)
         attention, mlp = hosts
@@ -329,14 +330,14 @@ class _FactPlanner:
             raise UnsupportedBlockError(f"method {method!r} needs the MLP of {where} to read width {width}")
         insertions: List[Insertion] = []
         if self.shared is None:
-            kwargs = factory_kwargs(attention.targets[0].producer, attention.module)
-            self.shared = SharedFactors(options, method, recorded, **kwargs)
+            kwargs = context.factory_kwargs(attention.targets[0].producer, attention.module)
+            self.shared = SharedFactors(options, method, context.recorded, **kwargs)
             insertions.append(Insertion(SHARED_BLOCK, "", self.model, CHILD_PREFIX + method, self.shared, []))
         slices = planned[1][0].slices
         columns_in_all = self.chosen * (4 + 2 * slices)
         for host, increments in zip(hosts, planned):
             module = FactorTuning(
-                host, increments, self.shared, width, options, columns_in_all, method, block.index, recorded
+                host, increments, self.shared, width, options, columns_in_all, block.index, context
             )
             hooks = [
                 Hook(host.producers()[producer], "forward", functools.partial(module.add_increment, producer))
@@ -352,7 +353,9 @@ class Fact(Method):
     mergeable = True
 
     @classmethod
-    def planner(cls, model: nn.Module, blocks: Sequence[Block], chosen: Sequence[int], options: Any) -> _FactPlanner:
+    def plan(cls, model: nn.Module, layers: LayerSelection, options: FactOptions, context: PlanContext) -> List[Insertion]:
+        """The chosen blocks, planned with the factors they share (one module, a child of ``model``)."""
+        blocks, chosen = choose_blocks(model, layers, context)
         if any(isinstance(module, SharedFactors) for module in model.modules()):
             raise SurgeryError(
                 f"method 'fact' is already applied to {type(model).__name__}: its factors are shared by the blocks "
@@ -363,11 +366,8 @@ class Fact(Method):
                 f"method 'fact' keeps its shared factors as a child of the model, and {type(model).__name__} "
                 "runs (or lists) all of its children; wrap the model in a module of its own first"
             )
-        return _FactPlanner(model, options, len(chosen))
-
-    @classmethod
-    def plan_block(cls, block: Block, options: Any, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
-        raise SurgeryError(f"method {method!r} plans its blocks with the factors they share: use Fact.planner")
+        planner = _FactPlanner(model, options, len(chosen))
+        return plan_each_block(blocks, chosen, lambda block: planner.plan_block(block, options, context), context)
 
 
 __all__ = ["Fact", "FactOptions", "FactorTuning", "SharedFactors"]

@@ -32,7 +32,7 @@ block after the MLP (Pfeiffer's placement): 156,768 at h 8, half of Houlsby's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Mapping
+from typing import List
 
 from ..sites import Block
 from .adapter import ACTIVATIONS, INITS, Bottleneck, BottleneckAdapter, mlp_host, mlp_of
@@ -47,6 +47,7 @@ from .base import (
     check_number,
     check_positive_int,
 )
+from .planning import PlanContext
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ class Houlsby(Method):
     takes_branch_dtype = True
 
     @classmethod
-    def plan_block(cls, block: Block, options: HoulsbyOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
+    def plan_block(cls, block: Block, options: HoulsbyOptions, context: PlanContext) -> List[Insertion]:
+        method = context.method
         where = f"block {block.index} ({block.path!r})"
         # the adapter reads the attention's output, whatever its q/k/v do: no refusal of the layout
         attention = attention_of(block, method, refusal=None)
@@ -106,10 +108,10 @@ class Houlsby(Method):
             )
         projection = attention.producer(attention.output.module)
         first = BottleneckAdapter(
-            options.bottleneck_of(attention.output.width), attention.channel_dim, projection, method, block.index, recorded
+            options.bottleneck_of(attention.output.width), attention.channel_dim, projection, block.index, context
         )
         second = BottleneckAdapter(
-            options.bottleneck_of(mlp.out_features), mlp.channel_dim, mlp.module, method, block.index, recorded
+            options.bottleneck_of(mlp.out_features), mlp.channel_dim, mlp.module, block.index, context
         )
         return [
             Insertion(

@@ -17,13 +17,14 @@ Grouped convolutions are refused: their weight holds only ``d_in / groups`` inpu
 from __future__ import annotations
 
 import math
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CHILD_PREFIX, OUTSIDE_BLOCKS, Hook, Insertion, MergeableModule, branch_input, factory_kwargs
+from .base import CHILD_PREFIX, OUTSIDE_BLOCKS, Hook, Insertion, MergeableModule, branch_input
+from .planning import PlanContext
 from .patterns import LAYER, match_layers
 
 
@@ -52,12 +53,12 @@ class LayerLowRank(MergeableModule):
 
     component = "lora"
 
-    def __init__(self, layer: nn.Module, rank: int, alpha: float, dropout: float, method: str, recorded: Mapping[str, Any]) -> None:
-        super().__init__(method, recorded, OUTSIDE_BLOCKS)
+    def __init__(self, layer: nn.Module, rank: int, alpha: float, dropout: float, context: PlanContext) -> None:
+        super().__init__(context.method, context.recorded, OUTSIDE_BLOCKS)
         self.scaling = float(alpha) / rank
         self.convolution = not isinstance(layer, nn.Linear)
         self.dropout = nn.Dropout(dropout)
-        self.add_module(LAYER, LayerPair(layer, rank, **factory_kwargs(layer)))
+        self.add_module(LAYER, LayerPair(layer, rank, **context.factory_kwargs(layer)))
 
     def pair(self) -> LayerPair:
         return getattr(self, LAYER)
@@ -91,11 +92,12 @@ class LayerLowRank(MergeableModule):
             host.weight.add_(self.delta_weight().to(host.weight.dtype))
 
 
-def plan_layers(model: nn.Module, patterns: Tuple[str, ...], options: Any, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
+def plan_layers(model: nn.Module, patterns: Tuple[str, ...], options: Any, context: PlanContext) -> List[Insertion]:
     """One :class:`LayerLowRank` per layer the patterns match (see :mod:`.patterns`)."""
     insertions = []
+    method = context.method
     for path, layer in match_layers(model, patterns, method, grouped_refusal):
-        module = LayerLowRank(layer, options.rank, options.alpha, options.dropout, method, recorded)
+        module = LayerLowRank(layer, options.rank, options.alpha, options.dropout, context)
         hooks = [Hook(layer, "forward", module.add_low_rank)]
         insertions.append(Insertion(OUTSIDE_BLOCKS, path, layer, CHILD_PREFIX + method, module, hooks))
     return insertions

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +33,10 @@ from .base import (
     branch_input,
     check_number,
     check_positive_int,
-    factory_kwargs,
 )
+from ..selection import LayerSelection
+from ..wrappers import inner
+from .planning import PlanContext, checked_by_name
 from .layer_lora import plan_layers
 from .patterns import exclusive_targets, parse_patterns
 from .targets import (
@@ -132,17 +134,16 @@ class LowRankAdapter(MergeableModule):
         self,
         host: HostTargets,
         options: LoraOptions,
-        method: str,
         block: int,
-        recorded: Mapping[str, Any],
+        context: PlanContext,
     ) -> None:
-        super().__init__(method, recorded, block)
+        super().__init__(context.method, context.recorded, block)
         self.scaling = float(options.alpha) / options.rank
         self.channel_dim = host.channel_dim
         self.dropout = nn.Dropout(options.dropout)
         self.targets: Tuple[Target, ...] = tuple(Target(t.name, t.projection.module, t.write) for t in host.targets)
         for target in host.targets:
-            kwargs = factory_kwargs(target.producer, host.module)
+            kwargs = context.factory_kwargs(target.producer, host.module)
             assert target.in_features is not None  # checked by Lora.plan_block
             self.add_module(target.name, LowRankPair(target.in_features, target.projection.width, options.rank, **kwargs))
             if target.projection.index is not None:
@@ -232,17 +233,21 @@ class Lora(Method):
             )
 
     @classmethod
-    def plan_modules(cls, model: nn.Module, options: LoraOptions, method: str, recorded: Mapping[str, Any]) -> Optional[List[Insertion]]:
-        return None if options.modules is None else plan_layers(model, options.modules, options, method, recorded)
+    def plan(cls, model: nn.Module, layers: LayerSelection, options: LoraOptions, context: PlanContext) -> List[Insertion]:
+        """The blocks' projections (``targets``), or the layers the ``modules`` patterns choose by name."""
+        if options.modules is None:
+            return super().plan(model, layers, options, context)
+        return checked_by_name(plan_layers(inner(model), options.modules, options, context), layers, context)
 
     @classmethod
-    def plan_block(cls, block: Block, options: LoraOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
+    def plan_block(cls, block: Block, options: LoraOptions, context: PlanContext) -> List[Insertion]:
+        method = context.method
         hosts = resolve_targets(block, options.targets, method)
         for host in hosts:
             for target in host.targets:
                 cls.check_target(host, target, method)
 
         def build(host: HostTargets) -> LowRankAdapter:
-            return cls.adapter(host, options, method, block.index, recorded)
+            return cls.adapter(host, options, block.index, context)
 
         return insertions_per_host(block, hosts, method, build, cls.hook)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Tuple
+from typing import Any, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +36,9 @@ from .base import (
     check_choice,
     check_number,
     check_positive_int,
-    factory_kwargs,
     writes_for,
 )
+from .planning import PlanContext
 from .fused import add_tanh_bottleneck_, fused_path_applies
 
 MODES = {"kv": ("k", "v"), "qv": ("q", "v"), "qk": ("q", "k"), "qkv": ("q", "k", "v")}
@@ -81,13 +81,12 @@ class ParallelAttentionBranch(PetlModule):
         self,
         site: AttentionSite,
         options: PattOptions,
-        method: str,
         block: int,
-        recorded: Mapping[str, Any],
+        context: PlanContext,
     ) -> None:
-        super().__init__(method, recorded, block)
+        super().__init__(context.method, context.recorded, block)
         targets = [site.projections[role] for role in MODES[options.mode]]
-        kwargs = factory_kwargs(site.producer(targets[0].module), site.module)
+        kwargs = context.factory_kwargs(site.producer(targets[0].module), site.module)
         self.scale = float(options.scale)
         self.channel_dim = site.channel_dim
         self.down = nn.Linear(site.in_features, options.mid_dim, bias=site.has_bias, **kwargs)
@@ -154,8 +153,9 @@ class Patt(Method):
 
     @classmethod
     def plan_block(
-        cls, block: Block, options: PattOptions, method: str, recorded: Mapping[str, Any]
+        cls, block: Block, options: PattOptions, context: PlanContext
     ) -> List[Insertion]:
+        method = context.method
         site = attention_of(block, method)
         where = f"block {block.index} ({block.path!r})"
         missing = [role for role in MODES[options.mode] if role not in site.projections]
@@ -165,7 +165,7 @@ class Patt(Method):
                 f"attention {site.path!r} ({type(site.module).__name__}) only projects "
                 f"{', '.join(site.projections)}; choose a mode among those"
             )
-        branch = ParallelAttentionBranch(site, options, method, block.index, recorded)
+        branch = ParallelAttentionBranch(site, options, block.index, context)
         hooks = [
             Hook(site.producer(producer), "forward", functools.partial(branch.add_to_projection, producer))
             for producer in branch.writes

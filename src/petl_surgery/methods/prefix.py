@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +60,8 @@ from .base import (
     attention_of,
     check_choice,
     check_positive_int,
-    factory_kwargs,
 )
+from .planning import PlanContext
 
 INITS = ("reference", "zero")
 # Why an attention whose layout declares no way in (no one-SDPA call, no route, no module call) takes no prefix.
@@ -112,10 +112,10 @@ class PrefixTokens(PetlModule):
     component = "prefix"
 
     def __init__(
-        self, site: AttentionSite, options: PrefixOptions, method: str, block: int, recorded: Mapping[str, Any]
+        self, site: AttentionSite, options: PrefixOptions, block: int, context: PlanContext
     ) -> None:
-        super().__init__(method, recorded, block)
-        kwargs = factory_kwargs(site.module)
+        super().__init__(context.method, context.recorded, block)
+        kwargs = context.factory_kwargs(site.module)
         self.key_width = site.projections["k"].width
         self.value_width = site.projections["v"].width
         self.where = f"block {block} ({type(site.module).__name__} {site.path!r})"
@@ -286,10 +286,11 @@ class Prefix(Method):
 
     @classmethod
     def plan_block(
-        cls, block: Block, options: PrefixOptions, method: str, recorded: Mapping[str, Any]
+        cls, block: Block, options: PrefixOptions, context: PlanContext
     ) -> List[Insertion]:
+        method = context.method
         site = attention_of(block, method, prefix_refusal)
-        prefix = PrefixTokens(site, options, method, block.index, recorded)
+        prefix = PrefixTokens(site, options, block.index, context)
         if ATTENTION_CALL in site.patches:
             hooks = [
                 Hook(site.producer(ATTENTION_CALL), "forward_pre", prefix.into_call),

@@ -36,7 +36,7 @@ weights alone (24 (d h + d h / g) = 221,184): the paper's counting rule is not c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +59,9 @@ from .base import (
     branch_input,
     check_number,
     check_positive_int,
-    factory_kwargs,
     parse_sublayers,
 )
+from .planning import PlanContext
 from .targets import HostTargets, ResolvedTarget, fold_refusal, foldable_weight, in_features, out_features, resolve_targets
 
 
@@ -111,12 +111,11 @@ class ReparameterisableAdapter(MergeableModule):
         host: HostTargets,
         width: int,
         options: RepAdapterOptions,
-        method: str,
         block: int,
-        recorded: Mapping[str, Any],
+        context: PlanContext,
     ) -> None:
-        super().__init__(method, recorded, block)
-        kwargs = factory_kwargs(*host.producers().values(), host.module)
+        super().__init__(context.method, context.recorded, block)
+        kwargs = context.factory_kwargs(*host.producers().values(), host.module)
         self.channel_dim = host.channel_dim
         self.scale = float(options.scale)
         self.groups = options.groups
@@ -199,7 +198,8 @@ class RepAdapter(Method):
     takes_branch_dtype = True
 
     @classmethod
-    def plan_block(cls, block: Block, options: RepAdapterOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
+    def plan_block(cls, block: Block, options: RepAdapterOptions, context: PlanContext) -> List[Insertion]:
+        method = context.method
         names: List[str] = []
         if "attention" in options.positions:
             attention = attention_of(block, method, refusal=None)
@@ -236,7 +236,7 @@ class RepAdapter(Method):
                         f"the attention and the MLP read it through one projection ({seen[id(producer)]!r})"
                     )
                 seen[id(producer)] = name
-            adapter = ReparameterisableAdapter(host, width, options, method, block.index, recorded)
+            adapter = ReparameterisableAdapter(host, width, options, block.index, context)
             hooks = [Hook(producer, "forward_pre", adapter.adapt_input) for producer in host.producers().values()]
             insertions.append(Insertion(block.index, host.path, host.module, CHILD_PREFIX + method, adapter, hooks, host.patches))
         return insertions

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -32,8 +32,10 @@ from .base import (
     branch_input,
     check_choice,
     check_number,
-    factory_kwargs,
 )
+from ..selection import LayerSelection
+from ..wrappers import inner
+from .planning import PlanContext, checked_by_name
 from .patterns import LAYER, channel_dim, exclusive_targets, match_layers, parse_patterns
 from .targets import HostTargets, ResolvedTarget, fold_refusal, insertions_per_host, parse_targets, resolve_targets
 
@@ -94,15 +96,15 @@ class FeatureScaleShift(MergeableModule):
     component = "ssf"
     additive = False
 
-    def __init__(self, host: HostTargets, options: SsfOptions, method: str, block: int, recorded: Mapping[str, Any]) -> None:
-        super().__init__(method, recorded, block)
+    def __init__(self, host: HostTargets, options: SsfOptions, block: int, context: PlanContext) -> None:
+        super().__init__(context.method, context.recorded, block)
         self.channel_dim = host.channel_dim
         # producer -> its targets' names, in order
         self._targets: Dict[str, Tuple[str, ...]] = {}
         # producer -> the width its targets cover when they lie end to end from channel 0, in order; -1 if not
         self._tiles: Dict[str, int] = {}
         for target in host.targets:
-            kwargs = factory_kwargs(target.producer, host.module)
+            kwargs = context.factory_kwargs(target.producer, host.module)
             projection = target.projection
             self.add_module(target.name, ScaleShift(projection.width, options, **kwargs))
             channels = projection.index or range(projection.start, projection.start + projection.width)
@@ -164,22 +166,25 @@ class Ssf(Method):
     takes_branch_dtype = True
 
     @classmethod
-    def plan_modules(cls, model: nn.Module, options: SsfOptions, method: str, recorded: Mapping[str, Any]) -> Optional[List[Insertion]]:
-        """One :class:`FeatureScaleShift` per layer the ``modules`` patterns match, hosted by the layer."""
+    def plan(cls, model: nn.Module, layers: LayerSelection, options: SsfOptions, context: PlanContext) -> List[Insertion]:
+        """The blocks' projections (``targets``), or one :class:`FeatureScaleShift` per layer the
+        ``modules`` patterns match, hosted by the layer."""
         if options.modules is None:
-            return None
+            return super().plan(model, layers, options, context)
+        method = context.method
         insertions = []
-        for path, layer in match_layers(model, options.modules, method, lambda layer: None):
+        for path, layer in match_layers(inner(model), options.modules, method, lambda layer: None):
             width = layer.weight.shape[0]
             target = ResolvedTarget(LAYER, Projection("", 0, width), layer, layer.weight.shape[1])
-            module = FeatureScaleShift(HostTargets(path, layer, channel_dim(layer), (target,), []), options, method, OUTSIDE_BLOCKS, recorded)
+            module = FeatureScaleShift(HostTargets(path, layer, channel_dim(layer), (target,), []), options, OUTSIDE_BLOCKS, context)
             hooks = [Hook(layer, "forward", functools.partial(module.scale_shift, ""))]
             insertions.append(Insertion(OUTSIDE_BLOCKS, path, layer, CHILD_PREFIX + method, module, hooks))
-        return insertions
+        return checked_by_name(insertions, layers, context)
 
     @classmethod
-    def plan_block(cls, block: Block, options: SsfOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
+    def plan_block(cls, block: Block, options: SsfOptions, context: PlanContext) -> List[Insertion]:
+        method = context.method
         def build(host: HostTargets) -> FeatureScaleShift:
-            return FeatureScaleShift(host, options, method, block.index, recorded)
+            return FeatureScaleShift(host, options, block.index, context)
 
         return insertions_per_host(block, resolve_targets(block, options.targets, method), method, build, "scale_shift")

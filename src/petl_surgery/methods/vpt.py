@@ -36,7 +36,9 @@ from ..errors import OptionError, SurgeryError, SurgeryRuntimeError
 from ..patches import Patch
 from ..sites import Block
 from ..sites.tokens import PREFIX_COUNTER, TokenLayout, token_layout
-from .base import CHILD_PREFIX, Hook, Insertion, Method, PetlModule, check_number, check_positive_int, factory_kwargs
+from .base import CHILD_PREFIX, Hook, Insertion, Method, PetlModule, check_number, check_positive_int
+from ..selection import LayerSelection
+from .planning import PlanContext, choose_blocks, plan_each_block
 
 
 @dataclass(frozen=True)
@@ -83,12 +85,11 @@ class PromptTokens(PetlModule):
         self,
         layout: TokenLayout,
         options: VptOptions,
-        method: str,
         block: int,
-        recorded: Mapping[str, Any],
+        context: PlanContext,
         factory: Mapping[str, Any],
     ) -> None:
-        super().__init__(method, recorded, block)
+        super().__init__(context.method, context.recorded, block)
         self.num_tokens = options.num_tokens
         self.num_prefix_tokens = layout.num_prefix_tokens
         self.prompts = nn.Parameter(torch.empty(options.num_tokens, layout.width, **factory))
@@ -204,12 +205,13 @@ class PromptPlanner:
             for bias in biases
         )
 
-    def plan_block(self, block: Block, options: VptOptions, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
+    def plan_block(self, block: Block, options: VptOptions, context: PlanContext) -> List[Insertion]:
+        method = context.method
         index = block.index
         first = index == self.first
         if index not in self.chosen:
             return []  # shallow: the prompts inserted before the first chosen block travel on
-        prompts = PromptTokens(self.layout, options, method, index, recorded, factory_kwargs(block.module))
+        prompts = PromptTokens(self.layout, options, index, context, context.factory_kwargs(block.module))
         arrive = prompts.insert if first or index - 1 in self.chosen else prompts.overwrite
         hooks = [Hook(block.module, "forward_pre", arrive)]
         if index == self.last or index + 1 in self.chosen:  # no block after it reads its prompts
@@ -251,17 +253,14 @@ class Vpt(Method):
     identity_at_init = False
 
     @classmethod
-    def planner(cls, model: nn.Module, blocks: Sequence[Block], chosen: Sequence[int], options: Any) -> PromptPlanner:
+    def plan(cls, model: nn.Module, layers: LayerSelection, options: VptOptions, context: PlanContext) -> List[Insertion]:
+        """The chosen blocks, planned with the token layout of the whole model and the blocks chosen."""
+        blocks, chosen = choose_blocks(model, layers, context)
         applied = [path for path, module in model.named_modules() if isinstance(module, PromptTokens)]
         if applied:
             raise SurgeryError(
                 f"prompt tokens are already inserted into {type(model).__name__} ({applied[0]!r}); a second "
                 "set would shift the first one's slots: remove it first"
             )
-        return PromptPlanner(model, blocks, chosen, options.deep)
-
-    @classmethod
-    def plan_block(cls, block: Block, options: Any, method: str, recorded: Mapping[str, Any]) -> List[Insertion]:
-        raise SurgeryError(
-            f"method {method!r} plans the whole model (its prompts need the token layout): use Vpt.planner"
-        )
+        planner = PromptPlanner(model, blocks, chosen, options.deep)
+        return plan_each_block(blocks, chosen, lambda block: planner.plan_block(block, options, context), context)
