@@ -473,6 +473,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import petl_surgery as ps
     from petl_surgery.training import DataError, EpochRecord, caching, distributed, fit
+    from petl_surgery.training.config import run_log
     from petl_surgery.training.inputs import class_names, run_training_data
     from petl_surgery.training.outputs import check_base, check_output_paths, file_digest, read_run_log
 
@@ -513,25 +514,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     model_args = parse_options(args.model_arg)
     model_spec(args.model)
+    config = run_config(args, model_args)  # the one record of the settings: fit's arguments, the log's
     if args.val and args.val_split:
         raise UsageError("--val and --val-split exclude each other: give a validation folder or a fraction of --data")
     try:
         count = len(class_names(args.data, args.format, args.split, "train"))
     except DataError as error:
         raise UsageError(str(error)) from None
-    model, config = _create_base(args, count, model_args)  # head from the classes
-    size = config.size
+    model, input_config = _create_base(args, count, model_args)  # head from the classes (img_size into model_args)
     try:
         data = run_training_data(
-            args.data, args.format, config, clips=_clip_spec(args, config), split=args.split, val=args.val,
-            val_split=args.val_split, shots=args.shots, seed=args.seed,
-            shot_seed=args.seed if args.shot_seed is None else args.shot_seed,
-            transform=_train_transform(args, config),
+            config.data, config.format, input_config, clips=_clip_spec(args, input_config), split=config.split,
+            val=config.val, val_split=config.val_split, shots=config.shots, seed=config.seed,
+            shot_seed=config.draw_seed, transform=_train_transform(args, input_config),
         )
     except DataError as error:
         raise UsageError(str(error)) from None
     train_set, val_set, classes = data.train, data.val, data.classes
-    options = parse_options(args.option)
     init_record = None
     if args.resume:
         ps.load(model, args.resume)
@@ -540,8 +539,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         init_record = init.load_into(model, args.method)
         what = f"{'+'.join(c['method'] for c in init_record['surgery'])} started from {args.init}"
     else:
-        ps.apply(model, args.method, layers=parse_layers(args.layers), statistics=args.statistics or "frozen", **options)
-        what = f"{args.method}" + (f" ({_format_options(options)})" if options else "")
+        ps.apply(model, config.method, layers=parse_layers(args.layers), statistics=config.statistics or "frozen",
+                 **config.options)
+        what = f"{config.method}" + (f" ({_format_options(config.options)})" if config.options else "")
     summary = ps.summary(model)
     cache_start = caching.cache_start(model) if args.cache_features else None  # refused here, before training
     device = distributed.start(device)  # under torchrun: this rank's device, the process group joined
@@ -551,48 +551,21 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"({100 * summary.share:.2f}%); {len(classes)} classes, {len(train_set)} training"
               + (f" and {len(val_set)} validation" if val_set is not None else "") + " images", file=sys.stderr)
     started = time.perf_counter()
-
-    log: Dict[str, Any] = {
-        "argv": getattr(args, "argv", None),
-        "model": args.model,
-        "model_args": model_args,
-        "pretrained": args.pretrained,
-        "method": args.method or (init_record and "+".join(c["method"] for c in init_record["surgery"])),
-        "layers": args.layers or (None if args.resume or init_record else "all"),  # a loaded delta brings its own
-        "options": options,
-        "statistics": summary.statistics,
-        "resumed_from": args.resume,
-        "init": init_record,  # the delta the modules started from (path, sha256, what was taken), or None
-        **data.record(),  # data, format, split, val, shots, shot_seed, train_images (and the drawn shot_images)
-        "val_split": args.val_split,
+    loaded = bool(args.resume or init_record)  # a loaded delta brings its own surgery
+    config = config.resolved(
+        method=config.method or (init_record and "+".join(c["method"] for c in init_record["surgery"])),
+        layers=args.layers or (None if loaded else "all"), statistics=summary.statistics, init=init_record,
+        image_size=input_config.size, device=str(device),
+        cache_features={"start_block": cache_start} if args.cache_features else None,
+    )
+    log = run_log(config, data.record(), {
         "classes": classes,
-        "image_size": size,
-        "epochs": args.epochs,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "batch_size": args.batch_size,
-        "workers": args.workers,
-        "grad_accum": args.grad_accum,
-        "device": str(device),
-        "precision": args.amp,
-        "seed": args.seed,
         "versions": _versions(),
         "trainable_parameters": summary.trainable,
         "history": [],
         "delta": str(out),
-    }
-    log.update({  # scale: what ran where, and how
-        "weights": str(args.weights) if args.weights else None,
         "weights_sha256": file_digest(Path(args.weights)) if args.weights else None,  # checked by evaluate, --resume
-        "weight_decay": args.weight_decay,
-        "aug": args.aug,
-        "opt": args.opt,
-        "sched": args.sched,
-        "warmup_epochs": args.warmup_epochs,
-        "compile": args.compile,
-        "cache_features": {"start_block": cache_start} if args.cache_features else None,
         "world_size": distributed.world_size(),
-        "train_images": len(train_set),
         "wall_seconds": None,
     })
 
@@ -604,18 +577,32 @@ def cmd_train(args: argparse.Namespace) -> int:
             log_path.write_text(json.dumps(log, indent=2) + "\n")
 
     try:
-        fit(
-            model, train_set, val_set, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-            batch_size=args.batch_size, workers=args.workers, seed=args.seed, device=device, precision=args.amp,
-            grad_accum=args.grad_accum, after_epoch=after_epoch, opt=args.opt, sched=args.sched,
-            warmup_epochs=args.warmup_epochs, compile_backend=args.compile, cache_features=args.cache_features,
-        )
+        fit(model, train_set, val_set, device=device, after_epoch=after_epoch, **config.fit_arguments())
     finally:
         distributed.finish()
     if not main_rank:
         return 0
     print(f"saved the delta to {out} ({out.stat().st_size / 1024:.1f} KiB) and the log to {log_path}")
     return 0
+
+
+def run_config(args: argparse.Namespace, model_args: Dict[str, Any]) -> Any:
+    """The :class:`petl_surgery.training.config.RunConfig` of ``train``'s arguments (``--amp`` is its
+    ``precision``, ``--resume`` its ``resumed_from``, ``--init`` its ``init``)."""
+    from petl_surgery.training.config import RunConfig
+
+    return RunConfig(
+        model=args.model, data=args.data, model_args=model_args, pretrained=args.pretrained,
+        weights=str(args.weights) if args.weights else None, method=args.method, layers=args.layers,
+        options=parse_options(args.option), statistics=args.statistics, resumed_from=args.resume, init=args.init,
+        format=args.format, split=args.split, val=args.val, val_split=args.val_split, shots=args.shots,
+        shot_seed=args.shot_seed, frames=args.frames, frame_stride=args.frame_stride, video_aug=args.video_aug,
+        image_size=args.image_size, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, workers=args.workers, grad_accum=args.grad_accum, device=args.device,
+        precision=args.amp, seed=args.seed, aug=args.aug, opt=args.opt, sched=args.sched,
+        warmup_epochs=args.warmup_epochs, compile=args.compile, cache_features=args.cache_features,
+        argv=getattr(args, "argv", None),
+    )
 
 
 def _init_of(args: argparse.Namespace) -> Any:
