@@ -154,6 +154,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import petl_surgery as ps
     from petl_surgery.api import plan
     from petl_surgery.inserted import SHARED_BLOCK
+    from petl_surgery.summary import planned_summary
 
     model_spec(args.model)
     model_args = parse_options(args.model_arg)
@@ -170,17 +171,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         model, device = create_model(args.model, **model_args), "cpu"  # retry with real tensors
         insertions = plan(model, args.method, layers, args.skip_unsupported, **options)
 
+    counts = planned_summary(model, insertions)
     names = {id(module): path for path, module in model.named_modules()}
     found = ps.blocks(model)
-    chosen = sorted({insertion.block for insertion in insertions if insertion.block != SHARED_BLOCK})
-    total = sum(p.numel() for p in model.parameters())
+    chosen = sorted({row.block for row in counts.rows if row.block != SHARED_BLOCK})
     print(f"model    {args.model} ({type(model).__name__}), built without weights on the {device} device; "
-          f"{len(found)} blocks, {total:,} parameters")
+          f"{len(found)} blocks, {counts.total - counts.inserted:,} parameters")
     print(f"method   {args.method}" + (f" with {_format_options(options)}" if options else " (defaults)"))
     print(f"blocks   {_ranges(chosen)} ({len(chosen)} of {len(found)})")
     print()
+    by_path = {insertion.path: insertion for insertion in insertions}
     rows = []
-    for insertion in insertions:
+    for row in counts.rows:
+        insertion = by_path[row.path]
         hooks = ", ".join(
             f"{hook.kind.replace('_', '-')} hook on {names.get(id(hook.target), type(hook.target).__name__) or '(model)'}"
             for hook in insertion.hooks
@@ -189,29 +192,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"; sets {patch.name} on {names.get(id(patch.target), type(patch.target).__name__) or '(model)'}"
             for patch in insertion.patches
         )
-        count = sum(p.numel() for p in insertion.module.parameters())
-        block = "shared" if insertion.block == SHARED_BLOCK else str(insertion.block)
-        rows.append((block, insertion.path, type(insertion.module).__name__, f"{count:,}", hooks + patched))
+        block = "shared" if row.block == SHARED_BLOCK else str(row.block)
+        rows.append((block, row.path, type(insertion.module).__name__, f"{row.parameters:,}", hooks + patched))
     _table(("block", "inserted module", "class", "parameters", "acts through"), rows, right={0, 3})
-    per_method: Dict[str, int] = {}
-    for insertion in insertions:
-        count = sum(p.numel() for p in insertion.module.parameters())
-        per_method[insertion.module.method] = per_method.get(insertion.module.method, 0) + count
-    head = _head_parameters(model)
     print()
-    for method, count in per_method.items():
+    for method, count in counts.per_method.items():
         print(f"{method:<28} {count:>14,} parameters")
-    inserted = sum(per_method.values())
-    print(f"{'classifier head (trainable)':<28} {head:>14,} parameters")
-    trainable = inserted + head
-    print(f"{'trainable':<28} {trainable:>14,} of {total + inserted:,} ({100 * trainable / (total + inserted):.3f}%)")
+    print(f"{'classifier head (trainable)':<28} {counts.head:>14,} parameters")
+    print(f"{'trainable':<28} {counts.trainable:>14,} of {counts.total:,} ({100 * counts.share:.3f}%)")
     return 0
-
-
-def _head_parameters(model: Any) -> int:
-    from petl_surgery.freezing import find_heads
-
-    return sum(p.numel() for head in find_heads(model) for p in head.parameters())
 
 
 def _ranges(values: Sequence[int]) -> str:
