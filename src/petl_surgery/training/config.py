@@ -24,7 +24,7 @@ class RunConfig:
     """The settings of one training run; the defaults are ``petl-surgery train``'s (and :func:`fit`'s).
 
     ``model`` is a model spec (:func:`petl_surgery.training.zoo.parse_model_spec`); ``method``, ``layers`` (the
-    CLI's text, ``"all"`` for every block), ``options`` and ``statistics`` the surgery (None after ``resume``
+    CLI's text, ``"all"`` for every block; a study grid's value as written), ``options`` and ``statistics`` the surgery (None after ``resume``
     or ``init``, which bring their own); ``precision`` the autocast of ``--amp``; ``compile`` the
     ``torch.compile`` backend (None: eager); ``cache_features`` whether the frozen prefix is cached (once
     resolved, ``{"start_block": N}``, the log's form); ``init`` the ``--init`` delta's path (once resolved,
@@ -36,7 +36,7 @@ class RunConfig:
     pretrained: bool = False
     weights: Optional[str] = None
     method: Optional[str] = None
-    layers: Optional[str] = None
+    layers: Any = None
     options: Dict[str, Any] = field(default_factory=dict)
     statistics: Optional[str] = None
     resumed_from: Optional[str] = None
