@@ -521,31 +521,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     train_set, val_set, classes = data.train, data.val, data.classes
     init_record = None
-    if args.resume:
-        ps.load(model, args.resume)
-        what = f"resumed from {args.resume}"
+    if config.resumed_from:
+        ps.load(model, config.resumed_from)
+        what = f"resumed from {config.resumed_from}"
     elif init is not None:
-        init_record = init.load_into(model, args.method)
-        what = f"{'+'.join(c['method'] for c in init_record['surgery'])} started from {args.init}"
+        init_record = init.load_into(model, config.method)
+        what = f"{'+'.join(c['method'] for c in init_record['surgery'])} started from {config.init}"
     else:
-        ps.apply(model, config.method, layers=parse_layers(args.layers), statistics=config.statistics or "frozen",
+        ps.apply(model, config.method, layers=parse_layers(config.layers), statistics=config.statistics or "frozen",
                  **config.options)
         what = f"{config.method}" + (f" ({_format_options(config.options)})" if config.options else "")
     summary = ps.summary(model)
-    cache_start = caching.cache_start(model) if args.cache_features else None  # refused here, before training
+    cache_start = caching.cache_start(model) if config.cache_features else None  # refused here, before training
     device = distributed.start(device)  # under torchrun: this rank's device, the process group joined
     main_rank = distributed.is_main()
     if main_rank:
-        print(f"{args.model}: {what}; trainable {summary.trainable:,} of {summary.total:,} parameters "
+        print(f"{config.model}: {what}; trainable {summary.trainable:,} of {summary.total:,} parameters "
               f"({100 * summary.share:.2f}%); {len(classes)} classes, {len(train_set)} training"
               + (f" and {len(val_set)} validation" if val_set is not None else "") + " images", file=sys.stderr)
     started = time.perf_counter()
-    loaded = bool(args.resume or init_record)  # a loaded delta brings its own surgery
+    loaded = bool(config.resumed_from or init_record)  # a loaded delta brings its own surgery
     config = config.resolved(
         method=config.method or (init_record and "+".join(c["method"] for c in init_record["surgery"])),
-        layers=args.layers or (None if loaded else "all"), statistics=summary.statistics, init=init_record,
+        layers=config.layers or (None if loaded else "all"), statistics=summary.statistics, init=init_record,
         image_size=input_config.size, device=str(device),
-        cache_features={"start_block": cache_start} if args.cache_features else None,
+        cache_features={"start_block": cache_start} if config.cache_features else None,
     )
     log = run_log(config, data.record(), {
         "classes": classes,
@@ -553,7 +553,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "trainable_parameters": summary.trainable,
         "history": [],
         "delta": str(out),
-        "weights_sha256": file_digest(Path(args.weights)) if args.weights else None,  # checked by evaluate, --resume
+        "weights_sha256": file_digest(Path(config.weights)) if config.weights else None,  # checked by evaluate, --resume
         "world_size": distributed.world_size(),
         "wall_seconds": None,
     })
