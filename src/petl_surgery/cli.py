@@ -154,6 +154,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import petl_surgery as ps
     from petl_surgery.api import plan
     from petl_surgery.inserted import SHARED_BLOCK
+    from petl_surgery.summary import planned_summary
 
     model_spec(args.model)
     model_args = parse_options(args.model_arg)
@@ -170,17 +171,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         model, device = create_model(args.model, **model_args), "cpu"  # retry with real tensors
         insertions = plan(model, args.method, layers, args.skip_unsupported, **options)
 
+    counts = planned_summary(model, insertions)
     names = {id(module): path for path, module in model.named_modules()}
     found = ps.blocks(model)
-    chosen = sorted({insertion.block for insertion in insertions if insertion.block != SHARED_BLOCK})
-    total = sum(p.numel() for p in model.parameters())
+    chosen = sorted({row.block for row in counts.rows if row.block != SHARED_BLOCK})
     print(f"model    {args.model} ({type(model).__name__}), built without weights on the {device} device; "
-          f"{len(found)} blocks, {total:,} parameters")
+          f"{len(found)} blocks, {counts.total - counts.inserted:,} parameters")
     print(f"method   {args.method}" + (f" with {_format_options(options)}" if options else " (defaults)"))
     print(f"blocks   {_ranges(chosen)} ({len(chosen)} of {len(found)})")
     print()
+    by_path = {insertion.path: insertion for insertion in insertions}
     rows = []
-    for insertion in insertions:
+    for row in counts.rows:
+        insertion = by_path[row.path]
         hooks = ", ".join(
             f"{hook.kind.replace('_', '-')} hook on {names.get(id(hook.target), type(hook.target).__name__) or '(model)'}"
             for hook in insertion.hooks
@@ -189,29 +192,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"; sets {patch.name} on {names.get(id(patch.target), type(patch.target).__name__) or '(model)'}"
             for patch in insertion.patches
         )
-        count = sum(p.numel() for p in insertion.module.parameters())
-        block = "shared" if insertion.block == SHARED_BLOCK else str(insertion.block)
-        rows.append((block, insertion.path, type(insertion.module).__name__, f"{count:,}", hooks + patched))
+        block = "shared" if row.block == SHARED_BLOCK else str(row.block)
+        rows.append((block, row.path, type(insertion.module).__name__, f"{row.parameters:,}", hooks + patched))
     _table(("block", "inserted module", "class", "parameters", "acts through"), rows, right={0, 3})
-    per_method: Dict[str, int] = {}
-    for insertion in insertions:
-        count = sum(p.numel() for p in insertion.module.parameters())
-        per_method[insertion.module.method] = per_method.get(insertion.module.method, 0) + count
-    head = _head_parameters(model)
     print()
-    for method, count in per_method.items():
+    for method, count in counts.per_method.items():
         print(f"{method:<28} {count:>14,} parameters")
-    inserted = sum(per_method.values())
-    print(f"{'classifier head (trainable)':<28} {head:>14,} parameters")
-    trainable = inserted + head
-    print(f"{'trainable':<28} {trainable:>14,} of {total + inserted:,} ({100 * trainable / (total + inserted):.3f}%)")
+    print(f"{'classifier head (trainable)':<28} {counts.head:>14,} parameters")
+    print(f"{'trainable':<28} {counts.trainable:>14,} of {counts.total:,} ({100 * counts.share:.3f}%)")
     return 0
-
-
-def _head_parameters(model: Any) -> int:
-    from petl_surgery.freezing import find_heads
-
-    return sum(p.numel() for head in find_heads(model) for p in head.parameters())
 
 
 def _ranges(values: Sequence[int]) -> str:
@@ -473,6 +462,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import petl_surgery as ps
     from petl_surgery.training import DataError, EpochRecord, caching, distributed, fit
+    from petl_surgery.training.config import run_log
     from petl_surgery.training.inputs import class_names, run_training_data
     from petl_surgery.training.outputs import check_base, check_output_paths, file_digest, read_run_log
 
@@ -513,86 +503,58 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     model_args = parse_options(args.model_arg)
     model_spec(args.model)
+    config = run_config(args, model_args)  # the one record of the settings: fit's arguments, the log's
     if args.val and args.val_split:
         raise UsageError("--val and --val-split exclude each other: give a validation folder or a fraction of --data")
     try:
         count = len(class_names(args.data, args.format, args.split, "train"))
     except DataError as error:
         raise UsageError(str(error)) from None
-    model, config = _create_base(args, count, model_args)  # head from the classes
-    size = config.size
+    model, input_config = _create_base(args, count, model_args)  # head from the classes (img_size into model_args)
     try:
         data = run_training_data(
-            args.data, args.format, config, clips=_clip_spec(args, config), split=args.split, val=args.val,
-            val_split=args.val_split, shots=args.shots, seed=args.seed,
-            shot_seed=args.seed if args.shot_seed is None else args.shot_seed,
-            transform=_train_transform(args, config),
+            config.data, config.format, input_config, clips=_clip_spec(args, input_config), split=config.split,
+            val=config.val, val_split=config.val_split, shots=config.shots, seed=config.seed,
+            shot_seed=config.draw_seed, transform=_train_transform(args, input_config),
         )
     except DataError as error:
         raise UsageError(str(error)) from None
     train_set, val_set, classes = data.train, data.val, data.classes
-    options = parse_options(args.option)
     init_record = None
-    if args.resume:
-        ps.load(model, args.resume)
-        what = f"resumed from {args.resume}"
+    if config.resumed_from:
+        ps.load(model, config.resumed_from)
+        what = f"resumed from {config.resumed_from}"
     elif init is not None:
-        init_record = init.load_into(model, args.method)
-        what = f"{'+'.join(c['method'] for c in init_record['surgery'])} started from {args.init}"
+        init_record = init.load_into(model, config.method)
+        what = f"{'+'.join(c['method'] for c in init_record['surgery'])} started from {config.init}"
     else:
-        ps.apply(model, args.method, layers=parse_layers(args.layers), statistics=args.statistics or "frozen", **options)
-        what = f"{args.method}" + (f" ({_format_options(options)})" if options else "")
+        ps.apply(model, config.method, layers=parse_layers(config.layers), statistics=config.statistics or "frozen",
+                 **config.options)
+        what = f"{config.method}" + (f" ({_format_options(config.options)})" if config.options else "")
     summary = ps.summary(model)
-    cache_start = caching.cache_start(model) if args.cache_features else None  # refused here, before training
+    cache_start = caching.cache_start(model) if config.cache_features else None  # refused here, before training
     device = distributed.start(device)  # under torchrun: this rank's device, the process group joined
     main_rank = distributed.is_main()
     if main_rank:
-        print(f"{args.model}: {what}; trainable {summary.trainable:,} of {summary.total:,} parameters "
+        print(f"{config.model}: {what}; trainable {summary.trainable:,} of {summary.total:,} parameters "
               f"({100 * summary.share:.2f}%); {len(classes)} classes, {len(train_set)} training"
               + (f" and {len(val_set)} validation" if val_set is not None else "") + " images", file=sys.stderr)
     started = time.perf_counter()
-
-    log: Dict[str, Any] = {
-        "argv": getattr(args, "argv", None),
-        "model": args.model,
-        "model_args": model_args,
-        "pretrained": args.pretrained,
-        "method": args.method or (init_record and "+".join(c["method"] for c in init_record["surgery"])),
-        "layers": args.layers or (None if args.resume or init_record else "all"),  # a loaded delta brings its own
-        "options": options,
-        "statistics": summary.statistics,
-        "resumed_from": args.resume,
-        "init": init_record,  # the delta the modules started from (path, sha256, what was taken), or None
-        **data.record(),  # data, format, split, val, shots, shot_seed, train_images (and the drawn shot_images)
-        "val_split": args.val_split,
+    loaded = bool(config.resumed_from or init_record)  # a loaded delta brings its own surgery
+    config = config.resolved(
+        method=config.method or (init_record and "+".join(c["method"] for c in init_record["surgery"])),
+        layers=config.layers or (None if loaded else "all"), statistics=summary.statistics, init=init_record,
+        image_size=input_config.size, device=str(device),
+        cache_features={"start_block": cache_start} if config.cache_features else None,
+    )
+    log = run_log(config, data.record(), {
         "classes": classes,
-        "image_size": size,
-        "epochs": args.epochs,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "batch_size": args.batch_size,
-        "workers": args.workers,
-        "grad_accum": args.grad_accum,
-        "device": str(device),
-        "precision": args.amp,
-        "seed": args.seed,
         "versions": _versions(),
         "trainable_parameters": summary.trainable,
         "history": [],
         "delta": str(out),
-    }
-    log.update({  # scale: what ran where, and how
-        "weights": str(args.weights) if args.weights else None,
-        "weights_sha256": file_digest(Path(args.weights)) if args.weights else None,  # checked by evaluate, --resume
-        "weight_decay": args.weight_decay,
-        "aug": args.aug,
-        "opt": args.opt,
-        "sched": args.sched,
-        "warmup_epochs": args.warmup_epochs,
-        "compile": args.compile,
-        "cache_features": {"start_block": cache_start} if args.cache_features else None,
+        "weights_sha256": file_digest(Path(config.weights)) if config.weights else None,  # checked by evaluate, --resume
         "world_size": distributed.world_size(),
-        "train_images": len(train_set),
         "wall_seconds": None,
     })
 
@@ -604,18 +566,32 @@ def cmd_train(args: argparse.Namespace) -> int:
             log_path.write_text(json.dumps(log, indent=2) + "\n")
 
     try:
-        fit(
-            model, train_set, val_set, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-            batch_size=args.batch_size, workers=args.workers, seed=args.seed, device=device, precision=args.amp,
-            grad_accum=args.grad_accum, after_epoch=after_epoch, opt=args.opt, sched=args.sched,
-            warmup_epochs=args.warmup_epochs, compile_backend=args.compile, cache_features=args.cache_features,
-        )
+        fit(model, train_set, val_set, device=device, after_epoch=after_epoch, **config.fit_arguments())
     finally:
         distributed.finish()
     if not main_rank:
         return 0
     print(f"saved the delta to {out} ({out.stat().st_size / 1024:.1f} KiB) and the log to {log_path}")
     return 0
+
+
+def run_config(args: argparse.Namespace, model_args: Dict[str, Any]) -> Any:
+    """The :class:`petl_surgery.training.config.RunConfig` of ``train``'s arguments (``--amp`` is its
+    ``precision``, ``--resume`` its ``resumed_from``, ``--init`` its ``init``)."""
+    from petl_surgery.training.config import RunConfig
+
+    return RunConfig(
+        model=args.model, data=args.data, model_args=model_args, pretrained=args.pretrained,
+        weights=str(args.weights) if args.weights else None, method=args.method, layers=args.layers,
+        options=parse_options(args.option), statistics=args.statistics, resumed_from=args.resume, init=args.init,
+        format=args.format, split=args.split, val=args.val, val_split=args.val_split, shots=args.shots,
+        shot_seed=args.shot_seed, frames=args.frames, frame_stride=args.frame_stride, video_aug=args.video_aug,
+        image_size=args.image_size, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, workers=args.workers, grad_accum=args.grad_accum, device=args.device,
+        precision=args.amp, seed=args.seed, aug=args.aug, opt=args.opt, sched=args.sched,
+        warmup_epochs=args.warmup_epochs, compile=args.compile, cache_features=args.cache_features,
+        argv=getattr(args, "argv", None),
+    )
 
 
 def _init_of(args: argparse.Namespace) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 from torch import nn
 
@@ -102,14 +102,12 @@ class Summary:
         return "\n".join(lines)
 
 
-def summarize(model: nn.Module) -> Summary:
-    rows = sorted(
-        (
-            SummaryRow(module.method, module.block, path, sum(p.numel() for p in module.parameters()))
-            for path, module in inserted_modules(model)
-        ),
-        key=lambda row: (row.block, row.path),
-    )
+def _row(method: str, block: int, path: str, module: nn.Module) -> SummaryRow:
+    return SummaryRow(method, block, path, sum(p.numel() for p in module.parameters()))
+
+
+def _totals(rows: Sequence[SummaryRow]) -> Tuple[Dict[str, int], Dict[int, int], Dict[str, int]]:
+    """(per method, per block, shared per method) of ``rows``: the one place inserted counts add up."""
     per_method: Dict[str, int] = {}
     per_block: Dict[int, int] = {}
     shared: Dict[str, int] = {}
@@ -119,6 +117,30 @@ def summarize(model: nn.Module) -> Summary:
             shared[row.method] = shared.get(row.method, 0) + row.parameters
         else:
             per_block[row.block] = per_block.get(row.block, 0) + row.parameters
+    return per_method, per_block, shared
+
+
+def planned_summary(model: nn.Module, insertions: Iterable[Any]) -> Summary:
+    """The :class:`Summary` that ``apply`` would leave, from ``plan``'s insertions on an unchanged ``model``
+    (what ``petl-surgery plan`` prints): one row per inserted module; ``head`` the classifier head's
+    parameters (trainable after surgery), ``trainable`` the inserted ones and the head, ``total`` the model's
+    and the inserted ones. Nothing else of the model is read as trainable: surgery freezes the rest."""
+    rows = sorted((_row(i.module.method, i.block, i.path, i.module) for i in insertions),
+                  key=lambda row: (row.block, row.path))
+    per_method, per_block, shared = _totals(rows)
+    heads = head_parameter_names(model)
+    head = sum(p.numel() for name, p in model.named_parameters() if name in heads)
+    inserted = sum(per_method.values())
+    return Summary(rows=rows, per_method=per_method, per_block=per_block, head=head, trainable=inserted + head,
+                   total=sum(p.numel() for p in model.parameters()) + inserted, shared=shared)
+
+
+def summarize(model: nn.Module) -> Summary:
+    rows = sorted(
+        (_row(module.method, module.block, path, module) for path, module in inserted_modules(model)),
+        key=lambda row: (row.block, row.path),
+    )
+    per_method, per_block, shared = _totals(rows)
     found = discover(model)
     unsupported = [f"{site.path} ({site.class_name}): {site.reason}" for site in found.unsupported]
     unsupported += [

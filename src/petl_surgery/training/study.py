@@ -38,6 +38,7 @@ from .data import DataError
 from .gains import format_gains, paired_gains, plot_gains, write_gains
 from .initialization import RANDOM, Init, file_sha256
 from .inputs import ALL_FORMATS, class_names, clip_spec, run_evaluation_data, run_training_data
+from .config import RunConfig, run_log
 from .loop import PRECISIONS, accuracy_report, choose_device, fit
 from .outputs import read_run_log
 from .tradeoff import plot_tradeoff
@@ -482,6 +483,20 @@ def run_study(
     return result
 
 
+def run_config(grid: Mapping[str, Any], run: Run, device: torch.device) -> RunConfig:
+    """The :class:`~.config.RunConfig` of one run of a checked grid (:func:`load_grid`): the grid's model,
+    data and recipe, the run's method, options, layers, shots and seed (which also draws the shots); the
+    rest :func:`fit`'s defaults."""
+    return RunConfig(
+        model=grid["model"], data=grid["data"], model_args=grid["model_args"], pretrained=grid["pretrained"],
+        weights=grid["weights"], method=run.method, layers=run.layers, options=run.options, format=grid["format"],
+        split=grid["train_split"], shots=run.shots, shot_seed=run.seed, frames=grid["frames"],
+        frame_stride=grid["frame_stride"], video_aug=grid["video_aug"], image_size=grid["image_size"],
+        epochs=grid["epochs"], lr=grid["lr"], weight_decay=grid["weight_decay"], batch_size=grid["batch_size"],
+        device=str(device), precision=grid["precision"], seed=run.seed, init=run.init,
+    )
+
+
 def _train_one(
     grid: Mapping[str, Any], run: Run, data: Any, eval_loader: Any, classes: int, class_names: List[str],
     eval_split: Optional[str], device: torch.device, delta: Path, log_path: Path,
@@ -500,15 +515,15 @@ def _train_one(
     else:  # checked to fit before the first run (_check_runs)
         init = Init(Path(run.init), blocks=list(run.blocks)).load_into(model, run.method)
     counts = summary(model)
-    record: Dict[str, Any] = {
-        **{key: grid[key] for key in COMMON}, **data.record(), "method": run.method, "options": run.options,
-        "layers": run.layers, "init": init, "seed": run.seed, "classes": class_names, "eval_split": eval_split,
-        "device": str(device), "history": [],
+    config = run_config(grid, run, device).resolved(init=init, statistics=counts.statistics)
+    record = run_log(config, data.record(), {
+        # the grid's settings a RunConfig does not hold (the evaluation's), and what the run measured
+        "train_split": grid["train_split"], "eval_split": eval_split, "test_clips": grid["test_clips"],
+        "test_crops": grid["test_crops"], "classes": class_names, "history": [],
         "versions": {"petl_surgery": __version__, "torch": torch.__version__, "timm": timm.__version__},
-    }
+    })
     started = time.perf_counter()
-    history = fit(model, data.train, data.val, epochs=grid["epochs"], lr=grid["lr"], weight_decay=grid["weight_decay"],
-                  batch_size=grid["batch_size"], seed=run.seed, device=device, precision=grid["precision"])
+    history = fit(model, data.train, data.val, device=device, **config.fit_arguments())
     seconds = time.perf_counter() - started
     save(model, delta)
     report = accuracy_report(wrap(model), eval_loader, class_names, device, grid["precision"])
