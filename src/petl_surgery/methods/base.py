@@ -18,7 +18,7 @@ from ..inserted import CHILD_PREFIX, OUTSIDE_BLOCKS, PetlModule  # re-exported: 
 from ..patches import Patch, apply_patch
 from ..selection import LayerSelection
 from ..sites import AttentionSite, Block, Projection
-from .planning import PlanContext, choose_blocks, plan_each_block
+from .planning import Hook, Insertion, PlanContext, choose_blocks, plan_each_block  # Hook, Insertion: re-exported
 
 
 class MergeableModule(PetlModule, abc.ABC):
@@ -73,47 +73,6 @@ def attention_of(
             f"({type(site.module).__name__}) {reason}"
         )
     return site
-
-
-@dataclass(frozen=True)
-class Hook:
-    """A hook to register on ``target`` when an insertion is committed."""
-
-    target: nn.Module
-    kind: str  # "forward", "forward_pre", or "forward_pre_kwargs" (fn(module, args, kwargs) -> (args, kwargs))
-    fn: Callable[..., Any]
-
-
-@dataclass
-class Insertion:
-    """One planned change: ``module`` becomes child ``name`` of ``host`` and its hooks are registered.
-
-    Planning builds insertions without touching the model, so every check runs before any change.
-    """
-
-    block: int
-    host_path: str
-    host: nn.Module
-    name: str
-    module: PetlModule
-    hooks: List[Hook]
-    patches: Sequence[Patch] = ()
-
-    @property
-    def path(self) -> str:
-        return f"{self.host_path}.{self.name}" if self.host_path else self.name
-
-    def commit(self) -> None:
-        self.module.train(self.host.training)  # a model in eval mode stays in eval mode
-        self.module.keep_out_of_quantization()
-        for patch in self.patches:
-            apply_patch(patch, self.module.uid)
-        self.host.add_module(self.name, self.module)
-        for hook in self.hooks:
-            if hook.kind == "forward":
-                hook.target.register_forward_hook(hook.fn)
-            else:
-                hook.target.register_forward_pre_hook(hook.fn, with_kwargs=hook.kind == "forward_pre_kwargs")
 
 
 class Method:

@@ -5,23 +5,64 @@ planning them one by one, checking layers chosen by name). Nothing here changes 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
 
 from ..errors import OptionError, SurgeryError, UnsupportedBlockError, UnsupportedModelError
 from ..inserted import PetlModule
+from ..patches import Patch, apply_patch
 from ..selection import LayerSelection, select_layers
 from ..sites import Block, discover
 from ..wrappers import inner
 
-if TYPE_CHECKING:  # base imports this module: the type only, to keep imports running downward
-    from .base import Insertion
 
 # The device of a plan made for its sizes only: ``load`` checks the sizes a file records before it
 # allocates them, so the modules it plans hold shapes without memory.
 SIZES_ONLY = torch.device("meta")
+
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A hook to register on ``target`` when an insertion is committed."""
+
+    target: nn.Module
+    kind: str  # "forward", "forward_pre", or "forward_pre_kwargs" (fn(module, args, kwargs) -> (args, kwargs))
+    fn: Callable[..., Any]
+
+
+@dataclass
+class Insertion:
+    """One planned change: ``module`` becomes child ``name`` of ``host`` and its hooks are registered.
+
+    Planning builds insertions without touching the model, so every check runs before any change.
+    """
+
+    block: int
+    host_path: str
+    host: nn.Module
+    name: str
+    module: PetlModule
+    hooks: List[Hook]
+    patches: Sequence[Patch] = ()
+
+    @property
+    def path(self) -> str:
+        return f"{self.host_path}.{self.name}" if self.host_path else self.name
+
+    def commit(self) -> None:
+        self.module.train(self.host.training)  # a model in eval mode stays in eval mode
+        self.module.keep_out_of_quantization()
+        for patch in self.patches:
+            apply_patch(patch, self.module.uid)
+        self.host.add_module(self.name, self.module)
+        for hook in self.hooks:
+            if hook.kind == "forward":
+                hook.target.register_forward_hook(hook.fn)
+            else:
+                hook.target.register_forward_pre_hook(hook.fn, with_kwargs=hook.kind == "forward_pre_kwargs")
 
 
 @dataclass(frozen=True)
@@ -72,14 +113,14 @@ def choose_blocks(model: nn.Module, layers: LayerSelection, context: PlanContext
 
 
 def plan_each_block(
-    blocks: Sequence[Block], chosen: Sequence[int], plan_block: Callable[[Block], List["Insertion"]], context: PlanContext
-) -> List["Insertion"]:
+    blocks: Sequence[Block], chosen: Sequence[int], plan_block: Callable[[Block], List[Insertion]], context: PlanContext
+) -> List[Insertion]:
     """The insertions ``plan_block`` gives for each chosen block, in order: a block it refuses with
     UnsupportedBlockError is skipped under ``context.skip_unsupported`` and refused otherwise; a module
     shared by several blocks takes its branch once; a host already carrying the method, or a branch of
     the same kind from another method, is refused."""
     method = context.method
-    insertions: List["Insertion"] = []
+    insertions: List[Insertion] = []
     skipped: List[str] = []
     planned_hosts: Set[Tuple[int, str]] = set()
     for index in chosen:
@@ -112,7 +153,7 @@ def plan_each_block(
     return insertions
 
 
-def checked_by_name(insertions: List["Insertion"], layers: LayerSelection, context: PlanContext) -> List["Insertion"]:
+def checked_by_name(insertions: List[Insertion], layers: LayerSelection, context: PlanContext) -> List[Insertion]:
     """``insertions`` on layers chosen by name pattern (an option such as LoRA's ``modules``), refused
     when ``layers`` also chooses blocks or when one of those layers carries the method already."""
     if layers is not None:
@@ -128,7 +169,7 @@ def checked_by_name(insertions: List["Insertion"], layers: LayerSelection, conte
     return insertions
 
 
-def _same_component(insertion: "Insertion") -> Optional[PetlModule]:
+def _same_component(insertion: Insertion) -> Optional[PetlModule]:
     """An inserted module of the host that is of the same kind as the planned one (BAPAT's PATT half
     beside a PATT), if any."""
     component = insertion.module.component
