@@ -20,7 +20,7 @@ from torch import nn
 
 from ..checkpoints.delta import load_delta
 from ..checkpoints.files import PathLike
-from ..errors import SurgeryError
+from ..errors import CheckpointError, OptionError, SurgeryError
 from . import adaptformer, vpetl, vpt
 from .adaptformer import import_adaptformer
 from .detect import FORMATS, classify, detect
@@ -41,20 +41,20 @@ def load_any(model: nn.Module, path: PathLike, format: Optional[str] = None, **o
     checkpoints take none.
     """
     if not isinstance(model, nn.Module):
-        raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        raise OptionError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if format is not None and format not in FORMATS:
-        raise SurgeryError(f"unknown checkpoint format {format!r}; known formats: {', '.join(FORMATS)}")
+        raise OptionError(f"unknown checkpoint format {format!r}; known formats: {', '.join(FORMATS)}")
     source = Path(path)
     if format is None and not source.exists():
-        raise SurgeryError(f"no checkpoint at {source}")
+        raise CheckpointError(f"no checkpoint at {source}")
     chosen = format or ("peft" if is_adapter_directory(source) is not None else detect(source))
     if chosen in (None, "petl_surgery", "peft"):
         if chosen is None:
-            raise SurgeryError(
+            raise CheckpointError(
                 f"cannot tell the format of {source}: it is none of {', '.join(FORMATS)}; pass format= if it is one"
             )
         if options:
-            raise SurgeryError(f"format {chosen!r} takes no options; got {', '.join(options)}")
+            raise OptionError(f"format {chosen!r} takes no options; got {', '.join(options)}")
         if chosen == "peft":
             folder = is_adapter_directory(source)
             return import_peft(model, folder if folder is not None else source)
@@ -62,7 +62,7 @@ def load_any(model: nn.Module, path: PathLike, format: Optional[str] = None, **o
     state = read_state(source)
     found = classify(state)
     if format is not None and found not in (format, None):
-        raise SurgeryError(f"{source} looks like a {found!r} checkpoint, not {format!r}")
+        raise CheckpointError(f"{source} looks like a {found!r} checkpoint, not {format!r}")
     return _FROM_STATE[chosen](model, state, str(source), **_checked(chosen, options))
 
 
@@ -72,7 +72,7 @@ def _checked(format: str, options: dict) -> dict:
     allowed = [p.name for p in inspect.signature(_FROM_STATE[format]).parameters.values() if p.kind is p.KEYWORD_ONLY]
     unknown = [name for name in options if name not in allowed]
     if unknown:
-        raise SurgeryError(f"unknown option {unknown[0]!r} for format {format!r}; valid options: {', '.join(allowed)}")
+        raise OptionError(f"unknown option {unknown[0]!r} for format {format!r}; valid options: {', '.join(allowed)}")
     return options
 
 
@@ -80,7 +80,7 @@ def export(model: nn.Module, directory: PathLike, format: str = "peft") -> Path:
     """Write the model's surgery in another code's format; ``"peft"`` (a PEFT LoRA adapter directory) is
     the one there is. Returns the directory."""
     if format not in EXPORT_FORMATS:
-        raise SurgeryError(f"cannot export to format {format!r}; export formats: {', '.join(EXPORT_FORMATS)}")
+        raise OptionError(f"cannot export to format {format!r}; export formats: {', '.join(EXPORT_FORMATS)}")
     return export_peft(model, directory)
 
 

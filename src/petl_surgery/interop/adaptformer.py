@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..checkpoints.files import PathLike
-from ..errors import SurgeryError
+from ..errors import CheckpointError, SurgeryError
 from ..sites import discover
 from .common import Call, group_calls, head_tensors, install, map_blocks
 from .files import read_state
@@ -60,7 +60,7 @@ def adapter_groups(
         name = match.group("name")
         if name.startswith("adapter_layer_norm_before."):
             if layernorm not in ("in", "out"):
-                raise SurgeryError(
+                raise CheckpointError(
                     f"{source} has adapter LayerNorm tensors ({key}); pass layernorm='in' or 'out' "
                     "(AdaptFormer's adapter_layernorm_option) to say where it goes"
                 )
@@ -68,7 +68,7 @@ def adapter_groups(
         elif name in LOCAL_NAMES:
             local = LOCAL_NAMES[name]
         else:
-            raise SurgeryError(f"{source}: tensor {key!r} is not part of an AdaptFormer adapter")
+            raise CheckpointError(f"{source}: tensor {key!r} is not part of an AdaptFormer adapter")
         groups.setdefault(match.group("block"), {})[local] = tensor
     return groups
 
@@ -84,7 +84,7 @@ def adapter_calls(
     items = []
     for key, tensors in groups.items():
         if "down.weight" not in tensors:
-            raise SurgeryError(f"{source}: the adapter of {key!r} has no down_proj.weight")
+            raise CheckpointError(f"{source}: the adapter of {key!r} has no down_proj.weight")
         block_options = {
             **options,
             "bottleneck": int(tensors["down.weight"].shape[0]),
@@ -106,7 +106,7 @@ def head_from(model: nn.Module, state: Mapping[str, torch.Tensor], prefix: str, 
         bias = bias - weight @ mean
         dtype = state[probe[0]].dtype
         return head_tensors(model, weight.to(dtype), bias.to(dtype), source)
-    raise SurgeryError(f"{source} has no head ({prefix}head.weight and .bias); load with load_head=False")
+    raise CheckpointError(f"{source} has no head ({prefix}head.weight and .bias); load with load_head=False")
 
 
 def from_state(
@@ -123,7 +123,7 @@ def from_state(
     """:func:`import_adaptformer` on an already read state dict."""
     groups = adapter_groups(state, layernorm, source)
     if not groups:
-        raise SurgeryError(f"{source} holds no AdaptFormer adapter (no '<block>.adaptmlp.down_proj.weight')")
+        raise CheckpointError(f"{source} holds no AdaptFormer adapter (no '<block>.adaptmlp.down_proj.weight')")
     mapping, prefix = map_blocks(discover(model).blocks, list(groups), source)
     options = {
         "scale": scale,

@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import CheckpointError, SurgeryError
 from ..freezing import find_heads, set_trainable
 from ..inventory import delta_names
 from ..methods import Insertion
@@ -40,7 +40,7 @@ def group_calls(method: str, items: Iterable[Tuple[int, Dict[str, Any], Dict[str
     for block, options, tensors in sorted(items, key=lambda item: item[0]):
         call = calls.setdefault(repr(sorted(options.items())), Call(method, [], dict(options)))
         if block in call.tensors:
-            raise SurgeryError(f"method {method!r} is described twice for block {block} with the same options")
+            raise CheckpointError(f"method {method!r} is described twice for block {block} with the same options")
         call.blocks.append(block)
         call.tensors[block] = tensors
     return list(calls.values())
@@ -62,9 +62,9 @@ def install(model: nn.Module, calls: Sequence[Call], base: Mapping[str, torch.Te
     delta = delta_names(model)
     for name, tensor in base.items():
         if name not in state or name in delta:
-            raise SurgeryError(f"{source} has tensor {name!r}, which this model ({type(model).__name__}) does not have")
+            raise CheckpointError(f"{source} has tensor {name!r}, which this model ({type(model).__name__}) does not have")
         if tuple(tensor.shape) != tuple(state[name].shape):
-            raise SurgeryError(
+            raise CheckpointError(
                 f"{source}: tensor {name!r} has shape {list(tensor.shape)}, the model's {list(state[name].shape)}"
             )
 
@@ -99,7 +99,7 @@ def _check_tensors(call: Call, insertions: Sequence[Insertion], source: str) -> 
         missing = sorted(set(shapes) - set(given))
         extra = sorted(set(given) - set(shapes))
         if missing or extra:
-            raise SurgeryError(
+            raise CheckpointError(
                 f"{source}: the {call.method} tensors of block {block} do not fit: "
                 + (f"missing {', '.join(missing)}" if missing else "")
                 + ("; " if missing and extra else "")
@@ -111,7 +111,7 @@ def _check_tensors(call: Call, insertions: Sequence[Insertion], source: str) -> 
             if tuple(given[key].shape) != shape
         ]
         if wrong:
-            raise SurgeryError(
+            raise CheckpointError(
                 f"{source}: the {call.method} tensors of block {block} have other shapes: {', '.join(wrong[:4])}"
             )
 
@@ -147,7 +147,7 @@ def map_blocks(blocks: Sequence[Block], keys: Sequence[str], source: str) -> Tup
         }
         order = sorted(keys, key=numbers.__getitem__)
         return {key: block for key, block in zip(order, blocks)}, prefixes.pop()
-    raise SurgeryError(
+    raise CheckpointError(
         f"{source}: cannot tell which blocks of this model its {len(keys)} blocks ({', '.join(keys[:3])}, ...) are: "
         f"the model's blocks are {', '.join(list(paths)[:3])}, ... ({len(blocks)} in all), and the names neither "
         "match behind one prefix nor are canonical block paths of the same count"
@@ -160,7 +160,7 @@ def linear_head(model: nn.Module, source: str) -> Tuple[str, nn.Linear]:
     names = {id(module): name for name, module in model.named_modules()}
     if len(heads) != 1 or not isinstance(heads[0], nn.Linear):
         found = ", ".join(f"{names.get(id(h))} ({type(h).__name__})" for h in heads) or "none"
-        raise SurgeryError(f"{source}: taking the head needs one Linear classifier head in the model; found {found}")
+        raise CheckpointError(f"{source}: taking the head needs one Linear classifier head in the model; found {found}")
     return names[id(heads[0])], heads[0]
 
 
@@ -170,7 +170,7 @@ def head_tensors(
     """The file's head weight and bias under the model's head parameter names, shape-checked."""
     path, head = linear_head(model, source)
     if tuple(weight.shape) != tuple(head.weight.shape) or head.bias is None or tuple(bias.shape) != tuple(head.bias.shape):
-        raise SurgeryError(
+        raise CheckpointError(
             f"{source}: its head ({list(weight.shape)}) does not fit the model's head {path!r} "
             f"({list(head.weight.shape)}); leave it out with load_head=False"
         )

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from ..checkpoints.files import PathLike, read
-from ..errors import SurgeryError
+from ..errors import CheckpointError, SurgeryError
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # Where training scripts keep the weights inside a saved dict, tried in this order.
@@ -32,13 +32,13 @@ def load_pickle(path: PathLike) -> Any:
     failure, a file that is not there or that holds other classes, raises SurgeryError naming it."""
     source = Path(path)
     if not source.is_file():
-        raise SurgeryError(f"no checkpoint file at {source}")
+        raise CheckpointError(f"no checkpoint file at {source}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SurgeryError(
+        raise CheckpointError(
             f"{source} cannot be read with torch.load(weights_only=True), the only way petl_surgery reads "
             f"pickled checkpoints (nothing else is unpickled): {reason}. Save the model's state_dict alone "
             "(torch.save(checkpoint['model'], path)) with the code that wrote it"
@@ -49,7 +49,7 @@ def state_dict_of(loaded: Any, source: str) -> Dict[str, torch.Tensor]:
     """The tensors of a loaded checkpoint: the dict itself, or the one under ``model``/``state_dict``/...;
     a ``module.`` prefix that every name carries (DistributedDataParallel) is dropped."""
     if not isinstance(loaded, Mapping):
-        raise SurgeryError(f"{source} holds a {type(loaded).__name__}, not a dict of tensors")
+        raise CheckpointError(f"{source} holds a {type(loaded).__name__}, not a dict of tensors")
     for key in WRAPPER_KEYS:
         inner = loaded.get(key)
         if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
@@ -57,7 +57,7 @@ def state_dict_of(loaded: Any, source: str) -> Dict[str, torch.Tensor]:
             break
     tensors = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
-        raise SurgeryError(f"{source} holds no tensors (keys: {', '.join(map(str, list(loaded)[:8]))})")
+        raise CheckpointError(f"{source} holds no tensors (keys: {', '.join(map(str, list(loaded)[:8]))})")
     if all(name.startswith("module.") for name in tensors):
         tensors = {name[len("module.") :]: tensor for name, tensor in tensors.items()}
     return tensors

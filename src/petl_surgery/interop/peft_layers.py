@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import CheckpointError, SurgeryError, UnsupportedModelError
 from ..methods.base import OUTSIDE_BLOCKS
 from ..methods.layer_lora import LayerLowRank, grouped_refusal
 from ..methods.patterns import LAYER, LAYER_TYPES
@@ -55,19 +55,19 @@ def layer_calls(
         try:
             layer = model.get_submodule(path)
         except AttributeError:
-            raise SurgeryError(f"{source}: a LoRA on {path!r}, which is not a module of {type(model).__name__}") from None
+            raise CheckpointError(f"{source}: a LoRA on {path!r}, which is not a module of {type(model).__name__}") from None
         reason = geometry_refusal(layer)
         if reason is not None:
-            raise SurgeryError(f"{source}: a LoRA on {path!r}, which {reason}")
+            raise CheckpointError(f"{source}: a LoRA on {path!r}, which {reason}")
         if set(pair) != {"A", "B"}:
-            raise SurgeryError(f"{source}: module {path!r} has lora_{'A' if 'A' not in pair else 'B'} missing")
+            raise CheckpointError(f"{source}: module {path!r} has lora_{'A' if 'A' not in pair else 'B'} missing")
         a, b = pair["A"], pair["B"]
         rank = a.shape[0]
         expected, scaling = scaling_of(path, rank)
         if rank != expected:
-            raise SurgeryError(f"{source}: {path}: its tensors have rank {rank}, its config says r = {expected}")
+            raise CheckpointError(f"{source}: {path}: its tensors have rank {rank}, its config says r = {expected}")
         if b.dim() != 2 and (b.dim() != a.dim() or any(size != 1 for size in b.shape[2:])):
-            raise SurgeryError(f"{source}: {path}.lora_B has shape {list(b.shape)}, not PEFT's d_out x r (x 1 ...)")
+            raise CheckpointError(f"{source}: {path}.lora_B has shape {list(b.shape)}, not PEFT's d_out x r (x 1 ...)")
         groups.setdefault((rank, scaling), {})[path] = {f"{LAYER}.lora_A": a, f"{LAYER}.lora_B": b.flatten(1)}
     calls = []
     for (rank, scaling), tensors in groups.items():
@@ -83,7 +83,7 @@ def layer_entry(path: str, adapter: LayerLowRank, layer: nn.Module) -> Tuple[tor
     """PEFT's (lora_A.weight, lora_B.weight, scaling) for the LoRA ``adapter`` on the layer at ``path``."""
     reason = geometry_refusal(layer)
     if reason is not None:
-        raise SurgeryError(f"the LoRA on {path!r} cannot be written for PEFT: the layer {reason}")
+        raise UnsupportedModelError(f"the LoRA on {path!r} cannot be written for PEFT: the layer {reason}")
     pair = adapter.pair()
     a, b = pair.lora_A.detach(), pair.lora_B.detach()
     return a, b.view(*b.shape, *([1] * (a.dim() - 2))), adapter.scaling

@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from ..checkpoints.files import PathLike, read, write_atomic
-from ..errors import SurgeryError
+from ..errors import CheckpointError, SurgeryError, UnsupportedModelError
 from ..inventory import delta_names, inserted_modules
 from ..methods.layer_lora import LayerLowRank
 from ..methods.dora import WeightDecomposedAdapter
@@ -100,26 +100,26 @@ def read_adapter(directory: PathLike) -> Tuple[Dict[str, Any], Dict[str, torch.T
     unreadable or not a LoRA this library can represent."""
     folder = Path(directory)
     if not (folder / CONFIG_NAME).is_file():
-        raise SurgeryError(f"{folder} is not a PEFT adapter directory: it has no {CONFIG_NAME}")
+        raise CheckpointError(f"{folder} is not a PEFT adapter directory: it has no {CONFIG_NAME}")
     try:
         config = json.loads((folder / CONFIG_NAME).read_text())
     except (OSError, ValueError) as error:
-        raise SurgeryError(f"{folder / CONFIG_NAME} is not valid JSON: {error}") from None
+        raise CheckpointError(f"{folder / CONFIG_NAME} is not valid JSON: {error}") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise SurgeryError(f"{folder} holds a PEFT adapter of type {kind!r}; petl_surgery imports LORA adapters only")
+        raise CheckpointError(f"{folder} holds a PEFT adapter of type {kind!r}; petl_surgery imports LORA adapters only")
     used = [name for option, name in UNSUPPORTED_OPTIONS.items() if config.get(option)]
     if used:
-        raise SurgeryError(f"{folder}: its LoRA uses {', '.join(used)}, which petl_surgery's LoRA cannot represent")
+        raise CheckpointError(f"{folder}: its LoRA uses {', '.join(used)}, which petl_surgery's LoRA cannot represent")
     for key, kind in (("r", int), ("lora_alpha", (int, float))):
         if isinstance(config.get(key), bool) or not isinstance(config.get(key), kind):
-            raise SurgeryError(f"{folder / CONFIG_NAME} lacks a valid {key!r}")
+            raise CheckpointError(f"{folder / CONFIG_NAME} lacks a valid {key!r}")
     if (folder / SAFETENSORS_NAME).is_file():
         tensors = read(folder / SAFETENSORS_NAME)[0]
     elif (folder / BIN_NAME).is_file():
         tensors = state_dict_of(load_pickle(folder / BIN_NAME), str(folder / BIN_NAME))
     else:
-        raise SurgeryError(f"{folder} has no {SAFETENSORS_NAME} (nor {BIN_NAME})")
+        raise CheckpointError(f"{folder} has no {SAFETENSORS_NAME} (nor {BIN_NAME})")
     return config, tensors
 
 
@@ -140,7 +140,7 @@ def _split_names(
     base: Dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         if not key.startswith(PREFIX):
-            raise SurgeryError(f"{source}: tensor {key!r} does not start with {PREFIX!r}, as PEFT's LoRA tensors do")
+            raise CheckpointError(f"{source}: tensor {key!r} does not start with {PREFIX!r}, as PEFT's LoRA tensors do")
         name = key[len(PREFIX) :]
         match = re.match(r"^(.+)\.lora_(A|B)(?:\.default)?\.weight$", name)
         magnitude = re.match(r"^(.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$", name) if dora else None
@@ -149,7 +149,7 @@ def _split_names(
         elif magnitude:
             pairs.setdefault(magnitude.group(1), {})["M"] = tensor
         elif re.search(r"(^|\.)lora_", name):
-            raise SurgeryError(f"{source}: tensor {key!r} belongs to a LoRA variant petl_surgery cannot represent")
+            raise CheckpointError(f"{source}: tensor {key!r} belongs to a LoRA variant petl_surgery cannot represent")
         else:
             base[re.sub(r"\.(modules_to_save(\.default)?|base_layer)\.", ".", name)] = tensor
     return pairs, base
@@ -186,7 +186,7 @@ def _matrix(tensor: torch.Tensor, name: str, source: str) -> torch.Tensor:
         return tensor
     if tensor.dim() == 4 and tensor.shape[2:] == (1, 1):
         return tensor.flatten(1)
-    raise SurgeryError(f"{source}: {name} has shape {list(tensor.shape)}; only Linear and 1x1-conv LoRA is supported")
+    raise CheckpointError(f"{source}: {name} has shape {list(tensor.shape)}; only Linear and 1x1-conv LoRA is supported")
 
 
 @dataclass(frozen=True)
@@ -208,23 +208,23 @@ def _wrapped(
     dora = bool(config.get("use_dora"))
     if set(pair) != ({"A", "B", "M"} if dora else {"A", "B"}):
         lacking = next(name for name in ("A", "B", "M") if name not in pair)
-        raise SurgeryError(f"{source}: module {path!r} has {'lora_magnitude_vector' if lacking == 'M' else 'lora_' + lacking} missing")
+        raise CheckpointError(f"{source}: module {path!r} has {'lora_magnitude_vector' if lacking == 'M' else 'lora_' + lacking} missing")
     a, b = _matrix(pair["A"], f"{path}.lora_A", source), _matrix(pair["B"], f"{path}.lora_B", source)
     rank = a.shape[0]
     if b.shape[1] != rank:
-        raise SurgeryError(f"{source}: {path}: lora_A has rank {rank}, lora_B {b.shape[1]}")
+        raise CheckpointError(f"{source}: {path}: lora_A has rank {rank}, lora_B {b.shape[1]}")
     expected = _pattern_value(config.get("rank_pattern"), path, config["r"])
     if rank != expected:
-        raise SurgeryError(f"{source}: {path}: its tensors have rank {rank}, its config says r = {expected}")
+        raise CheckpointError(f"{source}: {path}: its tensors have rank {rank}, its config says r = {expected}")
     rows = sorted(row for _, projection in roles for row in _rows(projection))
     if rows != list(range(b.shape[0])):
-        raise SurgeryError(
+        raise CheckpointError(
             f"{source}: the LoRA on {path!r} changes {b.shape[0]} output channels, but "
             f"{', '.join(r for r, _ in roles)} cover {len(rows)} of them; it cannot be split into our targets"
         )
     magnitude = pair.get("M")
     if magnitude is not None and tuple(magnitude.shape) != (b.shape[0],):
-        raise SurgeryError(f"{source}: {path}: lora_magnitude_vector has shape {list(magnitude.shape)}, not [{b.shape[0]}]")
+        raise CheckpointError(f"{source}: {path}: lora_magnitude_vector has shape {list(magnitude.shape)}, not [{b.shape[0]}]")
     alpha = _pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return _Wrapped(tuple(roles), a, b, rank, float(scaling), magnitude)
@@ -281,7 +281,7 @@ def plan_import(
 
     if config.get("use_dora"):
         if outside:
-            raise SurgeryError(
+            raise CheckpointError(
                 f"{source}: a DoRA adapter (use_dora) on {sorted(outside)[0]!r}, a layer outside the blocks' "
                 "q/k/v/proj/fc1/fc2 targets; DoRA loads on those targets only"
             )
@@ -335,10 +335,10 @@ def _lora_modules(model: nn.Module) -> Tuple[Dict[str, Tuple[torch.Tensor, torch
     """Module path -> (A, B, scaling) of one PEFT LoRA per producer, and the dropout they share."""
     present = inserted_modules(model)
     if not present:
-        raise SurgeryError(f"{type(model).__name__} carries no LoRA to export")
+        raise UnsupportedModelError(f"{type(model).__name__} carries no LoRA to export")
     others = sorted({module.method for _, module in present if not isinstance(module, (LowRankAdapter, LayerLowRank))})
     if others:
-        raise SurgeryError(f"PEFT's LoRA format cannot hold method(s) {', '.join(others)}; remove them before exporting")
+        raise UnsupportedModelError(f"PEFT's LoRA format cannot hold method(s) {', '.join(others)}; remove them before exporting")
     modules: Dict[str, Tuple[torch.Tensor, torch.Tensor, float]] = {}
     dropouts = set()
     for path, adapter in present:
@@ -356,7 +356,7 @@ def _lora_modules(model: nn.Module) -> Tuple[Dict[str, Tuple[torch.Tensor, torch
             except AttributeError:  # a stand-in added by the site's patches, not a module of the model
                 weight = None
             if weight is None:
-                raise SurgeryError(
+                raise UnsupportedModelError(
                     f"the LoRA of {path!r} acts on {producer!r}, which is not a plain Linear or 1x1 Conv2d module "
                     "of the model; PEFT cannot wrap it"
                 )
@@ -367,13 +367,13 @@ def _lora_modules(model: nn.Module) -> Tuple[Dict[str, Tuple[torch.Tensor, torch
             _refuse_second(modules, key)
             modules[key] = (a, b, adapter.scaling)
     if len(dropouts) > 1:
-        raise SurgeryError(f"PEFT has one lora_dropout per adapter; this model's LoRA uses {sorted(dropouts)}")
+        raise UnsupportedModelError(f"PEFT has one lora_dropout per adapter; this model's LoRA uses {sorted(dropouts)}")
     return modules, dropouts.pop()
 
 
 def _refuse_second(modules: Mapping[str, Any], path: str) -> None:
     if path in modules:
-        raise SurgeryError(
+        raise UnsupportedModelError(
             f"two LoRA updates act on {path!r} (by targets and by modules); PEFT holds one LoRA per module"
         )
 
@@ -387,7 +387,7 @@ def _dora_magnitudes(model: nn.Module) -> Dict[str, torch.Tensor]:
     if kinds == {False}:
         return {}
     if len(kinds) > 1:
-        raise SurgeryError("a PEFT adapter is LoRA or DoRA in all its modules (use_dora); this model carries both")
+        raise UnsupportedModelError("a PEFT adapter is LoRA or DoRA in all its modules (use_dora); this model carries both")
     magnitudes: Dict[str, torch.Tensor] = {}
     for path, adapter in present:
         assert isinstance(adapter, WeightDecomposedAdapter)
@@ -396,7 +396,7 @@ def _dora_magnitudes(model: nn.Module) -> Dict[str, torch.Tensor]:
         for producer in adapter.producers():
             layer = host.get_submodule(producer)
             if type(layer) is not nn.Linear:
-                raise SurgeryError(f"the DoRA of {path!r} acts on {producer!r}, a {type(layer).__name__}; DoRA exports on Linear modules only")
+                raise UnsupportedModelError(f"the DoRA of {path!r} acts on {producer!r}, a {type(layer).__name__}; DoRA exports on Linear modules only")
             magnitude = torch.linalg.norm(layer.weight.detach(), dim=1)
             for target in adapter.targets:
                 if target.producer == producer:
@@ -415,7 +415,7 @@ def _modules_to_save(model: nn.Module, targets: List[str]) -> List[str]:
     owners = sorted({name.rpartition(".")[0] for name in trainable})
     if "" in owners:
         loose = [name for name in trainable if "." not in name]
-        raise SurgeryError(
+        raise UnsupportedModelError(
             f"trainable parameters {', '.join(loose)} belong to no submodule; PEFT's modules_to_save cannot hold them"
         )
     names = [name for name, _ in model.named_modules()]
@@ -423,13 +423,13 @@ def _modules_to_save(model: nn.Module, targets: List[str]) -> List[str]:
         clashes = [n for n in names if n.endswith(owner) and n != owner]
         inside = [m for m in targets if m == owner or m.startswith(owner + ".")]
         if clashes or inside:
-            raise SurgeryError(
+            raise UnsupportedModelError(
                 f"trainable module {owner!r} cannot be a PEFT modules_to_save entry: "
                 + (f"PEFT would also match {clashes[0]!r}" if clashes else f"it holds the LoRA target {inside[0]!r}")
             )
     extra = sorted(n for n in names if _peft_matches(n, targets) and n not in targets)
     if extra:
-        raise SurgeryError(f"PEFT would also put LoRA on {', '.join(extra[:3])}; cannot export this model's LoRA")
+        raise UnsupportedModelError(f"PEFT would also put LoRA on {', '.join(extra[:3])}; cannot export this model's LoRA")
     return owners
 
 
@@ -464,9 +464,9 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
     owners = _modules_to_save(model, targets)
     folder = Path(directory)
     if folder.exists() and not folder.is_dir():
-        raise SurgeryError(f"cannot export to {folder}: it is a file")
+        raise UnsupportedModelError(f"cannot export to {folder}: it is a file")
     if not folder.parent.is_dir():
-        raise SurgeryError(f"cannot export to {folder}: directory {folder.parent} does not exist")
+        raise UnsupportedModelError(f"cannot export to {folder}: directory {folder.parent} does not exist")
 
     tensors: Dict[str, torch.Tensor] = {}
     for path, (a, b, _) in modules.items():

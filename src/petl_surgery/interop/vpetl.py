@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..checkpoints.files import PathLike
-from ..errors import SurgeryError
+from ..errors import CheckpointError, SurgeryError
 from ..sites import discover
 from .adaptformer import adapter_calls, adapter_groups
 from .common import Call, group_calls, install, map_blocks
@@ -47,7 +47,7 @@ def patt_groups(state: Mapping[str, torch.Tensor], source: str) -> Dict[str, Dic
         if not match:
             continue
         if match.group("layer") not in LAYERS:
-            raise SurgeryError(f"{source}: tensor {key!r}: a qkv_adapter holds Linears at indices 0 and 2 only")
+            raise CheckpointError(f"{source}: tensor {key!r}: a qkv_adapter holds Linears at indices 0 and 2 only")
         groups.setdefault(match.group("block"), {})[f"{LAYERS[match.group('layer')]}.{match.group('kind')}"] = tensor
     return groups
 
@@ -67,12 +67,12 @@ def from_state(
     patt = patt_groups(state, source)
     adapters = adapter_groups(state, layernorm, source)
     if not patt:
-        raise SurgeryError(f"{source} holds no V-PETL PATT branch (no '<block>.attn.qkv_adapter.0.weight')")
+        raise CheckpointError(f"{source} holds no V-PETL PATT branch (no '<block>.attn.qkv_adapter.0.weight')")
     mapping, _ = map_blocks(discover(model).blocks, list(patt) + [k for k in adapters if k not in patt], source)
     items = []
     for key, tensors in patt.items():
         if "down.weight" not in tensors or "up.weight" not in tensors:
-            raise SurgeryError(f"{source}: the qkv_adapter of {key!r} lacks its weights (indices 0 and 2)")
+            raise CheckpointError(f"{source}: the qkv_adapter of {key!r} lacks its weights (indices 0 and 2)")
         width, mid = tensors["down.weight"].shape[1], tensors["down.weight"].shape[0]
         block_mode = "qkv" if tensors["up.weight"].shape[0] == 3 * width else mode
         items.append((mapping[key].index, {"mode": block_mode, "mid_dim": int(mid), "scale": scale}, tensors))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints.files import PathLike
-from ..errors import SurgeryError
+from ..errors import CheckpointError, SurgeryError
 from .common import Call, install
 from .files import read_state
 
@@ -38,7 +38,7 @@ DEEP = "deep_prompt_embeddings"
 def _named(state: Mapping[str, torch.Tensor], last: str, source: str) -> Optional[str]:
     found = [name for name in state if name.rpartition(".")[2] == last]
     if len(found) > 1:
-        raise SurgeryError(f"{source} holds several {last!r} tensors ({', '.join(found[:3])}); pass a file with one model")
+        raise CheckpointError(f"{source} holds several {last!r} tensors ({', '.join(found[:3])}); pass a file with one model")
     return found[0] if found else None
 
 
@@ -46,16 +46,16 @@ def prompts_of(state: Mapping[str, torch.Tensor], source: str) -> List[torch.Ten
     """The prompts of blocks 0, 1, ..., k as (L, d) tensors, projected when the file has ``prompt_proj``."""
     shallow = _named(state, SHALLOW, source)
     if shallow is None:
-        raise SurgeryError(f"{source} holds no VPT prompts (no 'prompt_embeddings' tensor)")
+        raise CheckpointError(f"{source} holds no VPT prompts (no 'prompt_embeddings' tensor)")
     prefix = shallow[: -len(SHALLOW)]
     first = state[shallow]
     if first.dim() != 3 or first.shape[0] != 1:
-        raise SurgeryError(f"{source}: {shallow} has shape {list(first.shape)}; VPT's is (1, L, d)")
+        raise CheckpointError(f"{source}: {shallow} has shape {list(first.shape)}; VPT's is (1, L, d)")
     prompts = [first[0]]
     deep = state.get(prefix + DEEP)
     if deep is not None:
         if deep.dim() != 3 or deep.shape[1:] != first.shape[1:]:
-            raise SurgeryError(
+            raise CheckpointError(
                 f"{source}: {prefix + DEEP} has shape {list(deep.shape)}; "
                 f"VPT's is (depth - 1, {first.shape[1]}, {first.shape[2]})"
             )
@@ -63,7 +63,7 @@ def prompts_of(state: Mapping[str, torch.Tensor], source: str) -> List[torch.Ten
     weight, bias = state.get(prefix + "prompt_proj.weight"), state.get(prefix + "prompt_proj.bias")
     if weight is not None:
         if weight.dim() != 2 or weight.shape[1] != first.shape[2]:
-            raise SurgeryError(
+            raise CheckpointError(
                 f"{source}: prompt_proj.weight has shape {list(weight.shape)}, the prompts width {first.shape[2]}"
             )
         shift = None if bias is None else bias.double()
