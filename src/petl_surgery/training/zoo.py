@@ -325,7 +325,7 @@ def input_config(model: nn.Module, spec: ModelSpec, image_size: Optional[int] = 
             mean, std = tuple(transforms.mean), tuple(transforms.std)
             size = size or _side(getattr(transforms, "crop_size", None))
         except (ValueError, AttributeError, KeyError):
-            pass
+            pass  # a model torchvision registers no weights for: ImageNet's statistics, the size as built
         video = spec.name in _torchvision_video_names()
     elif spec.zoo == "hf":
         config = model.model.config
