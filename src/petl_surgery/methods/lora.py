@@ -37,6 +37,7 @@ from .base import (
 from ..selection import LayerSelection
 from ..wrappers import inner
 from .planning import PlanContext, checked_by_name
+from .fused import fused_path_applies
 from .layer_lora import plan_layers
 from .patterns import exclusive_targets, parse_patterns
 from .targets import (
@@ -175,8 +176,31 @@ class LowRankAdapter(MergeableModule):
         if self.training and self.dropout.p > 0:
             x = self.dropout(x)
         stack = self._stacks[producer]
+        if dim == -1 and not torch.is_grad_enabled() and fused_path_applies(output, x, self._first_a(stack)):
+            return self._add_low_rank_(stack, output, F.linear(x, self._stacked_a(stack)))
         update = F.linear(F.linear(x, self._stacked_a(stack)), self._placed_b(stack, output.shape[dim]))
         return output + (update if dim == -1 else update.movedim(-1, dim)).to(output.dtype)
+
+    def _first_a(self, stack: "_Stack") -> torch.Tensor:
+        return self.pair(stack.names[0]).lora_A
+
+    def _add_low_rank_(self, stack: "_Stack", output: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """The inference path (no grad): each target's ``B`` accumulates its slice of ``low`` (the stacked
+        ``A x``) straight into its channels of ``output``, in place: no zero-padded ``B``, no update as
+        wide as the output and no second pass over it. Returns ``output``."""
+        flat = output.view(-1, output.shape[-1])
+        low = low.reshape(-1, low.shape[-1])
+        start = 0
+        for name, write in zip(stack.names, stack.writes):
+            pair = self.pair(name)
+            rank = pair.lora_A.shape[0]
+            part = low.narrow(1, start, rank)
+            start += rank
+            if write.index is None:
+                flat.narrow(1, write.output_start, pair.lora_B.shape[0]).addmm_(part, pair.lora_B.t())
+            else:
+                flat.index_add_(1, getattr(self, f"index_{name}"), torch.mm(part, pair.lora_B.t()))
+        return output
 
     def _stacked_a(self, stack: "_Stack") -> torch.Tensor:
         pairs = [self.pair(name) for name in stack.names]

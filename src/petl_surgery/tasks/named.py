@@ -21,6 +21,7 @@ from ..api import apply as apply_method
 from ..checkpoints.delta import load_delta, save as save_delta
 from ..checkpoints.files import PathLike, check_path, read
 from ..checkpoints.format import decode
+from ..errors import CheckpointError
 from ..freezing import find_heads, restore_original_flags
 from ..hooks import hook_owner, remove_hooks_of
 from ..inventory import inserted_modules
@@ -348,12 +349,11 @@ def using_task(model: nn.Module, name: Optional[str]) -> Iterator[nn.Module]:
         select_task(model, previous)
 
 
-def save_task(model: nn.Module, path: PathLike, name: str) -> None:
-    """Write task ``name`` to ``path``: exactly the file ``save`` writes for the base carrying that task
-    alone (its delta under the same tensor names, its head as the model's head, the same metadata)."""
-    root = inner(model, changes=False)
-    bank = _known(root, name)
-    check_path(path)
+@contextlib.contextmanager
+def _placed(root: nn.Module, bank: TaskBank, name: str) -> Iterator[None]:
+    """The model as it would be carrying task ``name`` alone, for the duration: the bank hidden, the
+    task's modules back at their paths (without hooks: those stay in the dispatches) and its head's
+    tensors in the base head's slot."""
     head = bank.heads[name] if name in bank.heads else None
     values = dict(head.named_parameters()) if head is not None else None
     placed: List[Tuple[nn.Module, str]] = []
@@ -365,12 +365,56 @@ def save_task(model: nn.Module, path: PathLike, name: str) -> None:
                 host._modules[child] = module
                 placed.append((host, child))
             with _head_slot(root, values):
-                save_delta(root, path)
+                yield
         finally:
             for host, child in placed:
                 del host._modules[child]
             if head is not None:
                 head.requires_grad_(True)
+
+
+def save_task(model: nn.Module, path: PathLike, name: str) -> None:
+    """Write task ``name`` to ``path``: exactly the file ``save`` writes for the base carrying that task
+    alone (its delta under the same tensor names, its head as the model's head, the same metadata)."""
+    root = inner(model, changes=False)
+    bank = _known(root, name)
+    check_path(path)
+    with _placed(root, bank, name):
+        save_delta(root, path)
+
+
+def swap_task(model: nn.Module, path: PathLike, name: str, *, load_head: bool = True) -> nn.Module:
+    """Hot-swap: write the tensors of the delta file ``path`` into task ``name``'s modules and head, in
+    place; return the model.
+
+    The file must hold the same surgery as the task (methods, options, blocks) with tensors of the same
+    shapes, and a head of the same width; ``load_head=False`` keeps the task's head. Nothing is planned,
+    created or re-registered: the task's parameters keep their identity and only their values change, so a
+    ``torch.compile``-d model runs the swapped task without recompiling (PEFT's ``hotswap_adapter`` for
+    every method here), and no other task is touched. Refused, before anything changes: an unknown task,
+    a file of another surgery, shapes or head, a file with trainable base tensors besides the head, and a
+    file's head for a task that uses the base head (``load_head=False`` then).
+    """
+    root = inner(model, changes=False)
+    bank = _known(root, name)
+    check_path(path)
+    tensors, raw = read(path)
+    metadata = decode(raw, str(path))
+    _refuse_shared_state(path, metadata, tensors)
+    if load_head and metadata["head"] and name not in bank.heads:
+        raise TaskError(
+            f"task {name!r} uses the base head, which every task shares, and {path} holds a head; pass "
+            "load_head=False to swap the delta alone"
+        )
+    with _placed(root, bank, name):
+        try:
+            load_delta(root, path, head=load_head)
+        except CheckpointError as error:
+            raise CheckpointError(
+                f"task {name!r} cannot take {path} in place (a hot-swap needs the same surgery, tensor shapes and "
+                f"head width): {error}. Load it as a task of its own instead, ps.load(model, path, name=...)"
+            ) from error
+    return model
 
 
 def task_modules(model: nn.Module, name: str) -> Sequence[PetlModule]:

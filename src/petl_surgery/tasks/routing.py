@@ -9,7 +9,9 @@ each base module a task hooks carries one :class:`Dispatch` hook per hook kind, 
 - the selected task's hooks, in the order they were registered (one task at a time), or
 - in a mixed batch, each task's hooks on that task's rows only: the batch is sorted by task, so each task
   owns one contiguous segment of it, and the dispatch concatenates the segments once per hooked module
-  (sorted segments; one pass over the tasks present per hooked module, no copy per task).
+  (sorted segments; one pass over the tasks present per hooked module, no copy per task). Hooks that
+  write their segment in place (the no-grad paths of LoRA and the tanh bottlenecks) leave nothing to
+  concatenate: the output is returned as it lies.
 
 The rows of one sample are contiguous along the batch dimension at every hooked module of the families
 supported (timm's window partition keeps a sample's windows together); the batch dimension is 0 except at
@@ -214,11 +216,16 @@ class Dispatch:
             return None
         rows = _rows_of(output, self.batch_dim)
         pieces = []
+        in_place = True  # every hook gave back the very view it was handed (written in place, or untouched)
         for name, start, length in segments:
             part = _narrow(output, self.batch_dim, rows, start, length)
             if name in self.hooks:
-                part = self._run(name, _narrow(args, self.batch_dim, rows, start, length), None, part)[2]
+                result = self._run(name, _narrow(args, self.batch_dim, rows, start, length), None, part)[2]
+                in_place = in_place and result is part
+                part = result
             pieces.append(part)
+        if in_place and isinstance(output, torch.Tensor):
+            return output  # the segments are views of it: nothing to put back together
         return _cat(pieces, self.batch_dim)
 
     def pre(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]] = None) -> Any:
