@@ -258,9 +258,10 @@ def test_prompt_tasks_of_one_token_count_mix_and_every_token_task_runs_alone(fam
     "tasks, message",
     [
         (["deep", "five"], r"tasks 'deep' \(3 prompt tokens from block 0, deep\) and 'five' \(5 prompt tokens from block 0, deep\)"),
-        (["lora", "deep"], r"'deep' \(3 prompt tokens from block 0, deep\) and 'lora' \(no prompt tokens\)"),
+        (["lora", "deep"], r"'deep' \(3 prompt tokens from block 0, deep\) and 'lora' \(no prompt or prefix tokens\)"),
         (["deep", "shallow"], r"'deep' \(3 prompt tokens from block 0, deep\) and 'shallow' \(3 prompt tokens from block 0, shallow\)"),
-        (["deep", "prefix"], r"task 'prefix' uses prefix tuning, whose keys and values enter the attention call"),
+        (["deep", "prefix"], r"'deep' \(3 prompt tokens from block 0, deep\) and 'prefix' \(4 prefix keys and values in blocks 0, 1, 2, 3\)"),
+        (["prefix", "lora"], r"'prefix' \(4 prefix keys and values in blocks 0, 1, 2, 3\) and 'lora' \(no prompt or prefix tokens\)"),
     ],
 )
 def test_tasks_that_change_tokens_differently_are_refused_in_one_batch(tasks, message, tmp_path):
@@ -268,6 +269,44 @@ def test_tasks_that_change_tokens_differently_are_refused_in_one_batch(tasks, me
     with pytest.raises(ps.TaskError, match=message):
         ps.forward_tasks(base, torch.randn(2, 3, size, size), tasks)
     assert ps.active_task(base) is None
+
+
+# prefix tasks of one length, one reparameterised differently and one without the reparameterisation
+PREFIX_TASKS = {"p1": {"length": 4, "mid_dim": 16}, "p2": {"length": 4, "mid_dim": 8}, "p3": {"length": 4, "reparam": False}}
+
+
+def _prefix_tasks(family: str, tmp_path, tasks: Dict[str, dict]):
+    build, size, logits_of = FAMILIES[family]
+    singles = {}
+    base = build(5)
+    for seed, (name, options) in enumerate(tasks.items()):
+        model = build(3 + seed)
+        ps.apply(model, "prefix", **options)
+        ps.save(_perturbed(model, seed), tmp_path / f"{name}.safetensors")
+        singles[name] = model
+        ps.load(base, tmp_path / f"{name}.safetensors", name=name)
+    return base, singles, size, logits_of
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_prefix_tasks_of_one_length_mix_per_sample(family, tmp_path):
+    base, singles, size, logits_of = _prefix_tasks(family, tmp_path, PREFIX_TASKS)
+    tasks = ["p2", "p1", "p3", "p1", "p2", "p3"]
+    x = torch.randn(len(tasks), 3, size, size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        mixed = logits_of(ps.forward_tasks(base, x, tasks))
+        for row, task in enumerate(tasks):
+            alone = logits_of(singles[task](x[row : row + 1]))[0]
+            torch.testing.assert_close(mixed[row, : alone.shape[-1]], alone, rtol=1e-4, atol=1e-5)
+        for task in ["p1", "p3"]:  # the mixture leaves nothing behind for a task run alone afterwards
+            with ps.using_task(base, task):
+                torch.testing.assert_close(logits_of(base(x)), logits_of(singles[task](x)), rtol=1e-4, atol=1e-5)
+
+
+def test_prefix_tasks_of_different_lengths_are_refused_in_one_batch(tmp_path):
+    base, _, size, _ = _prefix_tasks("timm swin", tmp_path, {"four": {"length": 4}, "two": {"length": 2}})
+    with pytest.raises(ps.TaskError, match=r"'four' \(4 prefix keys and values in blocks .*\) and 'two' \(2 prefix"):
+        ps.forward_tasks(base, torch.randn(2, 3, size, size), ["four", "two"])
 
 
 class TokensFirst(nn.Module):

@@ -120,6 +120,9 @@ class PrefixTokens(PetlModule):
         self.value_width = site.projections["v"].width
         self.where = f"block {block} ({type(site.module).__name__} {site.path!r})"
         self.ran = False
+        # in a mixed-task batch (petl_surgery.tasks): the prefix module of each task's run of samples at
+        # this block, and the run's length; this module's call then gives every sample its own task's prefix
+        self.mixed: Optional[List[Tuple["PrefixTokens", int]]] = None
 
         length, width = options.length, self.key_width + self.value_width
         if options.reparam:
@@ -137,7 +140,20 @@ class PrefixTokens(PetlModule):
                 nn.init.zeros_(tensor) if options.init == "zero" else nn.init.normal_(tensor)
 
     def forward(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(Pk, Pv): the prefix keys and values, heads laid out contiguously along the channels."""
+        """(Pk, Pv): the prefix keys and values (L x width), heads laid out contiguously along the channels;
+        in a mixed-task batch, per sample (batch x L x width), each sample's from its own task's module."""
+        if self.mixed is None:
+            return self.own()
+        keys, values = [], []
+        for module, count in self.mixed:
+            key, value = module.own()
+            keys.append(key.expand(count, -1, -1))
+            values.append(value.expand(count, -1, -1))
+            module.ran = True  # its task's rows took its prefix here
+        return torch.cat(keys), torch.cat(values)
+
+    def own(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """This module's own (Pk, Pv)."""
         if hasattr(self, "embedding"):
             prefix = self.up(torch.tanh(self.down(self.embedding)))
             return prefix[:, : self.key_width], prefix[:, self.key_width :]
@@ -168,7 +184,7 @@ class PrefixTokens(PetlModule):
         key = prepend(key, keys, "key", self.where)
         value = prepend(value, values, "value", self.where)
         if mask is not None:
-            mask = pad_mask(mask, tokens, keys.shape[0])
+            mask = pad_mask(mask, tokens, keys.shape[-2])
         self.ran = True
         return key, value, mask
 
@@ -222,7 +238,7 @@ class PrefixIntoAttention(TorchFunctionMode):
         key = prepend(key, self.keys, "key", self.where)
         value = prepend(value, self.values, "value", self.where)
         if call.get("attn_mask") is not None:
-            call["attn_mask"] = pad_mask(call["attn_mask"], tokens, self.keys.shape[0])
+            call["attn_mask"] = pad_mask(call["attn_mask"], tokens, self.keys.shape[-2])
         return func(query, key, value, **call)
 
 
@@ -231,19 +247,29 @@ def prepend(tokens: torch.Tensor, prefix: torch.Tensor, role: str, where: str) -
     and expanded over the batch of ``tokens`` (batch, heads, S, head_dim) as a view. With grouped-query
     attention whose k/v heads the model repeats before SDPA, each prefix head serves its query group
     as the model's own k/v head does (``repeat_interleave``, the grouping of timm and of SDPA's
-    ``enable_gqa``)."""
-    width = prefix.shape[1]
-    if tokens.dim() != 4 or width % tokens.shape[3] or tokens.shape[1] % (width // tokens.shape[3]):
+    ``enable_gqa``). A per-sample prefix (samples x L x width, a mixed-task batch) is repeated over each
+    sample's rows when the call batches several per sample (Swin's windows, a sample's together)."""
+    width = prefix.shape[-1]
+    rows = tokens.shape[0] if tokens.dim() else 0
+    if (
+        tokens.dim() != 4 or width % tokens.shape[3] or tokens.shape[1] % (width // tokens.shape[3])
+        or (prefix.dim() == 3 and rows % prefix.shape[0])
+    ):
         raise SurgeryRuntimeError(
             f"the attention of {where} computes its attention on {role} of shape "
             f"{tuple(tokens.shape)}; the prefix needs (batch, heads, tokens, head_dim) with heads * head_dim "
-            f"a multiple of its width {width}"
+            f"a multiple of its width {width}" + (f" and rows a multiple of its {prefix.shape[0]} samples"
+                                                  if prefix.dim() == 3 else "")
         )
     batch, heads, _, head_dim = tokens.shape
-    per_head = prefix.to(tokens.dtype).unflatten(-1, (width // head_dim, head_dim)).transpose(0, 1)
-    if per_head.shape[0] != heads:
-        per_head = per_head.repeat_interleave(heads // per_head.shape[0], dim=0)
-    return torch.cat([per_head.expand(batch, -1, -1, -1), tokens], dim=2)
+    per_head = prefix.to(tokens.dtype).unflatten(-1, (width // head_dim, head_dim)).transpose(-3, -2)
+    if per_head.shape[-3] != heads:
+        per_head = per_head.repeat_interleave(heads // per_head.shape[-3], dim=-3)
+    if per_head.dim() == 3:
+        per_head = per_head.expand(batch, -1, -1, -1)
+    elif per_head.shape[0] != batch:
+        per_head = per_head.repeat_interleave(batch // per_head.shape[0], dim=0)
+    return torch.cat([per_head, tokens], dim=2)
 
 
 def pad_mask(mask: torch.Tensor, tokens: int, length: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ back into one tensor per sample.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -56,36 +56,48 @@ def token_signature(bank: TaskBank, name: str) -> Optional[tuple]:
     if prompts:
         blocks = tuple(sorted(m.block for m in prompts))
         return ("vpt", prompts[0].options["num_tokens"], blocks[0], bool(prompts[0].options["deep"]), blocks)
-    if any(m.method == "prefix" for m in modules):
-        return ("prefix",)
+    prefixes = [m for m in modules if m.method == "prefix"]
+    if prefixes:
+        return ("prefix", prefixes[0].options["length"], tuple(sorted(m.block for m in prefixes)))
     return None
 
 
 def _describe(signature: Optional[tuple]) -> str:
     if signature is None:
-        return "no prompt tokens"
+        return "no prompt or prefix tokens"
     if signature[0] == "vpt":
         return f"{signature[1]} prompt tokens from block {signature[2]}, {'deep' if signature[3] else 'shallow'}"
-    return "prefix keys and values"
+    blocks = signature[2]
+    return f"{signature[1]} prefix keys and values in blocks {', '.join(map(str, blocks))}"
 
 
 def _token_refusal(bank: TaskBank, present: Sequence[str]) -> Optional[str]:
     signatures = {name: token_signature(bank, name) for name in present}
-    prefixed = [name for name, sig in signatures.items() if sig == ("prefix",)]
-    if prefixed:
-        return (
-            f"task {prefixed[0]!r} uses prefix tuning, whose keys and values enter the attention call of the whole "
-            "batch; it runs in batches of its own (or alone)"
-        )
     first = present[0]
     for name in present[1:]:
         if signatures[name] != signatures[first]:
             return (
                 f"tasks {first!r} ({_describe(signatures[first])}) and {name!r} ({_describe(signatures[name])}) put "
-                "different token sequences through the blocks; only tasks with the same prompt count, blocks and "
-                "depth (deep or shallow) share a batch"
+                "different token sequences through the blocks; only tasks with the same prompt or prefix count, "
+                "blocks and (for prompts) depth share a batch"
             )
     return None
+
+
+def _mix_prefixes(bank: TaskBank, segments: Sequence[Tuple[str, int, int]]) -> List[nn.Module]:
+    """Give the engaged (first) task's prefix modules the prefix module of every segment's task at the same
+    block, so that each sample's keys and values get its own task's prefix; returns the modules to clear."""
+    first = segments[0][0]
+    # prefixes that enter through the engaged task's patches of the attention (its forward, or the function
+    # it dispatches to) serve the whole batch; those that enter through a hook (nn.MultiheadAttention's
+    # attention call) are routed per segment by the dispatch like any hook
+    patched = {owner.partition("#")[0] for owner, _ in bank.token_patches.get(first, ())}
+    mixed = []
+    for key, module in bank.deltas[first].items():
+        if getattr(module, "method", None) == "prefix" and module.uid in patched:
+            module.mixed = [(bank.deltas[name][key], stop - start) for name, start, stop in segments]
+            mixed.append(module)
+    return mixed
 
 
 def _mix_refusal(root: nn.Module) -> Optional[str]:
@@ -149,9 +161,12 @@ def forward_tasks(model: nn.Module, x: torch.Tensor, tasks: TaskIds, **kwargs: A
     engaged = bank.engaged
     bank.engage(present[0])  # every task present sets the same token patches (checked above)
     bank.segments, bank.batch = segments, batch
+    mixed = _mix_prefixes(bank, segments)
     try:
         output = model(inputs, **kwargs)
     finally:
+        for module in mixed:
+            module.mixed = None
         bank.segments, bank.batch = None, 0
         bank.engage(engaged)
     if is_sorted:
