@@ -8,6 +8,8 @@ For each method (PATT, adapter, LoRA, VPT) a base carries N = 1, 4 or 16 named t
 deltas, heads of 10 classes). The configurations are timed in interleaved rounds (each round times every
 configuration once), and each ratio is the median over rounds of two times taken in the same round:
 
+Each cell is the median over rounds with the lowest and highest round in brackets.
+
 - mixed N: ``forward_tasks`` on a batch of ``--batch`` samples whose tasks cycle through the N tasks (unsorted),
   against the same batch run by one task of the same model (``using_task``): the cost of routing per sample;
 - in turn N: the batch split by task and each part run through its task in turn (the baseline without mixed
@@ -89,19 +91,24 @@ def timed(fn: Callable[[], Any], device: str) -> float:
     return time.perf_counter() - start
 
 
-def run_rounds(configs: Dict[str, Callable[[], Any]], rounds: int, warmup: int, device: str) -> Dict[str, List[float]]:
+def run_rounds(
+    configs: Dict[str, Callable[[], Any]], rounds: int, warmup: int, device: str, repeat: int = 1
+) -> Dict[str, List[float]]:
+    """Each configuration's time per round: the fastest of ``repeat`` calls (a call slowed by something
+    else on the machine is not the configuration's cost)."""
     times: Dict[str, List[float]] = {name: [] for name in configs}
     for number in range(warmup + rounds):
         for name, fn in configs.items():
-            seconds = timed(fn, device)
+            seconds = min(timed(fn, device) for _ in range(repeat))
             if number >= warmup:
                 times[name].append(seconds)
     return times
 
 
-def ratio(times: Dict[str, List[float]], slow: str, fast: str) -> float:
-    """Median over rounds of time(fast) / time(slow): a throughput ratio of ``slow`` against ``fast``."""
-    return statistics.median(f / s for s, f in zip(times[slow], times[fast]))
+def spread(times: Dict[str, List[float]], slow: str, fast: str) -> str:
+    """The median throughput ratio with its lowest and highest round: ``1.02 (0.98-1.05)``."""
+    ratios = sorted(f / s for s, f in zip(times[slow], times[fast]))
+    return f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
 
 
 def in_turn(model: nn.Module, x: torch.Tensor, tasks: List[str]) -> None:
@@ -146,10 +153,10 @@ def mixed_section(args: argparse.Namespace, x: torch.Tensor) -> None:
                 names = [f"t{i % count}" for i in range(len(x))]
                 configs[f"peft{count}"] = lambda m=peft, n=names: m(x, adapter_names=n)
         with torch.inference_mode():
-            times = run_rounds(configs, args.rounds, args.warmup, args.device)
-        cells = [f"{ratio(times, f'mixed{c}', 'single'):.2f}" for c in COUNTS]
-        cells += [f"{ratio(times, f'turn{c}', 'single'):.2f}" for c in COUNTS if c > 1]
-        cells += [f"{ratio(times, f'mixed{c}', f'peft{c}'):.2f}" if label == "lora" else "-" for c in COUNTS]
+            times = run_rounds(configs, args.rounds, args.warmup, args.device, args.repeat)
+        cells = [spread(times, f"mixed{c}", "single") for c in COUNTS]
+        cells += [spread(times, f"turn{c}", "single") for c in COUNTS if c > 1]
+        cells += [spread(times, f"mixed{c}", f"peft{c}") if label == "lora" else "-" for c in COUNTS]
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "t0.safetensors")
             ps.save(models[1], path, name="t0")
@@ -159,8 +166,14 @@ def mixed_section(args: argparse.Namespace, x: torch.Tensor) -> None:
         print(f"| {label} | " + " | ".join(cells) + f" | {statistics.median(times['single']) * 1e3:.0f} |", flush=True)
 
 
+def _addmm_flop(self_shape: Any, a_shape: Any, b_shape: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of ``out.addmm_(a, b)``: torch's counter counts ``addmm`` but not its in-place form, which the
+    no-grad branch paths use (counted like ``addmm``: the multiply-adds of ``a @ b``)."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def flops(model: nn.Module, x: torch.Tensor) -> int:
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flop})
     with counter, torch.no_grad():
         model(x)
     return counter.get_total_flops()
@@ -182,14 +195,14 @@ def share_section(args: argparse.Namespace, x: torch.Tensor) -> List[str]:
     configs: Dict[str, Callable[[], Any]] = {"base": lambda: plain(x)}
     configs.update({method: (lambda m=model: m(x)) for method, model in models.items()})
     with torch.inference_mode():
-        times = run_rounds(configs, args.rounds, args.warmup, args.device)
-    lines = ["| method | FLOP share | forward / base | 1 + share | within 5% |", "|---|---|---|---|---|"]
+        times = run_rounds(configs, args.rounds, args.warmup, args.device, args.repeat)
+    lines = ["| method | FLOP share | forward / base (rounds' range) | 1 + share | within 5% |", "|---|---|---|---|---|"]
     for method, model in models.items():
         share = flops(model, x[:1]) / base_flops - 1
-        measured = ratio(times, method, "base")  # base's throughput over the method's: its time ratio
-        measured = 1 / measured
+        per_round = sorted(m / b for b, m in zip(times["base"], times[method]))  # the method's time over the base's
+        measured = statistics.median(per_round)
         lines.append(
-            f"| {method} | {share:.3f} | {measured:.2f} | {1 + share:.2f} | "
+            f"| {method} | {share:.3f} | {measured:.2f} ({per_round[0]:.2f}-{per_round[-1]:.2f}) | {1 + share:.2f} | "
             f"{'yes' if measured <= 1.05 * (1 + share) else 'no'} |"
         )
     return lines
@@ -202,6 +215,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=3, help="calls per configuration and round; the fastest counts")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-share", action="store_true", help="leave out the single-task forward table")
@@ -214,7 +228,8 @@ def main() -> None:
     import peft
 
     print(
-        f"{args.model} at {args.img_size} px, batch {args.batch}, {args.rounds} rounds after {args.warmup} warm-up, "
+        f"{args.model} at {args.img_size} px, batch {args.batch}, {args.rounds} rounds after {args.warmup} warm-up "
+        f"(each the fastest of {args.repeat} calls), "
         f"{args.threads} threads, {args.device}; {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"timm {timm.__version__}, peft {peft.__version__}, petl_surgery {ps.__version__}"
     )

@@ -86,6 +86,28 @@ def test_lora_inference_path_equals_the_autograd_path_for_every_target_layout(la
     torch.testing.assert_close(inference, recorded, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("position", ["parallel", "sequential"])
+def test_adapter_inference_path_equals_the_autograd_path_at_either_position(position):
+    model = make_vit()
+    ps.apply(model, "adapter", position=position)
+    _randomized(model)
+    x = images()
+    model(x)
+    recorded, plain, inference = _autograd_and_inference(model, x, lambda out: out)
+    torch.testing.assert_close(plain, recorded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inference, recorded, rtol=1e-5, atol=1e-5)
+
+
+def test_no_in_place_add_into_an_output_that_shares_the_inputs_memory():
+    from petl_surgery.methods.fused import fused_path_applies
+
+    x, weight = torch.randn(2, 3, 4), torch.randn(5, 4)
+    with torch.no_grad():
+        assert fused_path_applies(x * 1, x, weight)
+        assert not fused_path_applies(x, x, weight)  # a module that hands its input back
+        assert not fused_path_applies(x[:1], x, weight)  # a view of the input
+
+
 def test_the_inference_path_leaves_the_input_and_a_second_forward_alone():
     model = make_vit()
     ps.apply(model, "lora", targets=["q", "v", "fc1"])

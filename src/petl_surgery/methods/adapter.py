@@ -36,6 +36,7 @@ from .base import (
     check_number,
     check_positive_int,
 )
+from .fused import fused_path_applies
 from .planning import PlanContext
 
 POSITIONS = ("parallel", "sequential")
@@ -208,10 +209,17 @@ class BottleneckAdapter(PetlModule):
         return self(x.movedim(self.channel_dim, -1)).movedim(-1, self.channel_dim)
 
     def add_parallel(self, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        return output + self.contribution(args[0]).to(output.dtype)
+        return self._added(output, self.contribution(args[0]), args[0])
 
     def add_sequential(self, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        return output + self.contribution(output).to(output.dtype)
+        return self._added(output, self.contribution(output), output)
+
+    def _added(self, output: torch.Tensor, contribution: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``output + contribution``: in place without grad (no second tensor as large as the output; in a
+        mixed-task batch, the task's rows written where they lie), out of place for autograd."""
+        if not torch.is_grad_enabled() and fused_path_applies(output, x, self.down.weight):
+            return output.add_(contribution.to(output.dtype))
+        return output + contribution.to(output.dtype)
 
     def read_residual(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
         self._residual = self.contribution(args[0])

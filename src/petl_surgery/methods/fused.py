@@ -30,17 +30,19 @@ def fused_path_applies(output: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     """Whether an in-place add into ``output`` can serve (``add_tanh_bottleneck_``, LoRA's no-grad path): a
     contiguous output that is no leaf requiring grad and, while autograd records, no view (the in-place
     write must own it; without grad, a view is a task's rows of a mixed batch, written where they lie),
-    input and weight of one floating dtype, no autocast, and not being traced by torch.compile, torch.export
-    or an ONNX exporter."""
+    input and weight of one floating dtype, no autocast, an output that shares no memory with the input (a
+    module that hands its input back), and not being traced by torch.compile, torch.export or an ONNX
+    exporter."""
     return (
-        output.is_contiguous()
+        not torch.compiler.is_compiling()  # first: what follows is not for the compiler to trace
+        and not torch.jit.is_tracing()
+        and output.is_contiguous()
+        and output.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
         and (output._base is None or not torch.is_grad_enabled())
         and not (output.requires_grad and output.is_leaf)
         and output.dtype == x.dtype == weight.dtype
         and output.is_floating_point()
         and not autocast_enabled(output.device.type)
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
     )
 
 
