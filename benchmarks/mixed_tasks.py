@@ -219,6 +219,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-share", action="store_true", help="leave out the single-task forward table")
+    parser.add_argument("--skip-mixed", action="store_true", help="leave out the mixed-batch table")
     parser.add_argument("--methods", nargs="+", choices=list(MIXED_METHODS), default=list(MIXED_METHODS),
                         help="methods of the mixed-batch table (default: all four)")
     args = parser.parse_args()
@@ -233,8 +234,9 @@ def main() -> None:
         f"{args.threads} threads, {args.device}; {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"timm {timm.__version__}, peft {peft.__version__}, petl_surgery {ps.__version__}"
     )
-    print("\nThroughput ratios against the single-task batch (higher is faster; 1.00 = as fast):\n")
-    mixed_section(args, x)
+    if not args.skip_mixed:
+        print("\nThroughput ratios against the single-task batch (higher is faster; 1.00 = as fast):\n")
+        mixed_section(args, x)
     if not args.skip_share:
         print("\nSingle-task forward against the plain model's:\n")
         print("\n".join(share_section(args, x)))

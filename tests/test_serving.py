@@ -130,3 +130,63 @@ def test_a_delta_of_another_base_is_refused_before_the_server_starts(tmp_path, c
     assert main(_serve_command(tasks, _free_port())[3:]) == 1
     error = capsys.readouterr().err
     assert "task 'swin'" in error and "saved from another base architecture" in error
+
+
+def _hf_vit_folder(folder: Path) -> Path:
+    import transformers as T
+
+    T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                patch_size=8).save_pretrained(folder)
+    return folder
+
+
+def test_a_base_of_any_zoo_serves_the_deltas_train_saves_from_it(tmp_path):
+    import petl_surgery as ps
+    from petl_surgery.serving import ZooBase, load_tasks
+
+    spec = f"hf:{_hf_vit_folder(tmp_path / 'vit')}"
+    singles = {}
+    for seed, (name, method, classes) in enumerate([("pets", "patt", 3), ("cars", "lora", 4)]):
+        single = ZooBase(spec, classes)()  # as `train hf:DIR` builds it (seed 0): the logits wrapper
+        ps.apply(single, method)
+        with torch.no_grad():
+            for parameter in single.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+        ps.save(single, tmp_path / f"{name}.safetensors")
+        singles[name] = single.eval()
+    served = load_tasks(ZooBase(spec, 3), {name: tmp_path / f"{name}.safetensors" for name in singles})
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    tasks = ["cars", "pets", "pets", "cars"]
+    with torch.no_grad():
+        mixed = ps.forward_tasks(served, x, tasks)
+        for row, name in enumerate(tasks):
+            alone = singles[name](x[row:row + 1])[0]
+            torch.testing.assert_close(mixed[row, : alone.shape[-1]], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_serve_refuses_a_delta_of_another_base_from_any_zoo(tmp_path, capsys):
+    import petl_surgery as ps
+    from petl_surgery.serving import ZooBase
+
+    spec = f"hf:{_hf_vit_folder(tmp_path / 'vit')}"
+    model = ZooBase(spec, 3)()
+    ps.apply(model, "lora")
+    ps.save(model, tmp_path / "fits.safetensors")
+    _randomized_task("timm vit", "lora", 3, 0, tmp_path / "timm.safetensors")
+    command = ["serve", spec, "--task", f"fits={tmp_path / 'fits.safetensors'}",
+               "--task", f"timm={tmp_path / 'timm.safetensors'}", "--port", str(_free_port())]
+    assert main(command) == 1
+    error = capsys.readouterr().err
+    assert "task 'timm'" in error and "another base" in error
+
+
+def test_serve_refuses_a_video_model_by_name(tmp_path, capsys):
+    import transformers as T
+
+    folder = tmp_path / "videomae"
+    T.VideoMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
+                     patch_size=8, num_frames=4, tubelet_size=2).save_pretrained(folder)
+    _randomized_task("timm vit", "lora", 3, 0, tmp_path / "timm.safetensors")
+    assert main(["serve", f"hf:{folder}", "--task", f"a={tmp_path / 'timm.safetensors'}"]) == 2
+    assert "video model; serve takes one image per request" in capsys.readouterr().err

@@ -661,10 +661,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- main -----------------------------------------------------------------------------------------------
 
 
+def _head_width(path: str) -> Optional[int]:
+    """The number of classes of a delta file's head (the rows of its 2-d head weight), None without one."""
+    from petl_surgery.checkpoints.files import read
+    from petl_surgery.checkpoints.format import decode
+
+    tensors, raw = read(path)
+    head = decode(raw, path)["head"]
+    weights = [tensors[name] for name in head if name.endswith("weight") and tensors[name].dim() == 2]
+    return int(weights[-1].shape[0]) if weights else None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
-    from petl_surgery.serving import TimmBase, serve
+    from petl_surgery.serving import ZooBase, serve
     from petl_surgery.training.zoo import input_config
 
     tasks = {}
@@ -680,18 +691,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_weights(args)
     model_args = parse_options(args.model_arg)
     spec = model_spec(args.model)
-    if not spec.is_timm:
-        raise UsageError(f"serve builds timm bases; {args.model!r} is a {spec.zoo} model (serve it from Python with "
-                         "petl_surgery.serving.serve and a base builder of your own)")
-    import timm
-
-    if args.image_size:
+    if args.image_size and spec.is_timm:
         model_args.setdefault("img_size", args.image_size)
-    with torch.device("meta"):  # the input size only: nothing allocated
-        size = input_config(timm.create_model(spec.name, pretrained=False, **model_args), spec, args.image_size).size
-    shape = (int(model_args.get("in_chans", 3)), int(size), int(size))
+    given = model_args.pop("num_classes", None)  # a keyword of the builder, taken as the base head's width
+    classes = args.num_classes or given or next(filter(None, (_head_width(f) for f in tasks.values())), None) or 1000
+    base = ZooBase(spec.text, classes, tuple(sorted(model_args.items())), args.seed, args.pretrained, args.weights)
+    sizing = ZooBase(spec.text, classes, base.model_args, args.seed)  # no weights: the input size only
+    try:
+        with torch.device("meta"):  # nothing allocated
+            inputs = input_config(sizing(), spec, args.image_size)
+    except Exception:  # a zoo whose model cannot be built on the meta device: built for real, once
+        inputs = input_config(sizing(), spec, args.image_size)
+    if inputs.video:
+        raise UsageError(f"{args.model} is a video model; serve takes one image per request")
+    shape = (int(model_args.get("in_chans", 3)), inputs.size, inputs.size)
     devices = args.devices if args.devices == "auto" else int(args.devices)
-    base = TimmBase(spec.name, tuple(sorted(model_args.items())), args.seed, args.pretrained, args.weights)
     serve(base, tasks, shape, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
           batch_timeout=args.batch_timeout, accelerator=args.accelerator, devices=devices,
           workers_per_device=args.workers_per_device)
@@ -808,15 +822,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="skip tradeoff.png")
     p.set_defaults(run=cmd_study)
 
-    p = sub.add_parser("serve", help="serve named task deltas of one timm base over HTTP (LitServe, mixed-task batches)")
-    p.add_argument("model", help="timm model name of the base every task was trained on")
+    p = sub.add_parser("serve", help="serve named task deltas of one base over HTTP (LitServe, mixed-task batches)")
+    p.add_argument("model", help="the base every task was trained on, as train takes it: timm:NAME (or NAME), "
+                                 "torchvision:NAME, hf:DIR, open_clip:NAME")
     p.add_argument("--task", action="append", required=True, metavar="NAME=FILE",
                    help="a task: its name in requests and its delta checkpoint (repeatable)")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="a keyword for timm.create_model")
-    p.add_argument("--pretrained", action="store_true", help="the hub's pretrained weights for the base")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="a keyword for the zoo's model builder")
+    p.add_argument("--pretrained", action="store_true", help="the zoo's pretrained weights for the base")
     p.add_argument("--weights", metavar="FILE", help="pretrained weights of the base from a local file")
     p.add_argument("--seed", type=int, default=0, help="seed of a base built without weights (default 0)")
-    p.add_argument("--image-size", type=int, help="input size (default: img_size, else timm's pretrained config)")
+    p.add_argument("--image-size", type=int, help="input size (default: the model's own, as train finds it)")
+    p.add_argument("--num-classes", type=int,
+                   help="classes of the base's own head, used by tasks loaded without one (default: the first "
+                        "task's head width, else 1000)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-batch-size", type=int, default=64, help="largest batch LitServe forms (default 64)")

@@ -74,6 +74,7 @@ from .base import (
     check_positive_int,
 )
 from ..selection import LayerSelection
+from .fused import fused_path_applies
 from .planning import PlanContext, choose_blocks, plan_each_block
 from .targets import HostTargets, add_to_rows, fold_refusal, foldable_weight, resolve_targets
 
@@ -248,7 +249,10 @@ class FactorTuning(MergeableModule):
         if tiles and sum(i.write.width for i in mine) == channels and (len(mine) == 1 or not any(i.columns for i in mine)):
             whole = mine[0] if len(mine) == 1 else Increment("", producer, Write(0, 0, channels), sum(i.slices for i in mine))
             core = cores[mine[0].name] if len(mine) == 1 else torch.cat([cores[i.name] for i in mine])
-            z, expansion = self._reduced(whole, x, core), self._expansion(whole)
+            z = self._reduced(whole, x, core)
+            if dim == -1 and not torch.is_grad_enabled() and fused_path_applies(output, args[0], self._pair.u):
+                return self._add_expansion_(whole, output, z)
+            expansion = self._expansion(whole)
             if dim == -1 and output.is_contiguous() and output.dtype == z.dtype:
                 flat = torch.addmm(output.reshape(-1, channels), z.reshape(-1, z.shape[-1]), expansion.t())
                 return flat.view(output.shape)
@@ -259,6 +263,21 @@ class FactorTuning(MergeableModule):
             if dim != -1:
                 part = part.movedim(-1, dim)
             output = added_into_channels(output, dim, inc.write, part, 1.0, getattr(self, f"index_{inc.name}", None))
+        return output
+
+    def _add_expansion_(self, inc: Increment, output: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The inference path (no grad): ``V`` expands each slice of ``z`` straight into that slice's
+        channels of ``output``, in place (``addmm_`` into a strided view), instead of one product with the
+        block-diagonal ``V`` (whose zero blocks cost as much as the rest) and a new output. Returns
+        ``output``."""
+        v = self._pair.v
+        flat, z = output.view(-1, output.shape[-1]), z.reshape(-1, z.shape[-1])
+        if inc.columns or inc.slices == 1:
+            flat.addmm_(z, v.t())
+            return output
+        width, rank = v.shape
+        for number in range(inc.slices):
+            flat.narrow(1, number * width, width).addmm_(z.narrow(1, number * rank, rank), v.t())
         return output
 
     def delta_weight(self, inc: Increment, core: torch.Tensor) -> torch.Tensor:

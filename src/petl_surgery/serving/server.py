@@ -111,26 +111,29 @@ def task_api(
 
 
 @dataclass(frozen=True)
-class TimmBase:
-    """A picklable recipe of a timm base (what ``petl-surgery serve MODEL`` builds): ``timm.create_model(
-    name, pretrained=pretrained, **model_args)`` after ``torch.manual_seed(seed)``, or with ``weights`` a
-    local weights file loaded as timm loads its hub weights."""
+class ZooBase:
+    """A picklable recipe of a base from any zoo the command line builds (what ``petl-surgery serve MODEL``
+    builds): ``MODEL`` is ``timm:NAME`` (or a bare timm name), ``torchvision:NAME``, ``hf:DIR`` or
+    ``open_clip:NAME`` (:func:`petl_surgery.training.zoo.parse_model_spec`), built by
+    :func:`petl_surgery.training.zoo.build_model` after ``torch.manual_seed(seed)``, as ``train`` builds it:
+    the same wrapper (a transformers model's logits, open_clip's image tower with a head), so the deltas
+    ``train`` saved load into it. ``num_classes``: the width of the base's own head (default 1000), the
+    one a task loaded without a head uses; every task with a head brings its own. ``pretrained``: the
+    zoo's weights; ``weights``: a local weights file."""
 
-    name: str
+    spec: str
+    num_classes: int = 1000
     model_args: Tuple[Tuple[str, Any], ...] = ()
     seed: int = 0
     pretrained: bool = False
     weights: Optional[str] = None
 
     def __call__(self) -> nn.Module:
-        import timm
+        from ..training.zoo import build_model, parse_model_spec
 
         torch.manual_seed(self.seed)
-        if self.weights:
-            from ..training.weights import create_with_weights
-
-            return create_with_weights(self.name, self.weights, **dict(self.model_args))
-        return timm.create_model(self.name, pretrained=self.pretrained, **dict(self.model_args))
+        return build_model(parse_model_spec(self.spec), self.num_classes, pretrained=self.pretrained,
+                           weights=self.weights, model_args=dict(self.model_args))
 
 
 def build_server(
