@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -95,10 +96,15 @@ def run_rounds(
     configs: Dict[str, Callable[[], Any]], rounds: int, warmup: int, device: str, repeat: int = 1
 ) -> Dict[str, List[float]]:
     """Each configuration's time per round: the fastest of ``repeat`` calls (a call slowed by something
-    else on the machine is not the configuration's cost)."""
+    else on the machine is not the configuration's cost). The configurations run in a new (seeded) order
+    each round, so that no configuration always follows the same one."""
     times: Dict[str, List[float]] = {name: [] for name in configs}
+    order = random.Random(0)
     for number in range(warmup + rounds):
-        for name, fn in configs.items():
+        names = list(configs)
+        order.shuffle(names)
+        for name in names:
+            fn = configs[name]
             seconds = min(timed(fn, device) for _ in range(repeat))
             if number >= warmup:
                 times[name].append(seconds)
