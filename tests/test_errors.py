@@ -44,6 +44,38 @@ def test_a_model_without_blocks_is_an_unsupported_model() -> None:
         ps.apply(torch.nn.Sequential(torch.nn.Linear(4, 4)), "patt")
 
 
+def _transformers_vit() -> torch.nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    return T.ViTForImageClassification(T.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=64, image_size=32, patch_size=8))
+
+
+def _swin() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=16, depths=(2,),
+                             num_heads=(1,), num_classes=3)
+
+
+@pytest.mark.parametrize(
+    "build, method, options, message",
+    [
+        (_swin, "vpt", {}, "prompt tokens cannot be added to SwinTransformer"),
+        (_transformers_vit, "convpass", {}, "does not know where it is"),
+        (make_vit, "lora", {"modules": r"blocks\.0\.norm1"}, "which is not an nn.Linear"),
+    ],
+    ids=["prompts on a hierarchical model", "convpass without a known grid", "LoRA on a LayerNorm"],
+)
+def test_a_model_a_method_cannot_operate_on_is_an_unsupported_model(build, method, options, message) -> None:
+    model = build()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ps.UnsupportedModelError, match=message):
+        ps.apply(model, method, **options)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
 def test_a_block_without_the_site_a_method_needs_is_an_unsupported_block() -> None:
     torch.manual_seed(0)
     convnext = timm.create_model("convnext_atto", dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_classes=3)

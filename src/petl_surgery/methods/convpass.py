@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SurgeryError, SurgeryRuntimeError
+from ..errors import SurgeryError, SurgeryRuntimeError, UnsupportedModelError
 from ..sites import Block
 from ..sites.tokens import GridSource, token_layout
 from .adapter import mlp_host, mlp_of
@@ -192,12 +192,12 @@ class ConvpassPlanner:
         try:
             layout = token_layout(model, blocks)
         except SurgeryError as error:
-            raise SurgeryError(
+            raise UnsupportedModelError(
                 f"method 'convpass' lays the patch tokens out on their grid and needs the flat token layout "
                 f"prompt tuning uses; {error}"
             ) from None
         if layout.grid_source is None:
-            raise SurgeryError(
+            raise UnsupportedModelError(
                 f"method 'convpass' reads the patch grid of each forward from the patch embedding of "
                 f"{type(model).__name__}, and petl_surgery does not know where it is (it knows timm's flat-token "
                 "models)"

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hooks import hook_owner
-from ..errors import SurgeryError
+from ..errors import UnsupportedModelError
 from .base import UnsupportedBlockError, branch_input, replaced_slice
 from .planning import PlanContext
 from .lora import Lora, LoraOptions, LowRankAdapter, Target
@@ -130,7 +130,7 @@ class WeightDecomposedAdapter(LowRankAdapter):
             x = self.dropout(x)
         weight = module.weight
         if not isinstance(weight, torch.Tensor):  # a quantized projection packs its weight (weight() is a method)
-            raise SurgeryError(
+            raise UnsupportedModelError(
                 f"DoRA on {producer!r} reads the float weight of its projection, which "
                 f"{type(module).__module__}.{type(module).__name__} does not hold (a quantized layer packs it): merge "
                 "DoRA into the base first (petl_surgery.merge), then quantize"

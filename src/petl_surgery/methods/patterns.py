@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
-from ..errors import OptionError, SurgeryError
+from ..errors import OptionError, SurgeryError, UnsupportedModelError
 from .base import PetlModule
 
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -79,12 +79,12 @@ def match_layers(
         if inside is not None or isinstance(module, PetlModule):
             raise SurgeryError(f"{where}, which is inside the module surgery inserted at {inside or path!r}")
         if type(module) not in LAYER_TYPES:
-            raise SurgeryError(
+            raise UnsupportedModelError(
                 f"{where} ({type(module).__name__}), which is not an nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d"
             )
         reason = refusal(module)
         if reason is not None:
-            raise SurgeryError(f"{where} ({type(module).__name__}), which {reason}")
+            raise UnsupportedModelError(f"{where} ({type(module).__name__}), which {reason}")
         found.append((path, module))
     unused = [pattern for pattern in patterns if pattern not in used]
     if unused:

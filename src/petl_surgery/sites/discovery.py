@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import SurgeryError, UnsupportedModelError
 from ..inserted import PetlModule
 from .descriptors import AttentionSite, Block, MlpSite, Projection
 from .registry import (
@@ -97,7 +97,7 @@ def _is_own_attention(module: nn.Module) -> bool:
 def _inline_mlp_features(first: nn.Module, last: nn.Module) -> tuple[int, int, int]:
     """(in_features, out_features, channel_dim) of an MLP its block runs inline from ``first`` to ``last``."""
     if type(first) is not nn.Linear or type(last) is not nn.Linear:
-        raise SurgeryError(
+        raise UnsupportedModelError(
             f"an inline MLP must start and end with nn.Linear; found {type(first).__name__} and {type(last).__name__}"
         )
     return first.in_features, last.out_features, -1

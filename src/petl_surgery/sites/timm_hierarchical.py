@@ -23,7 +23,7 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import UnsupportedModelError
 from .descriptors import AttentionSite, Projection
 from .registry import BlockLayout, register_attention, register_block, register_mlp, register_not_attention
 
@@ -56,7 +56,7 @@ def projection_shape(module: nn.Module) -> Tuple[int, int, bool]:
     if first is not None:
         has_norm = any(isinstance(c, nn.modules.batchnorm._BatchNorm) for c in children[1:])
         return first[0], first[1], first[2] or has_norm
-    raise SurgeryError(
+    raise UnsupportedModelError(
         f"{type(module).__name__} is not a Linear or 1x1 convolution projection (optionally with a norm), "
         "so a branch beside it cannot be sized"
     )
@@ -87,7 +87,7 @@ def _site(
     shapes = [projection_shape(attention.get_submodule(name)) for name in sorted(producers)]
     widths = {shape[0] for shape in shapes}
     if len(widths) != 1:
-        raise SurgeryError(f"attention {path!r} ({type(attention).__name__}) has producers of different input widths")
+        raise UnsupportedModelError(f"attention {path!r} ({type(attention).__name__}) has producers of different input widths")
     return AttentionSite(
         path=path,
         module=attention,

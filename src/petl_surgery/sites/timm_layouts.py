@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import UnsupportedModelError
 from .descriptors import AttentionSite, Projection
 from .registry import BlockLayout, register_attention, register_block, register_mlp, register_not_attention
 
@@ -24,7 +24,7 @@ def fused_qkv_in_thirds(path: str, attention: nn.Module, qkv_name: str = "qkv") 
     """A fused ``Linear(d, 3 * a)`` whose output is laid out ``[q | k | v]``, each ``a`` wide."""
     qkv = getattr(attention, qkv_name, None)
     if type(qkv) is not nn.Linear or qkv.out_features % 3:
-        raise SurgeryError(
+        raise UnsupportedModelError(
             f"attention {path!r} ({type(attention).__name__}) has no fused Linear {qkv_name!r} with an "
             f"output of 3 equal parts; found {type(qkv).__name__}"
         )
@@ -53,7 +53,7 @@ def _linear_mlp_features(mlp: nn.Module) -> tuple[int, int, int]:
     if _pointwise_conv(first) and _pointwise_conv(mlp.fc2):
         return first.in_channels, mlp.fc2.out_channels, 1
     if not isinstance(first, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
-        raise SurgeryError(
+        raise UnsupportedModelError(
             f"MLP {type(mlp).__name__} uses {type(first).__name__} projections; only Linear (channels last) "
             "and 1x1 Conv2d (channels first) MLPs are supported"
         )

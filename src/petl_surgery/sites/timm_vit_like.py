@@ -24,7 +24,7 @@ from typing import Dict, Optional, Tuple
 
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import UnsupportedModelError
 from .descriptors import AttentionSite, Projection
 from .registry import BlockLayout, register_attention, register_block, register_mlp, register_not_attention
 from .timm_layouts import fused_qkv_in_thirds
@@ -52,7 +52,7 @@ def _linear(attention: nn.Module, path: str, name: str) -> nn.Linear:
     """The ``nn.Linear`` child ``name`` of ``attention``, or a SurgeryError naming what was found."""
     module = getattr(attention, name, None)
     if type(module) is not nn.Linear:
-        raise SurgeryError(
+        raise UnsupportedModelError(
             f"attention {path!r} ({type(attention).__name__}) has no Linear {name!r} where its layout "
             f"expects one; found {type(module).__name__}"
         )
@@ -119,7 +119,7 @@ def fused_with_bias_parameters(path: str, attention: nn.Module) -> AttentionSite
     ``qkv_bias_separate = True``, without which timm bypasses the ``qkv`` module."""
     site = fused_qkv_in_thirds(path, attention)
     if not hasattr(attention, "qkv_bias_separate"):
-        raise SurgeryError(
+        raise UnsupportedModelError(
             f"attention {path!r} ({type(attention).__name__}) has no 'qkv_bias_separate' switch, so its "
             "qkv projection may be bypassed"
         )
@@ -186,7 +186,7 @@ def parallel_scaling(path: str, block: nn.Module) -> AttentionSite:
     in_proj = _linear(block, path, "in_proj")
     hidden, *widths = block.in_split
     if len(widths) != 3 or hidden + sum(widths) != in_proj.out_features:
-        raise SurgeryError(
+        raise UnsupportedModelError(
             f"block {path!r} (ParallelScalingBlock) splits in_proj as {block.in_split}, not [mlp | q | k | v]"
         )
     starts = (hidden, hidden + widths[0], hidden + widths[0] + widths[1])

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Type
 
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import SurgeryError, UnsupportedModelError
 from .descriptors import Block
 from .registry import run_deferred
 
@@ -156,7 +156,7 @@ def _token_biases(model: nn.Module, blocks: Sequence[Block]) -> Tuple[Tuple[Toke
 
 
 def _refuse(model: nn.Module, reason: str) -> SurgeryError:
-    return SurgeryError(f"prompt tokens cannot be added to {type(model).__name__}: {reason}")
+    return UnsupportedModelError(f"prompt tokens cannot be added to {type(model).__name__}: {reason}")
 
 
 def _flat_blocks(model: nn.Module, blocks: Sequence[Block]) -> nn.Module:

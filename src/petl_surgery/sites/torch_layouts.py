@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import SurgeryError, SurgeryRuntimeError
+from ..errors import SurgeryRuntimeError, UnsupportedModelError
 from .descriptors import ATTENTION_CALL, AttentionSite, Projection
 from .registry import BlockLayout, register_attention, register_block, register_mlp
 from .timm_layouts import fused_qkv_in_thirds
@@ -513,7 +513,7 @@ def torchvision_mlp_features(mlp: nn.Module) -> Tuple[int, int, int]:
     in from the first Linear, out from the last."""
     linears = [child for child in mlp.children() if type(child) is nn.Linear]
     if not linears:
-        raise SurgeryError(f"MLP {type(mlp).__name__} holds no nn.Linear layer")
+        raise UnsupportedModelError(f"MLP {type(mlp).__name__} holds no nn.Linear layer")
     return linears[0].in_features, linears[-1].out_features, -1
 
 

@@ -51,7 +51,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..errors import SurgeryError, SurgeryRuntimeError
+from ..errors import SurgeryRuntimeError, UnsupportedModelError
 from .descriptors import AttentionSite, Block, KeyValueExtension, Projection
 from .registry import (
     BlockLayout,
@@ -158,7 +158,7 @@ def _prefix_route(path: str, attention: nn.Module, eager: Callable[..., Any], ex
     implementation = _implementation(attention.config)
     where = f"{type(attention).__name__} {path!r}"
     if implementation not in IMPLEMENTATIONS:
-        raise SurgeryError(f"prefix tuning cannot operate on {where}: {_unroutable(implementation)}")
+        raise UnsupportedModelError(f"prefix tuning cannot operate on {where}: {_unroutable(implementation)}")
     return {"config": PrefixRoutedConfig(attention.config, extend, eager, where)}
 
 
@@ -170,7 +170,7 @@ def _attention_describer(output: str, eager: Callable[..., Any]) -> Callable[[st
         site = separate_q_k_v(path, attention, ("q_proj", "k_proj", "v_proj"))
         out = getattr(attention, output, None)
         if type(out) is not nn.Linear:
-            raise SurgeryError(
+            raise UnsupportedModelError(
                 f"attention {path!r} ({type(attention).__name__}) has no Linear {output!r} where its layout "
                 f"expects one; found {type(out).__name__}"
             )

@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
-from ..errors import SurgeryError
+from ..errors import UnsupportedModelError
 from .descriptors import AttentionSite, Block, KeyValueExtension, Projection
 from .registry import (
     AttentionDescriber,
@@ -103,7 +103,7 @@ def legacy_attention(
     projection ``output.dense``; the self-attention's input is what all three read."""
     self_attention = getattr(attention, inner, None)
     if self_attention is None:
-        raise SurgeryError(f"attention {path!r} ({type(attention).__name__}) has no self-attention {inner!r}")
+        raise UnsupportedModelError(f"attention {path!r} ({type(attention).__name__}) has no self-attention {inner!r}")
     names = dict(zip("qkv", ("query", "key", "value")))
     linears = {role: _linear(self_attention, f"{path}.{inner}", name) for role, name in names.items()}
     output = _linear(getattr(attention, "output", None), f"{path}.output", "dense")
