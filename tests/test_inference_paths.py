@@ -14,12 +14,14 @@ from torch import nn
 import petl_surgery as ps
 from petl_surgery.methods import PetlModule
 
-# LoRA's target layouts: end to end over a fused output (tiling), a part of it (q and v of a fused qkv), one
-# target per producer (q, k, v apart), and the MLP's two projections
-LORA_LAYOUTS = {
-    "fused qkv, all of it": {"targets": ["qkv"]},
-    "fused qkv, q and v": {"targets": ["q", "v"]},
-    "every projection": {"targets": ["q", "k", "v", "proj", "fc1", "fc2"]},
+# options whose inference paths differ: LoRA's target layouts (end to end over a fused output, a part of it,
+# one target per producer, the MLP's two projections) and the adapter's two positions
+LAYOUTS = {
+    "lora on all of a fused qkv": ("lora", {"targets": ["qkv"]}),
+    "lora on q and v of a fused qkv": ("lora", {"targets": ["q", "v"]}),
+    "lora on every projection": ("lora", {"targets": ["q", "k", "v", "proj", "fc1", "fc2"]}),
+    "adapter beside the MLP": ("adapter", {"position": "parallel"}),
+    "adapter after the MLP": ("adapter", {"position": "sequential"}),
 }
 
 
@@ -44,15 +46,16 @@ def _randomized(model: nn.Module) -> nn.Module:
     return model
 
 
-def _autograd_and_inference(model: nn.Module, x: torch.Tensor, logits_of) -> tuple:
+def _assert_inference_paths_agree(model: nn.Module, x: torch.Tensor, logits_of) -> None:
+    """The outputs under ``no_grad`` and ``inference_mode`` equal those of the autograd path."""
+    model(x)  # the first forward's branch check
     with torch.enable_grad():
         recorded = logits_of(model(x))
     assert recorded.requires_grad
     with torch.no_grad():
-        plain = logits_of(model(x))
+        torch.testing.assert_close(logits_of(model(x)), recorded.detach(), rtol=1e-5, atol=1e-5)
     with torch.inference_mode():
-        inference = logits_of(model(x))
-    return recorded.detach(), plain, inference
+        torch.testing.assert_close(logits_of(model(x)), recorded.detach(), rtol=1e-5, atol=1e-5)
 
 
 # refused by name there (prompt tokens on a hierarchical model; no flat token grid, or none known)
@@ -67,35 +70,17 @@ def test_no_grad_gives_the_autograd_paths_numbers(family, method):
     model = build()
     ps.apply(model, method)
     _randomized(model)
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
-    model(x)  # the first forward's branch check
-    recorded, plain, inference = _autograd_and_inference(model, x, logits_of)
-    torch.testing.assert_close(plain, recorded, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(inference, recorded, rtol=1e-5, atol=1e-5)
+    _assert_inference_paths_agree(model, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3)),
+                                  logits_of)
 
 
-@pytest.mark.parametrize("layout", list(LORA_LAYOUTS))
-def test_lora_inference_path_equals_the_autograd_path_for_every_target_layout(layout):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_inference_path_equals_the_autograd_path_for_every_layout(layout):
+    method, options = LAYOUTS[layout]
     model = make_vit()
-    ps.apply(model, "lora", **LORA_LAYOUTS[layout])
+    ps.apply(model, method, **options)
     _randomized(model)
-    x = images()
-    model(x)
-    recorded, plain, inference = _autograd_and_inference(model, x, lambda out: out)
-    torch.testing.assert_close(plain, recorded, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(inference, recorded, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("position", ["parallel", "sequential"])
-def test_adapter_inference_path_equals_the_autograd_path_at_either_position(position):
-    model = make_vit()
-    ps.apply(model, "adapter", position=position)
-    _randomized(model)
-    x = images()
-    model(x)
-    recorded, plain, inference = _autograd_and_inference(model, x, lambda out: out)
-    torch.testing.assert_close(plain, recorded, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(inference, recorded, rtol=1e-5, atol=1e-5)
+    _assert_inference_paths_agree(model, images(), lambda out: out)
 
 
 def test_no_in_place_add_into_an_output_that_shares_the_inputs_memory():

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Tuple
 
 import pytest
-import safetensors
 import torch
 import transformers as T
 from conftest import make_swin, make_vit
@@ -226,11 +225,12 @@ TOKEN_TASKS = {  # task -> (method, options): "deep" and "deep_too" put the same
 }
 
 
-def _token_tasks(family: str, tmp_path):
+def _token_tasks(family: str, tmp_path, tasks: Dict[str, Tuple[str, dict]] = TOKEN_TASKS):
+    """A base carrying ``tasks`` (name -> method and options) by name, and each task's model alone."""
     build, size, logits_of = FAMILIES[family]
     singles = {}
     base = build(5)
-    for seed, (name, (method, options)) in enumerate(TOKEN_TASKS.items()):
+    for seed, (name, (method, options)) in enumerate(tasks.items()):
         model = build(3 + seed)
         ps.apply(model, method, **options)
         ps.save(_perturbed(model, seed), tmp_path / f"{name}.safetensors")
@@ -239,16 +239,23 @@ def _token_tasks(family: str, tmp_path):
     return base, singles, size, logits_of
 
 
-@pytest.mark.parametrize("family", ["timm vit", "transformers vit", "open_clip vit"])
-def test_prompt_tasks_of_one_token_count_mix_and_every_token_task_runs_alone(family, tmp_path):
-    base, singles, size, logits_of = _token_tasks(family, tmp_path)
-    tasks = ["deep_too", "deep", "deep", "deep_too", "deep"]
+def _assert_mixed_equals_alone(base, singles, tasks: List[str], size: int, logits_of) -> torch.Tensor:
+    """Every sample of a mixed batch of ``tasks`` equals it through its task's model alone; returns the batch."""
     x = torch.randn(len(tasks), 3, size, size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         mixed = logits_of(ps.forward_tasks(base, x, tasks))
         for row, task in enumerate(tasks):
             alone = logits_of(singles[task](x[row : row + 1]))[0]
             torch.testing.assert_close(mixed[row, : alone.shape[-1]], alone, rtol=1e-4, atol=1e-5)
+    return x
+
+
+@pytest.mark.parametrize("family", ["timm vit", "transformers vit", "open_clip vit"])
+def test_prompt_tasks_of_one_token_count_mix_and_every_token_task_runs_alone(family, tmp_path):
+    base, singles, size, logits_of = _token_tasks(family, tmp_path)
+    tasks = ["deep_too", "deep", "deep", "deep_too", "deep"]
+    x = _assert_mixed_equals_alone(base, singles, tasks, size, logits_of)
+    with torch.no_grad():
         for task in ["five", "prefix", "shallow", "lora", "deep", "lora"]:  # one task's patches never stay for the next
             with ps.using_task(base, task):
                 torch.testing.assert_close(logits_of(base(x)), logits_of(singles[task](x)), rtol=1e-4, atol=1e-5)
@@ -272,39 +279,25 @@ def test_tasks_that_change_tokens_differently_are_refused_in_one_batch(tasks, me
 
 
 # prefix tasks of one length, one reparameterised differently and one without the reparameterisation
-PREFIX_TASKS = {"p1": {"length": 4, "mid_dim": 16}, "p2": {"length": 4, "mid_dim": 8}, "p3": {"length": 4, "reparam": False}}
-
-
-def _prefix_tasks(family: str, tmp_path, tasks: Dict[str, dict]):
-    build, size, logits_of = FAMILIES[family]
-    singles = {}
-    base = build(5)
-    for seed, (name, options) in enumerate(tasks.items()):
-        model = build(3 + seed)
-        ps.apply(model, "prefix", **options)
-        ps.save(_perturbed(model, seed), tmp_path / f"{name}.safetensors")
-        singles[name] = model
-        ps.load(base, tmp_path / f"{name}.safetensors", name=name)
-    return base, singles, size, logits_of
+PREFIX_TASKS = {
+    "p1": ("prefix", {"length": 4, "mid_dim": 16}),
+    "p2": ("prefix", {"length": 4, "mid_dim": 8}),
+    "p3": ("prefix", {"length": 4, "reparam": False}),
+}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_prefix_tasks_of_one_length_mix_per_sample(family, tmp_path):
-    base, singles, size, logits_of = _prefix_tasks(family, tmp_path, PREFIX_TASKS)
-    tasks = ["p2", "p1", "p3", "p1", "p2", "p3"]
-    x = torch.randn(len(tasks), 3, size, size, generator=torch.Generator().manual_seed(3))
+    base, singles, size, logits_of = _token_tasks(family, tmp_path, PREFIX_TASKS)
+    x = _assert_mixed_equals_alone(base, singles, ["p2", "p1", "p3", "p1", "p2", "p3"], size, logits_of)
     with torch.no_grad():
-        mixed = logits_of(ps.forward_tasks(base, x, tasks))
-        for row, task in enumerate(tasks):
-            alone = logits_of(singles[task](x[row : row + 1]))[0]
-            torch.testing.assert_close(mixed[row, : alone.shape[-1]], alone, rtol=1e-4, atol=1e-5)
         for task in ["p1", "p3"]:  # the mixture leaves nothing behind for a task run alone afterwards
             with ps.using_task(base, task):
                 torch.testing.assert_close(logits_of(base(x)), logits_of(singles[task](x)), rtol=1e-4, atol=1e-5)
 
 
 def test_prefix_tasks_of_different_lengths_are_refused_in_one_batch(tmp_path):
-    base, _, size, _ = _prefix_tasks("timm swin", tmp_path, {"four": {"length": 4}, "two": {"length": 2}})
+    base, _, size, _ = _token_tasks("timm swin", tmp_path, {"four": ("prefix", {"length": 4}), "two": ("prefix", {"length": 2})})
     with pytest.raises(ps.TaskError, match=r"'four' \(4 prefix keys and values in blocks .*\) and 'two' \(2 prefix"):
         ps.forward_tasks(base, torch.randn(2, 3, size, size), ["four", "two"])
 

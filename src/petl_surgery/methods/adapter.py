@@ -36,7 +36,7 @@ from .base import (
     check_number,
     check_positive_int,
 )
-from .fused import fused_path_applies
+from .fused import adds_in_place
 from .planning import PlanContext
 
 POSITIONS = ("parallel", "sequential")
@@ -217,7 +217,7 @@ class BottleneckAdapter(PetlModule):
     def _added(self, output: torch.Tensor, contribution: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``output + contribution``: in place without grad (no second tensor as large as the output; in a
         mixed-task batch, the task's rows written where they lie), out of place for autograd."""
-        if not torch.is_grad_enabled() and fused_path_applies(output, x, self.down.weight):
+        if adds_in_place(output, x, self.down.weight):
             return output.add_(contribution.to(output.dtype))
         return output + contribution.to(output.dtype)
 

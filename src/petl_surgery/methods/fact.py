@@ -74,7 +74,7 @@ from .base import (
     check_positive_int,
 )
 from ..selection import LayerSelection
-from .fused import fused_path_applies
+from .fused import adds_in_place
 from .planning import PlanContext, choose_blocks, plan_each_block
 from .targets import HostTargets, add_to_rows, fold_refusal, foldable_weight, resolve_targets
 
@@ -250,7 +250,7 @@ class FactorTuning(MergeableModule):
             whole = mine[0] if len(mine) == 1 else Increment("", producer, Write(0, 0, channels), sum(i.slices for i in mine))
             core = cores[mine[0].name] if len(mine) == 1 else torch.cat([cores[i.name] for i in mine])
             z = self._reduced(whole, x, core)
-            if dim == -1 and not torch.is_grad_enabled() and fused_path_applies(output, args[0], self._pair.u):
+            if dim == -1 and adds_in_place(output, args[0], self._pair.u):
                 return self._add_expansion_(whole, output, z)
             expansion = self._expansion(whole)
             if dim == -1 and output.is_contiguous() and output.dtype == z.dtype:

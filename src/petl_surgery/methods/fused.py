@@ -46,6 +46,12 @@ def fused_path_applies(output: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     )
 
 
+def adds_in_place(output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a branch's no-grad path may add into ``output`` in place (LoRA, the adapter, FacT): no
+    autograd recording and :func:`fused_path_applies`."""
+    return not torch.is_grad_enabled() and fused_path_applies(output, x, weight)
+
+
 def add_tanh_bottleneck_(output: torch.Tensor, start: int, x: torch.Tensor, weights: Weights, scale: float) -> torch.Tensor:
     """``output[..., start:start + width] += scale * up(tanh(down(x)))`` in place, ``width`` the up
     projection's rows; returns ``output`` (the same tensor). Callers check ``fused_path_applies`` first."""

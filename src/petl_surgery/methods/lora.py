@@ -37,7 +37,7 @@ from .base import (
 from ..selection import LayerSelection
 from ..wrappers import inner
 from .planning import PlanContext, checked_by_name
-from .fused import fused_path_applies
+from .fused import adds_in_place
 from .layer_lora import plan_layers
 from .patterns import exclusive_targets, parse_patterns
 from .targets import (
@@ -176,7 +176,7 @@ class LowRankAdapter(MergeableModule):
         if self.training and self.dropout.p > 0:
             x = self.dropout(x)
         stack = self._stacks[producer]
-        if dim == -1 and not torch.is_grad_enabled() and fused_path_applies(output, x, self._first_a(stack)):
+        if dim == -1 and adds_in_place(output, x, self._first_a(stack)):
             return self._add_low_rank_(stack, output, F.linear(x, self._stacked_a(stack)))
         update = F.linear(F.linear(x, self._stacked_a(stack)), self._placed_b(stack, output.shape[dim]))
         return output + (update if dim == -1 else update.movedim(-1, dim)).to(output.dtype)

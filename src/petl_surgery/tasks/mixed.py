@@ -91,7 +91,7 @@ def _mix_prefixes(bank: TaskBank, segments: Sequence[Tuple[str, int, int]]) -> L
     # prefixes that enter through the engaged task's patches of the attention (its forward, or the function
     # it dispatches to) serve the whole batch; those that enter through a hook (nn.MultiheadAttention's
     # attention call) are routed per segment by the dispatch like any hook
-    patched = {owner.partition("#")[0] for owner, _ in bank.token_patches.get(first, ())}
+    patched = {owner for owner, _ in bank.token_patches.get(first, ())}
     mixed = []
     for key, module in bank.deltas[first].items():
         if getattr(module, "method", None) == "prefix" and module.uid in patched:
